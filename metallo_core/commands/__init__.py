@@ -1,0 +1,1 @@
+"""Subcommands of the `metallo` console script, one module each."""

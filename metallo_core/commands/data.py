@@ -1,0 +1,166 @@
+"""`metallo data synth|ingest|info|verify`: write, inspect and check shard datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from metallo_core.data.ingest import FORMATS, IngestOptions, ingest
+from metallo_core.data.ingest.common import parse_split_sizes
+from metallo_core.data.manifest import Manifest, read_manifest
+from metallo_core.data.shards import verify_dataset
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="write, inspect and verify image-shard datasets")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="{synth,ingest,info,verify}")
+
+    synth = commands.add_parser("synth", help="generate a built-in synthetic microstructure dataset")
+    synth.add_argument("--kind", choices=("nfurcated", "fewshot"), required=True,
+                       help="nfurcated: 7 morphologies x 10 volume fractions (seed 002); fewshot: class-disjoint benchmark")
+    synth.add_argument("--out", required=True, help="dataset URI: a local directory or s3://bucket/prefix")
+    synth.add_argument("--images-per-class", type=int, default=None,
+                       help="per class (fewshot, default 60) or per morphology x fraction (nfurcated, default 50)")
+    synth.add_argument("--classes", type=int, default=100, help="fewshot only: number of classes (default 100)")
+    synth.add_argument("--size", type=int, default=None, help="image side in pixels (default 84 fewshot, 128 nfurcated)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    synth.add_argument("--json", action="store_true", help="print the dataset summary as one JSON object")
+    synth.set_defaults(func=_synth)
+
+    ingest_parser = commands.add_parser("ingest", help="turn an existing dataset layout into shards")
+    ingest_parser.add_argument("--format", required=True, choices=FORMATS)
+    ingest_parser.add_argument("--src", required=True, help="the source dataset (directory)")
+    ingest_parser.add_argument("--out", required=True, help="dataset URI: a local directory or s3://bucket/prefix")
+    ingest_parser.add_argument("--size", type=int, default=None,
+                               help="re-encode so the shorter side is PX pixels (default: keep the bytes as ingested)")
+    ingest_parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                               help="on a corrupt or unsupported image: stop (default) or skip it and report it")
+    ingest_parser.add_argument("--split-classes", default=None,
+                               help="imagefolder: seeded class-disjoint split, e.g. 15,5,5 (train,val,test)")
+    ingest_parser.add_argument("--split-rows", default=None,
+                               help="imagefolder: seeded per-class row split, e.g. 0.8,0.1,0.1")
+    ingest_parser.add_argument("--splits-dir", default=None,
+                               help="cifar-fs: folder with train.txt, val.txt, test.txt (one class per line); default "
+                                    "<src>/splits/bertinetto/ if present, else the built-in Bertinetto et al. split")
+    ingest_parser.add_argument("--workers", type=int, default=None,
+                               help="imagenet: at most N Ray ingest tasks at once (default: the cluster's CPUs)")
+    ingest_parser.add_argument("--chunk-size", type=int, default=None,
+                               help="imagenet: images per Ray task (default 1000)")
+    ingest_parser.add_argument("--synset-names", default=None,
+                               help="imagenet, miniimagenet: 'WNID name' lines kept in the manifest source "
+                                    "(default: <src>/LOC_synset_mapping.txt if present)")
+    ingest_parser.add_argument("--name", default=None,
+                               help="dataset name (default: the source folder's name for imagefolder, else the format)")
+    ingest_parser.add_argument("--seed", type=int, default=0)
+    ingest_parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    ingest_parser.add_argument("--json", action="store_true", help="print the dataset summary as one JSON object")
+    ingest_parser.set_defaults(func=_ingest)
+
+    info = commands.add_parser("info", help="summarise a dataset's manifest")
+    info.add_argument("uri")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=_info)
+
+    verify = commands.add_parser("verify", help="check every shard against the manifest's sizes and checksums")
+    verify.add_argument("uri")
+    verify.set_defaults(func=_verify)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from metallo_core.data.synth_dataset import write_fewshot, write_nfurcated
+
+    if args.kind == "nfurcated":
+        manifest = write_nfurcated(
+            args.out,
+            images_per_combination=args.images_per_class or 50,
+            size=args.size or 128,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    else:
+        manifest = write_fewshot(
+            args.out,
+            num_classes=args.classes,
+            images_per_class=args.images_per_class or 60,
+            size=args.size or 84,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    _print_summary(manifest, args.out, args.json)
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    options = IngestOptions(
+        size=args.size, on_error=args.on_error, overwrite=args.overwrite, seed=args.seed, name=args.name
+    )
+    # Options only some formats take: flag -> (value given, those formats).
+    format_only = {
+        "--split-classes": (args.split_classes, ("imagefolder",)),
+        "--split-rows": (args.split_rows, ("imagefolder",)),
+        "--splits-dir": (args.splits_dir, ("cifar-fs",)),
+        "--workers": (args.workers, ("imagenet",)),
+        "--chunk-size": (args.chunk_size, ("imagenet",)),
+        "--synset-names": (args.synset_names, ("imagenet", "miniimagenet")),
+    }
+    misplaced = [
+        flag for flag, (value, formats) in format_only.items() if value is not None and args.format not in formats
+    ]
+    if misplaced:
+        owners = "; ".join(f"{flag} applies to {', '.join(format_only[flag][1])} only" for flag in misplaced)
+        print(f"metallo: {owners}, not to {args.format}", file=sys.stderr)
+        return 2
+    format_args = {}
+    if args.format == "imagefolder":
+        format_args["split_classes"] = parse_split_sizes(args.split_classes, int, "--split-classes")
+        format_args["split_rows"] = parse_split_sizes(args.split_rows, float, "--split-rows")
+    elif args.format == "miniimagenet":
+        format_args["synset_names"] = args.synset_names
+    elif args.format == "imagenet":
+        format_args["workers"] = args.workers
+        format_args["synset_names"] = args.synset_names
+        if args.chunk_size is not None:
+            format_args["chunk_size"] = args.chunk_size
+    elif args.format == "cifar-fs":
+        format_args["splits_dir"] = args.splits_dir
+    manifest = ingest(args.format, args.src, args.out, options, **format_args)
+    if manifest.skipped:
+        print(f"skipped {len(manifest.skipped)} bad image(s):", file=sys.stderr)
+        for entry in manifest.skipped:
+            print(f"  {entry['source']}: {entry['reason']}", file=sys.stderr)
+    _print_summary(manifest, args.out, args.json)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    _print_summary(read_manifest(args.uri), args.uri, args.json)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    manifest = verify_dataset(args.uri, checksums=True)
+    print(f"{args.uri}: {len(manifest.shards)} shard(s), {manifest.num_images} images: sizes and checksums match")
+    return 0
+
+
+def _print_summary(manifest: Manifest, uri: str, as_json: bool) -> None:
+    summary = manifest.summary()
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print(f"dataset   {summary['name']}  ({uri})")
+    print(f"images    {summary['num_images']} in {summary['num_shards']} shard(s), "
+          f"{summary['num_bytes'] / 1e6:.1f} MB, encoding {summary['image_encoding']}")
+    print(f"classes   {len(summary['classes'])}")
+    kind = "class-disjoint" if manifest.split_kind == "classes" else "row"
+    print(f"splits    ({kind})")
+    for name, split in manifest.splits.items():
+        counts = list(split.counts.values())
+        print(f"  {name:<8} {split.num_images:>8} images  {len(split.counts):>5} classes  "
+              f"{min(counts)}-{max(counts)} images/class")
+    if manifest.extra_columns:
+        print("labels    " + ", ".join(f"{n} ({c.kind})" for n, c in manifest.extra_columns.items()))
+    if manifest.skipped:
+        print(f"skipped   {len(manifest.skipped)} bad image(s) at ingest (listed in the manifest)")

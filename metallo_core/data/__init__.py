@@ -1,0 +1,1 @@
+"""Datasets: the shard format, ingestion, built-in synthetic data, readers and augmentations."""
