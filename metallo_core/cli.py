@@ -10,7 +10,10 @@ from metallo_core import __version__
 from metallo_core.errors import MetalloError
 
 # Each module defines register(subparsers); a stage appears here once it exists.
-COMMAND_MODULES = ("metallo_core.commands.data",)
+COMMAND_MODULES = (
+    "metallo_core.commands.data",
+    "metallo_core.commands.pretrain",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

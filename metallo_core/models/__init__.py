@@ -1,0 +1,1 @@
+"""Feature backbones and heads."""

@@ -1,0 +1,130 @@
+"""Typed configuration of a DINO pretraining run (loaded from configs/pretrain/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from metallo_core.config import require
+from metallo_core.models.backbones import BackboneSpec
+from metallo_core.ssl.multicrop import MultiCropConfig
+from metallo_core.train.settings import ComputeSettings, RegistrySettings, RunSettings
+
+
+@dataclass
+class DinoData:
+    uri: str = ""  # dataset URI: local directory or s3://bucket/prefix
+    split: str = "train"
+    # Images are decoded to base_size x base_size (shorter side resized, centre crop) on CPU workers;
+    # crops are then cut from that. 0 means global_size * 8/7 (256 for 224-px global crops).
+    base_size: int = 0
+
+    def validate(self) -> None:
+        require(bool(self.uri), "data.uri is required: the dataset to pretrain on (a directory or s3://bucket/prefix)")
+        require(self.base_size == 0 or self.base_size >= 16, f"data.base_size must be 0 or >= 16, got {self.base_size}")
+
+
+@dataclass
+class DinoHeadSettings:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    use_bn: bool = False
+    norm_last_layer: bool = True
+
+    def validate(self) -> None:
+        require(self.out_dim >= 2, f"head.out_dim must be >= 2, got {self.out_dim}")
+
+
+@dataclass
+class DinoLossSettings:
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04
+    warmup_teacher_temperature: float = 0.04
+    warmup_teacher_temperature_epochs: float = 0
+    center_momentum: float = 0.9
+
+    def validate(self) -> None:
+        require(0 < self.teacher_temperature <= 0.1,
+                f"loss.teacher_temperature must be in (0, 0.1] (DINO is unstable above 0.07), got {self.teacher_temperature}")
+        require(0 < self.student_temperature, "loss.student_temperature must be positive")
+        require(0 <= self.center_momentum < 1, "loss.center_momentum must be in [0, 1)")
+
+
+@dataclass
+class DinoOptimSettings:
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
+    batch_size_per_worker: int = 64
+    lr: float = 0.0005  # at a total batch of 256; scaled linearly with the total batch
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    sgd_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0  # 0 disables clipping
+    # DINO clips each parameter's gradient norm separately; "global" clips the norm of all of them.
+    clip_mode: Literal["per_parameter", "global"] = "per_parameter"
+    freeze_last_layer_epochs: int = 1
+
+    def validate(self) -> None:
+        require(self.batch_size_per_worker >= 2, "optim.batch_size_per_worker must be >= 2")
+        require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        require(0 < self.momentum_teacher <= 1, "optim.momentum_teacher must be in (0, 1]")
+        require(self.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class KnnProbeSettings:
+    every_epochs: int = 0  # 0 disables the probe
+    uri: str | None = None  # labelled dataset; None means data.uri
+    split: str = "val"
+    k: int = 20
+    temperature: float = 0.07
+    query_fraction: float = 0.5  # per class, the rest is the bank
+    max_images: int = 2000
+
+    def validate(self) -> None:
+        require(self.every_epochs >= 0, "knn.every_epochs must be >= 0")
+        require(0 < self.query_fraction < 1, "knn.query_fraction must be in (0, 1)")
+        require(self.k >= 1, "knn.k must be >= 1")
+
+
+@dataclass
+class DebugSettings:
+    # Tests kill a worker process once at this global step to prove that training resumes (-1: never).
+    fail_at_step: int = -1
+    fail_rank: int = 0
+
+
+@dataclass
+class DinoConfig:
+    data: DinoData = field(default_factory=DinoData)
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    head: DinoHeadSettings = field(default_factory=DinoHeadSettings)
+    loss: DinoLossSettings = field(default_factory=DinoLossSettings)
+    optim: DinoOptimSettings = field(default_factory=DinoOptimSettings)
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
+    knn: KnnProbeSettings = field(default_factory=KnnProbeSettings)
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
+    run: RunSettings = field(default_factory=lambda: RunSettings(name="dino", experiment="metallo-pretrain"))
+    registry: RegistrySettings = field(default_factory=lambda: RegistrySettings(name="metallo-backbone"))
+    debug: DebugSettings = field(default_factory=DebugSettings)
+    epochs: int = 100
+    seed: int = 0
+    # A torchvision checkpoint file (read from disk, never downloaded) to start the student from.
+    init_weights: str | None = None
+
+    @property
+    def base_size(self) -> int:
+        return self.data.base_size or round(self.multicrop.global_size * 8 / 7)
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.backbone.image_size == self.multicrop.global_size,
+                f"backbone.image_size ({self.backbone.image_size}) must equal multicrop.global_size "
+                f"({self.multicrop.global_size}): the backbone is registered for the size it was trained at")
+        require(self.base_size >= self.multicrop.global_size,
+                f"data.base_size ({self.base_size}) must be >= multicrop.global_size ({self.multicrop.global_size})")
+        require(self.optim.freeze_last_layer_epochs < self.epochs or self.epochs == 1,
+                "optim.freeze_last_layer_epochs must be smaller than epochs, or the head's last layer never trains")

@@ -1,0 +1,292 @@
+"""DINO pretraining on Ray Train: shards stream through Ray Data, each worker runs a `DinoTrainer`.
+
+The driver (`run_dino_pretraining`) validates inputs, opens (or reopens) the MLflow run, fits a
+`TorchTrainer`, and registers the teacher backbone of the final checkpoint as `metallo-backbone`.
+A rerun with the same run name resumes from the latest checkpoint; a finished run is not redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metallo_core import tracking
+from metallo_core.config import config_hash, from_dict, to_dict
+from metallo_core.data.manifest import manifest_sha256, read_manifest
+from metallo_core.data.stream import DecodeImages, read_split
+from metallo_core.errors import MetalloError
+from metallo_core.ssl.config import DinoConfig
+from metallo_core.storage import locate
+from metallo_core.train import ray_setup
+from metallo_core.train.checkpoints import (
+    latest_checkpoint_record,
+    load_checkpoint,
+    load_checkpoint_from,
+    save_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+FAILURE_MARKER = "_injected_failure"
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    epochs_done: int
+    final_metrics: dict[str, Any]
+    model_uri: str | None  # models:/metallo-backbone/<version>
+    checkpoint_path: str | None
+
+
+def dino_train_worker(loop_config: dict) -> None:
+    """What every Ray Train worker runs."""
+    import numpy as np
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from metallo_core.data.class_index import ClassIndexedImages
+    from metallo_core.ssl.health import collapse_warning
+    from metallo_core.ssl.knn import knn_accuracy, split_bank_and_queries
+    from metallo_core.ssl.trainer import DinoTrainer, steps_per_epoch
+
+    os.environ[tracking.ENV_TRACKING_URI] = loop_config["tracking_uri"]
+    config = from_dict(DinoConfig, loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(ray_setup.torch_threads(config.compute))
+    device = ray.train.torch.get_device()
+    steps = steps_per_epoch(loop_config["num_images"], config.optim.batch_size_per_worker, world_size)
+    trainer = DinoTrainer(config, steps_per_epoch=steps, world_size=world_size, rank=rank, device=device)
+    run_log = tracking.logger_for(loop_config["run_id"] if rank == 0 else None)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, record = load_checkpoint(directory)
+        trainer.load_state_dict(state)
+        start_epoch = record["epoch"] + 1
+        run_log.log_metrics({"resumed_at_step": start_epoch * steps, "resumed_at_epoch": start_epoch},
+                            step=start_epoch * steps)
+        print(f"[rank {rank}] resumed from checkpoint of epoch {record['epoch']} at step {start_epoch * steps}")
+
+    probe = None
+    if rank == 0 and config.knn.every_epochs:
+        probe = ClassIndexedImages.load(config.knn.uri or config.data.uri, config.knn.split,
+                                        image_size=config.backbone.image_size, max_images=config.knn.max_images)
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, config.epochs):
+        epoch_losses, started = [], time.perf_counter()
+        batches = shard.iter_torch_batches(
+            batch_size=config.optim.batch_size_per_worker,
+            drop_last=True,
+            prefetch_batches=config.compute.prefetch_batches,
+            dtypes={"image": torch.uint8},
+        )
+        last_step_time = time.perf_counter()
+        for index, batch in enumerate(batches):
+            if index >= steps:
+                continue  # every rank drains its share, so the next epoch's split starts cleanly
+            step = epoch * steps + index
+            _maybe_inject_failure(config, step, rank, loop_config["storage"])
+            log_now = step % config.run.log_every_steps == 0 or index == steps - 1
+            metrics = trainer.train_step(batch["image"], step, epoch, with_health=log_now)
+            epoch_losses.append(metrics["loss"])
+            now = time.perf_counter()
+            if log_now:
+                images_per_s = config.optim.batch_size_per_worker * world_size / max(now - last_step_time, 1e-9)
+                run_log.log_metrics({**metrics, "images_per_s": images_per_s, "epoch": epoch}, step=step)
+            last_step_time = now
+        if len(epoch_losses) < steps:
+            raise MetalloError(
+                f"worker {rank} got {len(epoch_losses)} batches in epoch {epoch}, expected {steps}; "
+                "the dataset shrank since the manifest was written?"
+            )
+        summary = {
+            "epoch": epoch,
+            "global_step": (epoch + 1) * steps,
+            "epoch_loss": float(np.mean(epoch_losses)),
+            "epoch_images_per_s": steps * config.optim.batch_size_per_worker * world_size
+            / (time.perf_counter() - started),
+        }
+        if rank == 0:
+            warning = collapse_warning(summary["epoch_loss"], trainer.last_metrics.get("teacher_entropy", 0.0),
+                                       trainer.last_metrics.get("teacher_batch_entropy", 1e9), config.head.out_dim)
+            if warning and epoch >= config.optim.freeze_last_layer_epochs:
+                print(f"WARNING: {warning}")
+                run_log.set_tags({"metallo.collapse_warning": warning[:500]})
+            summary["collapse_suspected"] = float(warning is not None)
+            if probe is not None and ((epoch + 1) % config.knn.every_epochs == 0 or epoch == config.epochs - 1):
+                summary["knn_accuracy"] = _knn_probe(trainer, probe, config, knn_accuracy, split_bank_and_queries)
+            run_log.log_metrics(summary, step=(epoch + 1) * steps)
+        is_checkpoint_epoch = (epoch + 1) % config.run.checkpoint_every_epochs == 0 or epoch == config.epochs - 1
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if is_checkpoint_epoch and rank == 0:
+                save_checkpoint(directory, trainer.state_dict(), {
+                    "epoch": epoch,
+                    "global_step": (epoch + 1) * steps,
+                    "config_hash": config_hash(config),
+                    "backbone_spec": to_dict(config.backbone),
+                })
+                checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(summary, checkpoint=checkpoint)
+
+
+def _knn_probe(trainer, probe, config: DinoConfig, knn_accuracy, split_bank_and_queries) -> float:
+    import torch
+
+    labels = torch.from_numpy(probe.labels)
+    bank, queries = split_bank_and_queries(labels, config.knn.query_fraction, seed=config.seed)
+    features = trainer.embed(probe.images).cpu()
+    return knn_accuracy(features[bank], labels[bank], features[queries], labels[queries], probe.num_classes,
+                        k=config.knn.k, temperature=config.knn.temperature)
+
+
+def _maybe_inject_failure(config: DinoConfig, step: int, rank: int, storage: str) -> None:
+    """Kill this worker process once (a marker in the run's storage remembers it), as a real crash would."""
+    if step != config.debug.fail_at_step or rank != config.debug.fail_rank:
+        return
+    marker = locate(storage).join(config.run.name, FAILURE_MARKER)
+    if marker.exists():
+        return
+    marker.write_bytes(b"a test killed a worker here once\n")
+    print(f"[rank {rank}] injected failure at step {step}: exiting the worker process", flush=True)
+    os._exit(1)
+
+
+def validate_inputs(config: DinoConfig) -> int:
+    """Everything that can fail before asking the cluster for resources; returns the split's image count."""
+    tracking.configure()  # fails fast on an unreachable tracking server
+    manifest = read_manifest(config.data.uri)
+    num_images = manifest.split(config.data.split).num_images
+    if config.knn.every_epochs:
+        read_manifest(config.knn.uri or config.data.uri).split(config.knn.split)
+    locate(ray_setup.storage_uri(config.run)).check_access()
+    if config.init_weights and not Path(config.init_weights).is_file():
+        raise MetalloError(f"init_weights {config.init_weights} does not exist (weights are never downloaded)")
+    from metallo_core.ssl.trainer import steps_per_epoch
+
+    try:
+        steps_per_epoch(num_images, config.optim.batch_size_per_worker, config.compute.num_workers)
+    except ValueError as exc:
+        raise MetalloError(str(exc)) from exc
+    return num_images
+
+
+def describe_result(result: PretrainResult) -> str:
+    lines = [f"DINO pretraining done: {result.epochs_done} epoch(s), MLflow run {result.run_id}"]
+    for key in ("epoch_loss", "knn_accuracy", "epoch_images_per_s"):
+        if key in result.final_metrics:
+            lines.append(f"  {key}: {result.final_metrics[key]:.4f}")
+    if result.model_uri:
+        lines.append(f"  registered backbone: {result.model_uri}")
+    lines.append(f"  see it in MLflow: {tracking.ui_command()}")
+    return "\n".join(lines)
+
+
+def with_absolute_uris(config: DinoConfig) -> DinoConfig:
+    """Resolve local dataset paths now: Ray workers run in other working directories."""
+    config.data.uri = locate(config.data.uri).uri
+    if config.knn.uri:
+        config.knn.uri = locate(config.knn.uri).uri
+    if config.run.storage:
+        config.run.storage = locate(config.run.storage).uri
+    return config
+
+
+def run_dino_pretraining(config: DinoConfig) -> PretrainResult:
+    config = with_absolute_uris(config)
+    num_images = validate_inputs(config)
+    lineage = {
+        "metallo.stage": "pretrain",
+        "metallo.dataset_uri": config.data.uri,
+        "metallo.dataset_manifest_sha256": manifest_sha256(config.data.uri),
+        "metallo.config_hash": config_hash(config),
+        "metallo.code_version": tracking.code_version(),
+    }
+    with tracking.open_run(config.run.experiment, config.run.name, config=config, tags=lineage) as run:
+        finished = latest_checkpoint_record(locate(ray_setup.storage_uri(config.run)).join(config.run.name))
+        if finished is not None and finished[1]["epoch"] + 1 >= config.epochs:
+            # Submitted again after it finished: no cluster resources, no training, same registered model.
+            print(f"run {config.run.name!r} already finished {config.epochs} epoch(s); nothing to train")
+            checkpoint_location, _ = finished
+            state, record = load_checkpoint_from(checkpoint_location)
+            final_metrics: dict[str, Any] = {}
+        else:
+            state, record, final_metrics, checkpoint_location = _fit(config, num_images, run.run_id)
+        model_uri = None
+        if config.registry.register:
+            model_uri = register_teacher_backbone(config, state, record, run.run_id, lineage)
+        return PretrainResult(
+            run_id=run.run_id,
+            epochs_done=record["epoch"] + 1,
+            final_metrics=final_metrics,
+            model_uri=model_uri,
+            checkpoint_path=checkpoint_location.uri,
+        )
+
+
+def _fit(config: DinoConfig, num_images: int, run_id: str):
+    ray_setup.connect(config.compute.ray_address)
+    from ray.train import DataConfig
+    from ray.train.torch import TorchTrainer
+
+    dataset = read_split(config.data.uri, config.data.split, columns=("image",)).map_batches(
+        DecodeImages(config.base_size), batch_size=config.optim.batch_size_per_worker
+    )
+    storage = ray_setup.storage_uri(config.run)
+    trainer = TorchTrainer(
+        dino_train_worker,
+        train_loop_config={
+            "config": to_dict(config),
+            "run_id": run_id,
+            "tracking_uri": tracking.tracking_uri(),
+            "num_images": num_images,
+            "storage": storage,
+        },
+        scaling_config=ray_setup.scaling_config(config.compute),
+        run_config=ray_setup.run_config(config.run),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise MetalloError(f"DINO run {config.run.name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state, record = load_checkpoint(directory)
+    checkpoint_location = locate(storage).join(config.run.name, Path(result.checkpoint.path).name)
+    return state, record, dict(result.metrics or {}), checkpoint_location
+
+
+def register_teacher_backbone(config: DinoConfig, state: dict, record: dict, run_id: str,
+                              lineage: dict[str, str]) -> str:
+    """Register the final teacher backbone once per (run, epoch); a rerun of a finished run reuses it."""
+    from metallo_core.models.backbones import build_backbone
+    from metallo_core.models.registry import find_versions, log_backbone
+
+    identity = {"metallo.run_id": run_id, "metallo.epochs_done": str(record["epoch"] + 1)}
+    existing = find_versions(config.registry.name, identity)
+    if existing:
+        version = max(existing, key=lambda v: int(v.version))
+        logger.info("backbone already registered as %s v%s", config.registry.name, version.version)
+        return f"models:/{config.registry.name}/{version.version}"
+    backbone = build_backbone(config.backbone)
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)})
+    registered = log_backbone(
+        run_id,
+        backbone,
+        config.backbone,
+        registered_name=config.registry.name,
+        tags={**lineage, **identity, "metallo.arch": config.backbone.arch},
+        alias=config.registry.alias,
+        artifact_name="teacher_backbone",
+    )
+    return registered.uri

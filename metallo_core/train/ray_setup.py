@@ -1,0 +1,76 @@
+"""Connecting to Ray and turning our settings into Ray Train's configs (the only Ray glue stages share)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from metallo_core import tracking
+from metallo_core.storage import locate, storage_for_ray
+from metallo_core.train.settings import ComputeSettings, RunSettings
+
+logger = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address` / $RAY_ADDRESS (e.g. under `ray job submit`), else start a local one."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Local cluster: workers run this interpreter directly (no `uv run` re-launch with a copied
+        # working dir). Ray reads this when it is first imported, so set it before the import.
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Logical CPUs are over-subscribed so Ray Data tasks still get CPUs while Train workers hold
+    # theirs (otherwise reads starve on small machines).
+    context = ray.init(
+        num_cpus=max(4, 2 * (os.cpu_count() or 2)),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    print(f"started a local Ray cluster; dashboard at http://{context.dashboard_url} "
+          "(set RAY_ADDRESS to use a running cluster instead)", flush=True)
+
+
+def storage_uri(run: RunSettings) -> str:
+    return run.storage or str(tracking.local_home() / "ray")
+
+
+def scaling_config(compute: ComputeSettings):
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": compute.cpus_per_worker}
+    if compute.use_gpu:
+        resources["GPU"] = compute.gpus_per_worker
+    return ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources)
+
+
+def run_config(run: RunSettings, *, checkpoint_score: str | None = None, score_order: str = "max"):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    storage = locate(storage_uri(run))
+    storage.check_access()
+    path, filesystem = storage_for_ray(storage.uri)
+    return RunConfig(
+        name=run.name,
+        storage_path=path,
+        storage_filesystem=filesystem,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=run.keep_checkpoints,
+            checkpoint_score_attribute=checkpoint_score,
+            checkpoint_score_order=score_order,
+        ),
+        failure_config=FailureConfig(max_failures=run.max_failures),
+    )
+
+
+def torch_threads(compute: ComputeSettings) -> int:
+    return compute.torch_threads or max(1, int(round(compute.cpus_per_worker)))

@@ -1,0 +1,60 @@
+"""DINO on Ray Train with 2 CPU workers: checkpoints, a killed worker survived, registry, no rework on rerun."""
+
+import pytest
+import torch
+
+from metallo_core import tracking
+from metallo_core.config import from_dict
+from metallo_core.data.synth_dataset import write_fewshot
+from metallo_core.models.registry import load_backbone, resolve_version
+from metallo_core.ssl.config import DinoConfig
+from metallo_core.train import ray_setup
+from metallo_core.train.dino import run_dino_pretraining
+
+pytestmark = pytest.mark.ray
+
+
+def test_pretraining_resumes_after_a_worker_dies_and_registers_the_backbone(tmp_path, ray_cluster, monkeypatch):
+    data = tmp_path / "fewshot"
+    write_fewshot(str(data), num_classes=15, images_per_class=16, size=20)  # train split: 5 classes, 80 images
+    steps = (80 // 2) // 8  # per-worker share in batches of 8: 5 steps per epoch
+    config = from_dict(DinoConfig, {
+        "data": {"uri": str(data), "base_size": 20},
+        "backbone": {"arch": "resnet18", "small_input": True, "image_size": 16},
+        "head": {"out_dim": 128, "hidden_dim": 64, "bottleneck_dim": 32},
+        "multicrop": {"global_size": 16, "local_size": 8, "local_crops": 2, "micrograph": True},
+        "optim": {"batch_size_per_worker": 8, "warmup_epochs": 1},
+        "knn": {"every_epochs": 1, "split": "val"},
+        "compute": {"num_workers": 2, "precision": "bf16"},
+        "run": {"name": "dino-test", "max_failures": 1, "log_every_steps": 1},
+        "debug": {"fail_at_step": steps + 2, "fail_rank": 1},  # mid-way through epoch 1
+        "epochs": 2,
+    })
+    result = run_dino_pretraining(config)
+
+    assert result.epochs_done == 2
+    client = tracking.client()
+    resumed = client.get_metric_history(result.run_id, "resumed_at_step")
+    assert [m.value for m in resumed] == [steps]  # restarted once, from the end of epoch 0
+    logged_steps = sorted({m.step for m in client.get_metric_history(result.run_id, "loss")})
+    assert logged_steps == list(range(2 * steps))
+    knn = client.get_metric_history(result.run_id, "knn_accuracy")
+    assert len(knn) >= 2 and all(0.0 <= m.value <= 1.0 for m in knn)
+
+    version = resolve_version("models:/metallo-backbone@current")
+    assert result.model_uri == f"models:/metallo-backbone/{version.version}"
+    assert version.tags["metallo.dataset_uri"] == str(data)
+    assert len(version.tags["metallo.dataset_manifest_sha256"]) == 64
+    assert version.tags["metallo.run_id"] == result.run_id
+    backbone, spec = load_backbone("models:/metallo-backbone@current")
+    assert spec.arch == "resnet18" and spec.small_input and spec.image_size == 16
+    assert backbone.eval()(torch.zeros(2, 3, 16, 16)).shape == (2, 512)
+
+    # Submitting the finished run again asks for no cluster resources, trains nothing, registers nothing new.
+    def no_cluster(*args):
+        raise AssertionError("a finished run must not ask Ray for resources")
+
+    monkeypatch.setattr(ray_setup, "connect", no_cluster)
+    again = run_dino_pretraining(config)
+    assert again.model_uri == result.model_uri and again.run_id == result.run_id
+    assert sorted({m.step for m in client.get_metric_history(result.run_id, "loss")}) == logged_steps
