@@ -1,0 +1,1 @@
+"""Operational tooling: storage bootstrap and the local development stack (not shipped in the wheel)."""
