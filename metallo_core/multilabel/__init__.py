@@ -1,0 +1,9 @@
+"""Multi-label microstructure quantification (seed 002): a frozen feature extractor, a shared fc layer and
+one head per property (classification or regression), trained on cached features.
+
+Pieces: `config` (typed settings), `properties` (declared properties checked against the dataset's label
+columns), `model` (n-furcated head, multi-task loss), `features` (backbone resolution, extraction, cache),
+`split` (stratified test split), `train` (the head-training loop, error rates, epochs to saturation),
+`model_store` (logging, registering and loading the trained model), `pipeline` (the `train` stage),
+`predict`, `baseline_cnn` (the from-scratch CNN baseline) and `experiments` (the seed-002 grid on Ray Tune).
+"""

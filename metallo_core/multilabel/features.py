@@ -1,0 +1,240 @@
+"""The frozen feature extractor: which backbone (registry model or local torchvision weights), its features
+for every image of a split, and the on-disk cache that lets reruns and sweeps skip extraction.
+
+A cache entry is keyed by (backbone identity, image size, dataset manifest SHA-256, split, image cap):
+the backbone identity is the registry's logged-model id, or the SHA-256 of the weights file, or the
+seed of a random initialisation. Entries live under `$METALLO_HOME/cache/features/<key>.npz` with a
+readable `<key>.json` beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from metallo_core import tracking
+from metallo_core.data.class_index import ClassIndexedImages
+from metallo_core.data.manifest import Manifest, manifest_sha256
+from metallo_core.errors import ConfigError, StorageError, TrackingError
+from metallo_core.models.backbones import BackboneSpec, build_backbone, load_torchvision_weights
+from metallo_core.multilabel.config import DEFAULT_REGISTRY_BACKBONE, BackboneSettings
+from metallo_core.multilabel.model import ImageEncoder, images_to_unit_tensor
+from metallo_core.progress import Progress
+
+logger = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+TORCHVISION_IMAGE_SIZE = 224
+
+
+@dataclass
+class ResolvedBackbone:
+    module: nn.Module
+    spec: BackboneSpec
+    identity: str  # stable name of these exact weights (feature-cache key, lineage tag)
+    description: str  # for people: where the weights came from
+    uri: str | None = None  # models:/name/version when it came from the registry
+    random_init: bool = False
+
+
+@dataclass
+class InputTable:
+    """What heads train on: one row per image, with every label column of the dataset."""
+
+    inputs: np.ndarray  # (N, D) float32 features, or (N, S, S, 3) uint8 images
+    dataset_labels: np.ndarray  # (N,) dataset-wide class ids (the stratification key)
+    extras: dict[str, np.ndarray]
+    sources: list[str]
+    kind: Literal["features", "images"]
+    cache_path: str | None = None
+    from_cache: bool = False
+    extras_order: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.dataset_labels)
+
+
+def resolve_backbone(settings: BackboneSettings, *, seed: int = 0) -> ResolvedBackbone:
+    """Build the backbone `settings` names; `auto` prefers the registered DINO backbone when there is one."""
+    source = settings.source
+    if source == "auto":
+        source = "torchvision" if settings.weights_path or not _registered(DEFAULT_REGISTRY_BACKBONE) \
+            else DEFAULT_REGISTRY_BACKBONE
+    if source == "torchvision":
+        return _torchvision_backbone(settings, seed)
+    return _registry_backbone(source)
+
+
+def _registered(uri: str) -> bool:
+    from metallo_core.models.registry import resolve_version
+
+    try:
+        resolve_version(uri)
+        return True
+    except TrackingError:
+        return False
+
+
+def _registry_backbone(uri: str) -> ResolvedBackbone:
+    from metallo_core.models.registry import MODEL_URI, load_backbone, resolve_version
+
+    identity, resolved_uri = f"mlflow:{uri}", uri
+    if MODEL_URI.match(uri):
+        version = resolve_version(uri)
+        # The version's source (models:/m-...) names the logged weights even if the alias moves later.
+        identity = f"mlflow:{version.source}"
+        resolved_uri = f"models:/{version.name}/{version.version}"
+    module, spec = load_backbone(uri)
+    description = f"{resolved_uri} ({spec.arch}{', small-input stem' if spec.small_input else ''}, "\
+                  f"trained at {spec.image_size} px; from {uri})"
+    return ResolvedBackbone(module, spec, identity, description, uri=resolved_uri)
+
+
+def _torchvision_backbone(settings: BackboneSettings, seed: int) -> ResolvedBackbone:
+    spec = BackboneSpec(arch=settings.arch, small_input=settings.small_input, image_size=TORCHVISION_IMAGE_SIZE)
+    torch.manual_seed(seed)
+    module = build_backbone(spec)
+    if settings.weights_path:
+        try:
+            load_torchvision_weights(module, settings.weights_path, spec)
+        except RuntimeError as exc:  # load_state_dict(strict=False) still raises on shape mismatches
+            raise ConfigError(f"backbone weights file {settings.weights_path} does not fit a {spec.arch}: "
+                              f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}; "
+                              "check backbone.arch") from exc
+        digest = file_sha256(settings.weights_path)
+        return ResolvedBackbone(module, spec, f"torchvision:{spec.arch}:small={spec.small_input}:sha256={digest}",
+                                f"torchvision {spec.arch} with weights {settings.weights_path} (sha256 {digest[:12]})")
+    print(
+        f"WARNING: backbone is a randomly initialised {spec.arch} (no registry backbone at "
+        f"{DEFAULT_REGISTRY_BACKBONE} and no backbone.weights_path): a frozen random extractor gives "
+        "meaningless accuracy; set backbone.source or backbone.weights_path",
+        file=sys.stderr, flush=True,
+    )
+    return ResolvedBackbone(module, spec, f"random-init:{spec.arch}:small={spec.small_input}:seed={seed}",
+                            f"RANDOM-INIT torchvision {spec.arch} (seed {seed}; no pretrained weights)",
+                            random_init=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract_features(encoder: nn.Module, images: np.ndarray, *, batch_size: int = 64,
+                     label: str = "extract features") -> np.ndarray:
+    """(N, S, S, 3) uint8 images -> (N, D) float32 features, in eval mode without gradients."""
+    encoder.eval()
+    progress = Progress(label, len(images))
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = images_to_unit_tensor(torch.from_numpy(images[start:start + batch_size]))
+            chunks.append(encoder(batch).float().numpy())
+            progress.advance(len(batch))
+    progress.finish()
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def feature_cache_key(*, backbone_identity: str, image_size: int, manifest_digest: str, split: str,
+                      max_images: int) -> str:
+    canonical = json.dumps({
+        "format": CACHE_FORMAT, "backbone": backbone_identity, "image_size": image_size,
+        "manifest_sha256": manifest_digest, "split": split, "max_images": max_images,
+    }, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    return tracking.local_home() / "cache" / "features"
+
+
+def load_image_table(uri: str, split: str, *, image_size: int, manifest: Manifest, max_images: int = 0) -> InputTable:
+    images = ClassIndexedImages.load(uri, split, image_size=image_size, manifest=manifest,
+                                     max_images=max_images or None)
+    return InputTable(images.images, images.dataset_labels, dict(images.extras), list(images.sources), "images",
+                      extras_order=list(images.extras))
+
+
+def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, image_size: int, manifest: Manifest,
+                       settings: BackboneSettings, max_images: int = 0) -> InputTable:
+    """Features of every image of `split` from the cache, or extracted once and cached."""
+    cache_file = None
+    if settings.cache:
+        key = feature_cache_key(backbone_identity=backbone.identity, image_size=image_size,
+                                manifest_digest=manifest_sha256(uri), split=split, max_images=max_images)
+        cache_file = Path(settings.cache_dir or default_cache_dir()).expanduser().resolve() / f"{key}.npz"
+        cached = _read_cache(cache_file)
+        if cached is not None:
+            logger.info("features from cache %s", cache_file)
+            return cached
+    started = time.perf_counter()
+    table = load_image_table(uri, split, image_size=image_size, manifest=manifest, max_images=max_images)
+    encoder = ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std)
+    features = extract_features(encoder, table.inputs, batch_size=settings.extract_batch_size,
+                                label=f"features {split} @ {image_size}px")
+    result = InputTable(features, table.dataset_labels, table.extras, table.sources, "features",
+                        extras_order=table.extras_order)
+    if cache_file is not None:
+        _write_cache(cache_file, result, {
+            "backbone": backbone.identity, "backbone_description": backbone.description, "dataset_uri": uri,
+            "manifest_sha256": manifest_sha256(uri), "split": split, "image_size": image_size,
+            "max_images": max_images, "num_images": len(result), "feature_dim": int(features.shape[1]),
+            "extract_seconds": round(time.perf_counter() - started, 2), "format": CACHE_FORMAT,
+        })
+        result.cache_path = str(cache_file)
+    return result
+
+
+def _read_cache(path: Path) -> InputTable | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            extras_order = [str(name) for name in data["extras_order"]]
+            return InputTable(
+                inputs=data["features"].astype(np.float32, copy=False),
+                dataset_labels=data["dataset_labels"].astype(np.int64, copy=False),
+                extras={name: data[f"extra__{name}"] for name in extras_order},
+                sources=[str(source) for source in data["sources"]],
+                kind="features",
+                cache_path=str(path),
+                from_cache=True,
+                extras_order=extras_order,
+            )
+    except (OSError, KeyError, ValueError) as exc:
+        logger.warning("ignoring unreadable feature cache %s (%s); extracting again", path, exc)
+        return None
+
+
+def _write_cache(path: Path, table: InputTable, meta: dict) -> None:
+    """Write atomically (temporary file, then rename) so concurrent readers never see half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npz")
+        np.savez(
+            temporary,
+            features=table.inputs,
+            dataset_labels=table.dataset_labels,
+            sources=np.asarray(table.sources, dtype=str),
+            extras_order=np.asarray(table.extras_order, dtype=str),
+            **{f"extra__{name}": table.extras[name] for name in table.extras_order},
+        )
+        os.replace(temporary, path)
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    except OSError as exc:
+        raise StorageError(f"cannot write the feature cache {path}: {exc}; set backbone.cache_dir or "
+                           "backbone.cache=false") from exc

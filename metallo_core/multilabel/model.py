@@ -1,0 +1,152 @@
+"""The n-furcated model of seed 002: encoder -> shared fc layer -> one head per property, and its loss.
+
+Classification heads output logits; regression heads output standardised values (the loss compares
+them with standardised targets; `decode_outputs` maps them back to the property's units).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metallo_core.multilabel.properties import PropertyInfo
+
+
+class NFurcatedHead(nn.Module):
+    """features -> [input standardisation] -> Linear(in, fc_width) -> act -> {Linear(fc_width, out_i)}.
+
+    Heads are kept in a ModuleList in property order (property names may clash with Module attributes).
+    """
+
+    def __init__(self, in_dim: int, fc_width: int, properties: list[PropertyInfo], *,
+                 activation: str = "relu", dropout: float = 0.0):
+        super().__init__()
+        self.property_names = [prop.name for prop in properties]
+        self.is_class = [prop.is_class for prop in properties]
+        # Per-dimension statistics of the training features (identity until set_input_statistics).
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
+        layers: list[nn.Module] = [nn.Linear(in_dim, fc_width)]
+        if activation == "relu":
+            layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        self.shared = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(fc_width, prop.output_dim) for prop in properties)
+
+    def set_input_statistics(self, features: torch.Tensor) -> None:
+        self.input_mean.copy_(features.mean(0))
+        self.input_std.copy_(features.std(0).clamp_min(1e-6))
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        shared = self.shared((features - self.input_mean) / self.input_std)
+        outputs = {}
+        for name, is_class, head in zip(self.property_names, self.is_class, self.heads):
+            output = head(shared)
+            outputs[name] = output if is_class else output.squeeze(-1)
+        return outputs
+
+
+class ImageEncoder(nn.Module):
+    """float images (B, 3, H, W) in [0, 1] -> normalised -> backbone -> pooled features."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - self.mean) / self.std)
+
+
+def freeze_backbone(backbone: nn.Module, *, train_last_stage: bool) -> list[str]:
+    """Freeze every parameter except, optionally, the last ResNet stage (`layer4`); returns the trainable names."""
+    trainable = []
+    for name, parameter in backbone.named_parameters():
+        parameter.requires_grad_(train_last_stage and name.startswith("layer4."))
+        if parameter.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+class MultilabelNet(nn.Module):
+    """encoder (identity on cached features) followed by the n-furcated head.
+
+    In train mode, frozen parts of the encoder stay in eval mode (BatchNorm statistics are not updated);
+    only modules with trainable parameters switch to train mode.
+    """
+
+    def __init__(self, encoder: nn.Module, head: NFurcatedHead):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def train(self, mode: bool = True) -> "MultilabelNet":
+        super().train(mode)
+        if mode:
+            for module in self.encoder.modules():
+                own = list(module.parameters(recurse=False))
+                if own and not any(p.requires_grad for p in own):
+                    module.eval()
+        return self
+
+    def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(self.encoder(inputs))
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of one loss per property: cross-entropy, or MSE / Huber on standardised targets."""
+
+    def __init__(self, properties: list[PropertyInfo]):
+        super().__init__()
+        self.properties = list(properties)
+
+    def forward(self, outputs: dict[str, torch.Tensor],
+                targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        components = {}
+        total = None
+        for prop in self.properties:
+            output, target = outputs[prop.name], targets[prop.name]
+            if prop.is_class:
+                loss = F.cross_entropy(output, target)
+            else:
+                standardised = (target.float() - prop.target_mean) / prop.target_std
+                if prop.loss == "huber":
+                    loss = F.huber_loss(output, standardised, delta=prop.huber_delta)
+                else:
+                    loss = F.mse_loss(output, standardised)
+            components[prop.name] = loss
+            weighted = prop.weight * loss
+            total = weighted if total is None else total + weighted
+        return total, components
+
+
+def decode_outputs(outputs: dict[str, torch.Tensor], properties: list[PropertyInfo]) -> dict[str, torch.Tensor]:
+    """Class probabilities (B, C) for classification properties, values in the property's units (B,) for regression."""
+    decoded = {}
+    for prop in properties:
+        output = outputs[prop.name].float()
+        decoded[prop.name] = output.softmax(-1) if prop.is_class else output * prop.target_std + prop.target_mean
+    return decoded
+
+
+class ExportedMultilabelNet(nn.Module):
+    """What the MLflow pytorch model serves: images (B, 3, H, W) in [0, 1] -> one tensor (B, sum of outputs):
+    each classification property's probabilities, then each regression value, in property order."""
+
+    def __init__(self, network: MultilabelNet, properties: list[PropertyInfo]):
+        super().__init__()
+        self.network = network
+        self.properties = list(properties)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        decoded = decode_outputs(self.network(images), self.properties)
+        columns = [decoded[p.name] if p.is_class else decoded[p.name].unsqueeze(-1) for p in self.properties]
+        return torch.cat(columns, dim=-1)
+
+
+def images_to_unit_tensor(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)

@@ -1,0 +1,180 @@
+"""The trained multi-label model in MLflow: logged, registered with lineage tags, and loaded back by any model URI.
+
+The logged model is an MLflow pytorch model in the safe `pt2` format (images in [0, 1] -> probabilities
+and values, for serving), plus three files from which `predict` rebuilds the network without pickle:
+`multilabel_spec.json` (properties, class names, head shape, encoder description, input size),
+`encoder_weights.pt` and `head_weights.pt` (state dicts, loaded with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from metallo_core import tracking
+from metallo_core.errors import TrackingError
+from metallo_core.models.backbones import BackboneSpec, build_backbone
+from metallo_core.multilabel.baseline_cnn import SmallCNN
+from metallo_core.multilabel.model import ExportedMultilabelNet, ImageEncoder, MultilabelNet, NFurcatedHead
+from metallo_core.multilabel.properties import PropertyInfo
+
+SPEC_FILE = "multilabel_spec.json"
+ENCODER_WEIGHTS_FILE = "encoder_weights.pt"
+HEAD_WEIGHTS_FILE = "head_weights.pt"
+ARTIFACT_NAME = "multilabel_model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MultilabelModelSpec:
+    properties: list[dict]
+    in_dim: int
+    fc_width: int
+    activation: str
+    dropout: float
+    encoder: str  # resnet | small_cnn
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    backbone_spec: dict | None = None  # resnet: a BackboneSpec
+    cnn: dict | None = None  # small_cnn: channels, pooled_size
+    lineage: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def property_infos(self) -> list[PropertyInfo]:
+        return [PropertyInfo.from_dict(item) for item in self.properties]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "MultilabelModelSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TrackingError(f"{where} is not valid JSON ({exc})") from exc
+        if data.get("format_version") != FORMAT_VERSION:
+            raise TrackingError(f"{where} has format version {data.get('format_version')}; this metallo reads "
+                                f"{FORMAT_VERSION}: retrain the model with this version")
+        return cls(**data)
+
+
+@dataclass
+class RegisteredMultilabelModel:
+    name: str
+    version: str
+    uri: str  # models:/name/version
+    model_id: str | None = None
+
+
+def build_network(spec: MultilabelModelSpec) -> tuple[MultilabelNet, list[PropertyInfo]]:
+    """An untrained image -> outputs network of the shape `spec` describes."""
+    properties = spec.property_infos
+    if spec.encoder == "small_cnn":
+        backbone = SmallCNN(list(spec.cnn["channels"]), int(spec.cnn["pooled_size"]))
+    else:
+        backbone = build_backbone(BackboneSpec.from_json(json.dumps(spec.backbone_spec)))
+    encoder = ImageEncoder(backbone, tuple(spec.mean), tuple(spec.std))
+    head = NFurcatedHead(spec.in_dim, spec.fc_width, properties, activation=spec.activation, dropout=spec.dropout)
+    return MultilabelNet(encoder, head), properties
+
+
+def save_model_files(directory: str | Path, spec: MultilabelModelSpec, network: MultilabelNet) -> list[Path]:
+    directory = Path(directory)
+    paths = [directory / SPEC_FILE, directory / ENCODER_WEIGHTS_FILE, directory / HEAD_WEIGHTS_FILE]
+    paths[0].write_text(spec.to_json())
+    torch.save(_cpu_state(network.encoder.backbone), paths[1])
+    torch.save(_cpu_state(network.head), paths[2])
+    return paths
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+
+def _pip_requirements() -> list[str]:
+    from importlib import metadata
+
+    return [f"{package}=={metadata.version(package)}" for package in ("torch", "torchvision", "numpy")]
+
+
+def log_multilabel_model(
+    run_id: str,
+    network: MultilabelNet,
+    spec: MultilabelModelSpec,
+    *,
+    registered_name: str | None,
+    tags: Mapping[str, Any],
+    alias: str = "",
+) -> tuple[str, RegisteredMultilabelModel | None]:
+    """Log the model to run `run_id` (no active run needed) and register it; returns (model_uri, registered)."""
+    import mlflow
+
+    tracking.configure()
+    network = network.float().cpu().eval()
+    experiment_id = tracking.client().get_run(run_id).info.experiment_id
+    string_tags = {key: str(value) for key, value in tags.items()}
+    with tempfile.TemporaryDirectory() as directory:
+        files = save_model_files(directory, spec, network)
+        example = np.random.default_rng(0).random((2, 3, spec.image_size, spec.image_size), dtype=np.float32)
+        logged = mlflow.initialize_logged_model(name=ARTIFACT_NAME, source_run_id=run_id, experiment_id=experiment_id,
+                                                tags=string_tags)
+        info = mlflow.pytorch.log_model(
+            ExportedMultilabelNet(network, spec.property_infos).eval(),
+            name=ARTIFACT_NAME,
+            model_id=logged.model_id,
+            run_id=run_id,
+            input_example=example,
+            serialization_format="pt2",
+            extra_files=[str(path) for path in files],
+            pip_requirements=_pip_requirements(),
+        )
+    if not registered_name:
+        return info.model_uri, None
+    version = mlflow.register_model(info.model_uri, registered_name, tags=string_tags)
+    if alias:
+        tracking.client().set_registered_model_alias(registered_name, alias, version.version)
+    registered = RegisteredMultilabelModel(registered_name, str(version.version),
+                                           f"models:/{registered_name}/{version.version}", logged.model_id)
+    return info.model_uri, registered
+
+
+@dataclass
+class LoadedMultilabelModel:
+    network: MultilabelNet
+    properties: list[PropertyInfo]
+    spec: MultilabelModelSpec
+    uri: str
+
+
+def load_multilabel_model(model_uri: str) -> LoadedMultilabelModel:
+    """Rebuild a logged multi-label model from models:/name@alias, models:/name/N, runs:/... or m-... URIs."""
+    from metallo_core.models.registry import download_model
+
+    directory = download_model(model_uri)
+    return load_model_directory(directory, model_uri)
+
+
+def load_model_directory(directory: str | Path, where: str) -> LoadedMultilabelModel:
+    directory = Path(directory)
+    found = {name: sorted(directory.rglob(name)) for name in (SPEC_FILE, ENCODER_WEIGHTS_FILE, HEAD_WEIGHTS_FILE)}
+    missing = [name for name, paths in found.items() if not paths]
+    if missing:
+        raise TrackingError(f"model {where} holds no {', '.join(missing)}: it is not a metallo multi-label model "
+                            "(train one with `metallo multilabel train`)")
+    spec = MultilabelModelSpec.from_json(found[SPEC_FILE][0].read_text(), f"{where}/{SPEC_FILE}")
+    network, properties = build_network(spec)
+    try:
+        network.encoder.backbone.load_state_dict(
+            torch.load(found[ENCODER_WEIGHTS_FILE][0], map_location="cpu", weights_only=True))
+        network.head.load_state_dict(torch.load(found[HEAD_WEIGHTS_FILE][0], map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad or mismatched file
+        raise TrackingError(f"weights of model {where} cannot be loaded: {exc}") from exc
+    return LoadedMultilabelModel(network.eval(), properties, spec, where)

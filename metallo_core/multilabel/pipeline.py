@@ -1,0 +1,358 @@
+"""The `multilabel train` stage: check the config against the dataset, get features (cached), train the
+n-furcated head, log the run to MLflow and register the model with its lineage.
+
+`prepare_inputs` and `train_model` are shared with the experiment grid, whose Tune trials call
+`train_model` on a table the driver prepared once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from metallo_core import tracking
+from metallo_core.config import config_hash
+from metallo_core.data.manifest import Manifest, manifest_sha256, read_manifest
+from metallo_core.errors import DataError
+from metallo_core.multilabel.baseline_cnn import CNN_MEAN, CNN_STD, SmallCNN
+from metallo_core.multilabel.config import MultilabelConfig
+from metallo_core.multilabel.features import (
+    InputTable,
+    ResolvedBackbone,
+    load_feature_table,
+    load_image_table,
+    resolve_backbone,
+)
+from metallo_core.multilabel.model import ImageEncoder, MultilabelNet, NFurcatedHead, freeze_backbone
+from metallo_core.multilabel.properties import (
+    PropertyInfo,
+    property_targets,
+    resolve_properties,
+    with_target_statistics,
+)
+from metallo_core.multilabel.split import stratified_split
+from metallo_core.multilabel.train import (
+    CUMULATIVE,
+    EpochRecord,
+    TrainingHistory,
+    fit,
+    saturation_epoch,
+    to_tensors,
+)
+from metallo_core.progress import Progress
+from metallo_core.storage import locate
+
+SMALL_CNN_IMAGE_SIZE = 64
+
+
+@dataclass
+class MultilabelResult:
+    errors: dict[str, float]  # property -> test error rate (classification) or MAE (regression)
+    cumulative_error: float  # sum of the classification error rates
+    model: str | None  # models:/<name>/<version> when registered
+    run_id: str
+    epochs_to_saturation: int
+    epochs_trained: int
+    backbone: str
+    feature_cache: str | None
+    num_train: int
+    num_test: int
+    train_seconds: float
+    logged_model: str | None = None  # models:/m-... (also set when not registered)
+    regression_properties: list[str] = dataclasses.field(default_factory=list)  # their `errors` are MAEs
+
+
+@dataclass
+class PreparedInputs:
+    """Everything training needs, prepared once (the experiment grid ships it to every trial)."""
+
+    table: InputTable
+    properties: list[PropertyInfo]
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+    image_size: int
+    backbone: ResolvedBackbone | None
+
+
+@dataclass
+class TrainedModel:
+    network: MultilabelNet  # encoder as trained (identity on cached features) + head
+    head: NFurcatedHead
+    properties: list[PropertyInfo]  # with the training targets' statistics
+    history: TrainingHistory
+    saturation_epoch: int
+
+    @property
+    def errors(self) -> dict[str, float]:
+        return dict(self.history.final.errors)
+
+    @property
+    def cumulative_error(self) -> float:
+        return self.history.final.cumulative_error
+
+
+def with_absolute_uris(config: MultilabelConfig) -> MultilabelConfig:
+    """Resolve local paths now: Ray workers run in other working directories."""
+    config.data.uri = locate(config.data.uri).uri
+    if config.backbone.weights_path:
+        config.backbone.weights_path = locate(config.backbone.weights_path).uri
+    if config.backbone.cache_dir:
+        config.backbone.cache_dir = locate(config.backbone.cache_dir).uri
+    return config
+
+
+def effective_image_size(config: MultilabelConfig, backbone: ResolvedBackbone | None) -> int:
+    if config.data.image_size:
+        return config.data.image_size
+    return backbone.spec.image_size if backbone is not None else SMALL_CNN_IMAGE_SIZE
+
+
+def check_dataset(config: MultilabelConfig) -> tuple[Manifest, list[PropertyInfo]]:
+    """Fail before any heavy work if a split or a declared property does not fit the dataset."""
+    manifest = read_manifest(config.data.uri)
+    manifest.split(config.data.split)
+    if config.data.test_split:
+        manifest.split(config.data.test_split)
+    return manifest, resolve_properties(config.properties, manifest)
+
+
+def prepare_inputs(config: MultilabelConfig, manifest: Manifest, properties: list[PropertyInfo], *,
+                   backbone: ResolvedBackbone | None = None) -> PreparedInputs:
+    """Features (cached) or images for the training and test rows."""
+    if config.encoder == "pretrained" and backbone is None:
+        backbone = resolve_backbone(config.backbone, seed=config.seed)
+    image_size = effective_image_size(config, backbone)
+    splits = [config.data.split] + ([config.data.test_split] if config.data.test_split else [])
+    tables = []
+    for split in splits:
+        if config.uses_feature_cache:
+            tables.append(load_feature_table(config.data.uri, split, backbone=backbone, image_size=image_size,
+                                             manifest=manifest, settings=config.backbone,
+                                             max_images=config.data.max_images))
+        else:
+            # Training the encoder (small CNN, or an unfrozen last stage) changes the features every step,
+            # so there is nothing to cache: the model sees images.
+            tables.append(load_image_table(config.data.uri, split, image_size=image_size, manifest=manifest,
+                                           max_images=config.data.max_images))
+    if len(tables) == 1:
+        table = tables[0]
+        train_rows, test_rows = stratified_split(table.dataset_labels, config.data.test_fraction, config.data.split_seed)
+    else:
+        table = concat_tables(tables[0], tables[1])
+        train_rows = np.arange(len(tables[0]))
+        test_rows = np.arange(len(tables[0]), len(table))
+    if len(test_rows) == 0:
+        raise DataError(f"the test set is empty (data.test_split={config.data.test_split!r})")
+    return PreparedInputs(table, properties, train_rows, test_rows, image_size, backbone)
+
+
+def concat_tables(first: InputTable, second: InputTable) -> InputTable:
+    return InputTable(
+        inputs=np.concatenate([first.inputs, second.inputs]),
+        dataset_labels=np.concatenate([first.dataset_labels, second.dataset_labels]),
+        extras={name: np.concatenate([first.extras[name], second.extras[name]]) for name in first.extras},
+        sources=first.sources + second.sources,
+        kind=first.kind,
+        cache_path=first.cache_path,
+        from_cache=first.from_cache and second.from_cache,
+        extras_order=first.extras_order,
+    )
+
+
+def make_image_encoder(config: MultilabelConfig, backbone: ResolvedBackbone | None) -> tuple[ImageEncoder, int]:
+    """The image -> feature part of the model (frozen backbone, backbone with a trainable last stage, or CNN)."""
+    if config.encoder == "small_cnn":
+        cnn = SmallCNN(config.cnn.channels, config.cnn.pooled_size)
+        return ImageEncoder(cnn, CNN_MEAN, CNN_STD), cnn.feature_dim
+    if backbone is None:
+        raise ValueError("a pretrained encoder needs a resolved backbone")
+    freeze_backbone(backbone.module, train_last_stage=config.backbone.unfreeze_last_stage)
+    return ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std), backbone.spec.feature_dim
+
+
+def train_model(
+    config: MultilabelConfig,
+    prepared: PreparedInputs,
+    *,
+    image_encoder: ImageEncoder | None = None,
+    feature_dim: int | None = None,
+    max_epochs: int | None = None,
+    on_epoch=None,
+) -> TrainedModel:
+    """Train the head (and any trainable encoder part) on the prepared rows; the test curve is recorded."""
+    table = prepared.table
+    targets = property_targets(prepared.properties, table.extras, table.dataset_labels)
+    properties = with_target_statistics(prepared.properties, targets, prepared.train_rows)
+    train_inputs, train_targets = to_tensors(table.inputs, targets, prepared.train_rows)
+    test_inputs, test_targets = to_tensors(table.inputs, targets, prepared.test_rows)
+    if table.kind == "features":
+        encoder: nn.Module = nn.Identity()
+        in_dim = table.inputs.shape[1]
+    else:
+        if image_encoder is None or feature_dim is None:
+            raise ValueError("training on images needs the image encoder and its feature size")
+        encoder, in_dim = image_encoder, feature_dim
+    torch.manual_seed(config.seed)
+    head = NFurcatedHead(in_dim, config.head.fc_width, properties, activation=config.head.activation,
+                         dropout=config.head.dropout)
+    if table.kind == "features" and config.head.input_norm:
+        head.set_input_statistics(train_inputs)
+    network = MultilabelNet(encoder, head)
+    history = fit(network, properties, train_inputs, train_targets, test_inputs, test_targets, config.optim,
+                  seed=config.seed, max_epochs=max_epochs, on_epoch=on_epoch)
+    return TrainedModel(network, head, properties, history,
+                        saturation_epoch(history, properties, config.optim.saturation_tolerance))
+
+
+def history_metrics(history: TrainingHistory) -> list[tuple[int, dict[str, float]]]:
+    """(epoch, metrics) pairs for MLflow: the training loss and the test error curves."""
+    pairs = []
+    for record in history.records:
+        metrics = {CUMULATIVE: record.cumulative_error,
+                   **{f"test_error/{name}": value for name, value in record.errors.items()}}
+        if record.epoch > 0:
+            metrics["train_loss"] = record.train_loss
+        pairs.append((record.epoch, metrics))
+    return pairs
+
+
+def log_history(run_id: str, history: TrainingHistory) -> None:
+    """All epochs in a few batched calls (one call per epoch would be slow on a SQLite store)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    entries = [Metric(key, float(value), timestamp, epoch)
+               for epoch, metrics in history_metrics(history) for key, value in metrics.items()]
+    client = tracking.client()
+    for start in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[start:start + 1000])
+
+
+def summary_metrics(trained: TrainedModel, prepared: PreparedInputs) -> dict[str, float]:
+    return {
+        **{f"final/test_error/{name}": value for name, value in trained.errors.items()},
+        f"final/{CUMULATIVE}": trained.cumulative_error,
+        "epochs_to_saturation": trained.saturation_epoch,
+        "epochs_trained": trained.history.epochs_trained,
+        "train_seconds": trained.history.seconds,
+        "num_train": len(prepared.train_rows),
+        "num_test": len(prepared.test_rows),
+    }
+
+
+def lineage_tags(config: MultilabelConfig, prepared: PreparedInputs) -> dict[str, str]:
+    backbone = prepared.backbone
+    return {
+        "metallo.stage": "multilabel",
+        "metallo.dataset_uri": config.data.uri,
+        "metallo.dataset_manifest_sha256": manifest_sha256(config.data.uri),
+        "metallo.config_hash": config_hash(config),
+        "metallo.code_version": tracking.code_version(),
+        "metallo.encoder": config.encoder,
+        "metallo.backbone": (backbone.uri or backbone.identity) if backbone else "small_cnn (from scratch)",
+        "metallo.backbone_identity": backbone.identity if backbone else "",
+        "metallo.backbone_random_init": str(bool(backbone and backbone.random_init)).lower(),
+        "metallo.unfreeze_last_stage": str(config.backbone.unfreeze_last_stage).lower(),
+        "metallo.properties": ",".join(p.name for p in prepared.properties),
+        "metallo.image_size": str(prepared.image_size),
+    }
+
+
+def model_spec(config: MultilabelConfig, trained: TrainedModel, prepared: PreparedInputs, feature_dim: int,
+               lineage: dict[str, str]):
+    from metallo_core.multilabel.model_store import MultilabelModelSpec
+
+    backbone = prepared.backbone
+    return MultilabelModelSpec(
+        properties=[prop.to_dict() for prop in trained.properties],
+        in_dim=feature_dim,
+        fc_width=config.head.fc_width,
+        activation=config.head.activation,
+        dropout=config.head.dropout,
+        encoder="small_cnn" if config.encoder == "small_cnn" else "resnet",
+        image_size=prepared.image_size,
+        mean=list(CNN_MEAN if backbone is None else backbone.spec.mean),
+        std=list(CNN_STD if backbone is None else backbone.spec.std),
+        backbone_spec=dataclasses.asdict(backbone.spec) if backbone is not None else None,
+        cnn=dataclasses.asdict(config.cnn) if config.encoder == "small_cnn" else None,
+        lineage=lineage,
+    )
+
+
+def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
+    config = with_absolute_uris(config)
+    tracking.configure()  # fails fast on an unreachable tracking server
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    manifest, properties = check_dataset(config)
+    prepared = prepare_inputs(config, manifest, properties)
+    image_encoder, feature_dim = make_image_encoder(config, prepared.backbone)
+    lineage = lineage_tags(config, prepared)
+    if prepared.backbone is not None:
+        print(f"backbone: {prepared.backbone.description}", file=sys.stderr, flush=True)
+    with tracking.start_run(config.run.experiment, config.run.name, config=config, tags=lineage) as run:
+        progress = Progress("train heads", config.optim.max_epochs)
+
+        def report(record: EpochRecord) -> None:
+            errors = " ".join(f"{name}={value:.4f}" for name, value in record.errors.items())
+            progress.done = record.epoch - 1
+            progress.advance(1, f"loss={record.train_loss:.4f} test: {errors}")
+
+        trained = train_model(config, prepared, image_encoder=image_encoder, feature_dim=feature_dim, on_epoch=report)
+        progress.finish()
+        log_history(run.run_id, trained.history)
+        run.log_metrics(summary_metrics(trained, prepared), step=trained.history.epochs_trained)
+        run.log_dict({"errors": trained.errors, CUMULATIVE: trained.cumulative_error,
+                      "epochs_to_saturation": trained.saturation_epoch,
+                      "properties": [p.to_dict() for p in trained.properties]}, "results.json")
+        run.set_tags({"metallo.feature_cache": prepared.table.cache_path or "",
+                      "metallo.feature_cache_hit": str(prepared.table.from_cache).lower()})
+        logged_model = registered_uri = None
+        if config.registry.register:
+            from metallo_core.multilabel.model_store import log_multilabel_model
+
+            export_network = MultilabelNet(image_encoder, trained.head)
+            spec = model_spec(config, trained, prepared, feature_dim, lineage)
+            tags = {**lineage, "metallo.run_id": run.run_id,
+                    f"metallo.{CUMULATIVE}": f"{trained.cumulative_error:.6f}",
+                    **{f"metallo.test_error.{name}": f"{value:.6f}" for name, value in trained.errors.items()}}
+            logged_model, registered = log_multilabel_model(
+                run.run_id, export_network, spec, registered_name=config.registry.name, tags=tags,
+                alias=config.registry.alias)
+            registered_uri = registered.uri if registered else None
+        return MultilabelResult(
+            errors=trained.errors,
+            cumulative_error=trained.cumulative_error,
+            model=registered_uri,
+            run_id=run.run_id,
+            epochs_to_saturation=trained.saturation_epoch,
+            epochs_trained=trained.history.epochs_trained,
+            backbone=prepared.backbone.description if prepared.backbone else "small CNN trained from scratch",
+            feature_cache=prepared.table.cache_path,
+            num_train=len(prepared.train_rows),
+            num_test=len(prepared.test_rows),
+            train_seconds=round(trained.history.seconds, 2),
+            logged_model=logged_model,
+            regression_properties=[p.name for p in trained.properties if not p.is_class],
+        )
+
+
+def describe_result(result: MultilabelResult) -> str:
+    lines = [f"multi-label training done: {result.epochs_trained} epoch(s) on {result.num_train} images, "
+             f"tested on {result.num_test}; MLflow run {result.run_id}",
+             f"  backbone: {result.backbone}"]
+    for name, value in result.errors.items():
+        lines.append(f"  {name}: MAE {value:.5f}" if name in result.regression_properties else
+                     f"  {name}: {value:.4%} test error")
+    lines.append(f"  cumulative error: {result.cumulative_error:.4%} (epochs to saturation: {result.epochs_to_saturation})")
+    if result.model:
+        lines.append(f"  registered model: {result.model}")
+    lines.append(f"  see it in MLflow: {tracking.ui_command()}")
+    return "\n".join(lines)

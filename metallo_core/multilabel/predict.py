@@ -1,0 +1,98 @@
+"""`metallo multilabel predict`: run a registered multi-label model over a folder of images into a CSV.
+
+One row per image: `file` (relative to the folder), then for each classification property its predicted
+class name and `<property>_probability`, and for each regression property its value.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metallo_core.data.images import IMAGE_SUFFIXES, decode_resized
+from metallo_core.errors import DataError, StorageError
+from metallo_core.multilabel.model import decode_outputs, images_to_unit_tensor
+from metallo_core.multilabel.model_store import LoadedMultilabelModel, load_multilabel_model
+from metallo_core.progress import Progress
+
+
+@dataclass
+class PredictionSummary:
+    num_images: int
+    out: str
+    columns: list[str]
+    model: str
+
+
+def list_images(directory: str | os.PathLike) -> list[Path]:
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--images {root} is not a directory of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"--images {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def prediction_columns(model: LoadedMultilabelModel) -> list[str]:
+    columns = ["file"]
+    for prop in model.properties:
+        columns += [prop.name, f"{prop.name}_probability"] if prop.is_class else [prop.name]
+    return columns
+
+
+def predict_rows(model: LoadedMultilabelModel, images: np.ndarray) -> list[dict[str, object]]:
+    """(N, S, S, 3) uint8 images -> one dict per image: class names with probabilities, and values."""
+    with torch.inference_mode():
+        decoded = decode_outputs(model.network.eval()(images_to_unit_tensor(torch.from_numpy(images))),
+                                 model.properties)
+    rows: list[dict[str, object]] = [{} for _ in range(len(images))]
+    for prop in model.properties:
+        output = decoded[prop.name]
+        if prop.is_class:
+            probability, index = output.max(-1)
+            for row, class_id, p in zip(rows, index.tolist(), probability.tolist()):
+                row[prop.name] = prop.classes[class_id]
+                row[f"{prop.name}_probability"] = round(p, 6)
+        else:
+            for row, value in zip(rows, output.tolist()):
+                row[prop.name] = round(value, 6)
+    return rows
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from exc
+    return decode_resized(data, size, str(path))
+
+
+def predict_folder(model_uri: str, images_dir: str, out: str, *, batch_size: int = 64) -> PredictionSummary:
+    files = list_images(images_dir)  # before the download, so a wrong folder fails fast
+    model = load_multilabel_model(model_uri)
+    columns = prediction_columns(model)
+    size = model.spec.image_size
+    out_path = Path(out).expanduser()
+    root = Path(images_dir).expanduser()
+    progress = Progress("predict", len(files))
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns)
+            writer.writeheader()
+            for start in range(0, len(files), batch_size):
+                chunk = files[start:start + batch_size]
+                images = np.stack([_read_image(path, size) for path in chunk])
+                for path, row in zip(chunk, predict_rows(model, images)):
+                    writer.writerow({"file": path.relative_to(root).as_posix(), **row})
+                progress.advance(len(chunk))
+    except OSError as exc:
+        raise StorageError(f"cannot write predictions to {out_path}: {exc}") from exc
+    progress.finish()
+    return PredictionSummary(len(files), str(out_path), columns, model_uri)
