@@ -13,6 +13,9 @@ from metallo_core.errors import MetalloError
 COMMAND_MODULES = (
     "metallo_core.commands.data",
     "metallo_core.commands.pretrain",
+    "metallo_core.commands.multilabel",
+    "metallo_core.commands.fewshot",
+    "metallo_core.commands.quickstart",
 )
 
 

@@ -43,6 +43,10 @@ class ClassIndexedImages:
     def indices_of(self, class_id: int) -> np.ndarray:
         return self._indices[class_id]
 
+    @property
+    def indices_by_class(self) -> list[np.ndarray]:
+        return list(self._indices)
+
     def class_sizes(self) -> np.ndarray:
         return np.array([len(indices) for indices in self._indices])
 
@@ -87,6 +91,24 @@ class ClassIndexedImages:
             extras={name: table.column(name).to_numpy() for name in extras},
             dataset_labels=table.column("label").to_numpy().astype(np.int64),
         )
+
+
+def load_split_labels(uri: str, split: str, manifest: Manifest | None = None) -> tuple[np.ndarray, list[str]]:
+    """(per-row class ids, class names) of a split in the row order `ClassIndexedImages.load` uses,
+    without reading or decoding images: lets a driver plan episodes before workers load the data."""
+    root = locate(uri)
+    manifest = manifest or read_manifest(root)
+    split_info = manifest.split(split)
+    class_names = list(split_info.classes) if manifest.split_kind == "classes" else [
+        name for name in manifest.class_names if name in split_info.counts
+    ]
+    local_id = {name: index for index, name in enumerate(class_names)}
+    table = read_split_table(root, split, ["class_name"], manifest=manifest, verify=False)
+    return np.array([local_id[name] for name in table.column("class_name").to_pylist()], dtype=np.int64), class_names
+
+
+def indices_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    return [np.flatnonzero(labels == class_id) for class_id in range(num_classes)]
 
 
 def decode_all(encoded: list[bytes], sources: list[str], size: int, workers: int | None = None) -> np.ndarray:

@@ -155,8 +155,12 @@ def random_flip_rot90(
     return _resample(images, theta, (height, width), padding_mode="border")
 
 
-def random_translate(images: Tensor, max_fraction: float = 0.125, *, generator: torch.Generator) -> Tensor:
-    """P>M>F DiffAugment translation: shift by whole pixels, up to `max_fraction` of each side, zero padded."""
+def random_translate(
+    images: Tensor, max_fraction: float = 0.125, *, generator: torch.Generator, padding_mode: str = "zeros"
+) -> Tensor:
+    """P>M>F DiffAugment translation: shift by whole pixels, up to `max_fraction` of each side; the uncovered
+    border is zero padded (DiffAugment) or, with padding_mode="reflection", mirrored (for textures, where a
+    black band is an artefact no real image has)."""
     batch, _, height, width = images.shape
     max_dy, max_dx = int(height * max_fraction + 0.5), int(width * max_fraction + 0.5)
     dy = torch.randint(-max_dy, max_dy + 1, (batch,), device=generator.device, generator=generator)
@@ -166,7 +170,7 @@ def random_translate(images: Tensor, max_fraction: float = 0.125, *, generator: 
     # Whole-pixel shifts map pixel centres onto pixel centres, so bilinear sampling copies values exactly.
     theta[:, 0, 2] = -2 * dx / width
     theta[:, 1, 2] = -2 * dy / height
-    return _resample(images, theta, (height, width), padding_mode="zeros")
+    return _resample(images, theta, (height, width), padding_mode=padding_mode)
 
 
 def _crop_boxes(

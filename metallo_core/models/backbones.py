@@ -85,7 +85,10 @@ def load_torchvision_weights(backbone: nn.Module, path: str | Path, spec: Backbo
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     if spec.small_input:
         state = {k: v for k, v in state.items() if not k.startswith("conv1.")}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape: another architecture
+        raise ConfigError(f"backbone weights file {path} does not fit a {spec.arch}: {exc}; check backbone.arch") from exc
     allowed_missing = {"conv1.weight"} if spec.small_input else set()
     if set(missing) - allowed_missing or unexpected:
         raise ConfigError(

@@ -8,10 +8,11 @@ and for classifying new images, plus two extra files that let any stage rebuild 
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass
-from importlib import metadata
+from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +26,7 @@ from metallo_core.models.backbones import BackboneSpec, build_backbone
 
 SPEC_FILE = "backbone_spec.json"
 WEIGHTS_FILE = "backbone_weights.pt"
+METADATA_FILE = "metallo_model.json"  # what kind of model this is and its non-backbone parameters
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -38,7 +40,7 @@ class RegisteredBackbone:
 
 def _pip_requirements() -> list[str]:
     # Listing them avoids MLflow's requirement inference, which loads the model in a subprocess.
-    return [f"{package}=={metadata.version(package)}" for package in ("torch", "torchvision", "numpy")]
+    return [f"{package}=={package_metadata.version(package)}" for package in ("torch", "torchvision", "numpy")]
 
 
 def log_backbone(
@@ -50,6 +52,7 @@ def log_backbone(
     tags: Mapping[str, Any],
     alias: str = "",
     artifact_name: str = "backbone",
+    metadata: Mapping[str, Any] | None = None,
 ) -> RegisteredBackbone | None:
     """Log `backbone` to run `run_id` and, if `registered_name`, register it with `tags` and `alias`."""
     import mlflow
@@ -58,7 +61,9 @@ def log_backbone(
     backbone = backbone.float().cpu().eval()
     with tempfile.TemporaryDirectory() as directory:
         spec_path, weights_path = Path(directory) / SPEC_FILE, Path(directory) / WEIGHTS_FILE
+        metadata_path = Path(directory) / METADATA_FILE
         spec_path.write_text(spec.to_json())
+        metadata_path.write_text(json.dumps({"kind": "backbone", **(metadata or {})}, indent=2))
         torch.save({k: v.detach().cpu() for k, v in backbone.state_dict().items()}, weights_path)
         example = np.zeros((2, 3, spec.image_size, spec.image_size), dtype=np.float32)
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
@@ -67,7 +72,7 @@ def log_backbone(
                 name=artifact_name,
                 input_example=example,
                 serialization_format="pt2",
-                extra_files=[str(spec_path), str(weights_path)],
+                extra_files=[str(spec_path), str(weights_path), str(metadata_path)],
                 pip_requirements=_pip_requirements(),
             )
     if not registered_name:
@@ -119,6 +124,12 @@ def download_model(model_uri: str) -> Path:
 
 def load_backbone(model_uri: str) -> tuple[nn.Module, BackboneSpec]:
     """Rebuild the trainable backbone of a logged model (state dict loaded with weights_only=True)."""
+    backbone, spec, _ = load_backbone_and_metadata(model_uri)
+    return backbone, spec
+
+
+def load_backbone_and_metadata(model_uri: str) -> tuple[nn.Module, BackboneSpec, dict[str, Any]]:
+    """The backbone plus the model's metadata (e.g. a ProtoNet's distance, scale and bias)."""
     directory = download_model(model_uri)
     spec_files = list(directory.rglob(SPEC_FILE))
     weight_files = list(directory.rglob(WEIGHTS_FILE))
@@ -131,7 +142,9 @@ def load_backbone(model_uri: str) -> tuple[nn.Module, BackboneSpec]:
         backbone.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"weights of model {model_uri} cannot be loaded: {exc}") from exc
-    return backbone, spec
+    metadata_files = list(directory.rglob(METADATA_FILE))
+    metadata = json.loads(metadata_files[0].read_text()) if metadata_files else {"kind": "backbone"}
+    return backbone, spec, metadata
 
 
 def find_versions(name: str, tags: Mapping[str, str]) -> list:

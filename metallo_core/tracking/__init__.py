@@ -61,8 +61,19 @@ def configure() -> str:
 
 
 def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on an unreachable server or refused credentials. `/health` stays open under basic auth,
+    so the probe is an authenticated read (one experiment), sent with the credentials MLflow would use."""
+    import base64
+
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    username, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if username and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode())
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"answered HTTP {response.status}"

@@ -6,6 +6,7 @@ import logging
 import os
 
 from metallo_core import tracking
+from metallo_core.errors import MetalloError
 from metallo_core.storage import locate, storage_for_ray
 from metallo_core.train.settings import ComputeSettings, RunSettings
 
@@ -24,6 +25,13 @@ def connect(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if address and address.startswith(("http://", "https://")):
+        raise MetalloError(
+            f"RAY_ADDRESS={address} is a job-submission (dashboard) address, which a driver cannot join. "
+            "Submit the stage as a job (`ray job submit --address ... -- python -m jobs.<stage> ...`), set "
+            "RAY_ADDRESS to the head's GCS address (host:6379) to run this process on that cluster, or unset "
+            "it to start a local cluster"
+        )
     if address:
         ray.init(address=address, log_to_driver=True)
         return

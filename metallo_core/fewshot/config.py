@@ -1,0 +1,124 @@
+"""Typed configuration of ProtoNet meta-training and of meta-testing (configs/metatrain, configs/evaluate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from metallo_core.config import require
+from metallo_core.fewshot.finetune import FinetuneSettings, MetaTestMode
+from metallo_core.models.backbones import BackboneSpec
+from metallo_core.train.settings import ComputeSettings, RegistrySettings, RunSettings
+
+@dataclass
+class EpisodeSettings:
+    way: int = 5
+    shot: int = 1
+    query: int = 15
+    # Small sets (MEM-25 has ~13 images per class) cannot give 15 queries per class: cap Q instead of failing.
+    cap_query: bool = False
+
+    def validate(self) -> None:
+        require(self.way >= 2, f"episodes.way must be >= 2, got {self.way}")
+        require(self.shot >= 1, f"episodes.shot must be >= 1, got {self.shot}")
+        require(self.query >= 1, f"episodes.query must be >= 1, got {self.query}")
+
+
+@dataclass
+class FewShotData:
+    uri: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # 0: the backbone's own input size (from its spec); otherwise images are decoded at this size.
+    image_size: int = 0
+
+    def validate(self) -> None:
+        require(bool(self.uri), "data.uri is required: the few-shot dataset (a directory or s3://bucket/prefix)")
+
+
+@dataclass
+class BackboneInit:
+    """Where meta-training starts: `scratch`, a torchvision weights file, or a registry model URI."""
+
+    source: str = "scratch"  # scratch | /path/to/resnet50.pth | models:/metallo-backbone@current
+    spec: BackboneSpec = field(default_factory=BackboneSpec)  # used for scratch and torchvision weights
+
+    @property
+    def kind(self) -> Literal["scratch", "torchvision", "registry"]:
+        if self.source == "scratch":
+            return "scratch"
+        if "://" in self.source or self.source.startswith("models:/") or self.source.startswith("runs:/"):
+            return "registry"
+        return "torchvision"
+
+
+@dataclass
+class MetaOptimSettings:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    min_lr: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    warmup_epochs: float = 0
+
+    def validate(self) -> None:
+        require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+
+
+@dataclass
+class MetaTrainConfig:
+    data: FewShotData = field(default_factory=FewShotData)
+    backbone: BackboneInit = field(default_factory=BackboneInit)
+    episodes: EpisodeSettings = field(default_factory=lambda: EpisodeSettings(way=5, shot=5, query=15))
+    episodes_per_epoch: int = 100  # across all workers; each worker takes one episode per step (DDP)
+    val_episodes: int = 30  # fixed, serialised meta-validation tasks, scored after every epoch
+    val_shot: int = 0  # 0: the training shot
+    distance: Literal["cosine", "euclidean"] = "cosine"
+    # Explicit on purpose: "train" updates BatchNorm statistics per episode; "eval" freezes them (P>M>F).
+    bn_mode: Literal["train", "eval"] = "train"
+    augment: bool = True  # flips and quarter turns of episode images (valid symmetries of micrographs)
+    optim: MetaOptimSettings = field(default_factory=MetaOptimSettings)
+    epochs: int = 20
+    seed: int = 0
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
+    run: RunSettings = field(default_factory=lambda: RunSettings(name="protonet", experiment="metallo-metatrain"))
+    registry: RegistrySettings = field(default_factory=lambda: RegistrySettings(name="metallo-protonet"))
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.episodes_per_epoch >= self.compute.num_workers,
+                "episodes_per_epoch must be >= compute.num_workers (one episode per worker per step)")
+        require(self.val_episodes >= 1, "val_episodes must be >= 1")
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = ""  # models:/metallo-protonet@current, models:/name/3, runs:/<id>/protonet
+    data: FewShotData = field(default_factory=FewShotData)
+    split: str = "test"
+    episodes: EpisodeSettings = field(default_factory=EpisodeSettings)
+    tasks: int = 600  # 100 to match seed 000
+    modes: list[MetaTestMode] = field(default_factory=lambda: ["protonet", "finetune"])
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    # Fine-tuning lr and steps are picked on meta-validation tasks, never on test tasks.
+    select_on_val: bool = False
+    select_lrs: list[float] = field(default_factory=lambda: [1e-4, 5e-4, 1e-3, 5e-3])
+    select_steps: list[int] = field(default_factory=lambda: [])  # empty: keep finetune.steps
+    select_tasks: int = 50
+    seed: int = 0
+    parallelism: int = 2  # Ray actors scoring tasks in parallel
+    gpus_per_actor: float = 0.0  # fractional GPUs (e.g. 0.25) when the cluster has GPUs
+    cpus_per_actor: float = 1.0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    experiment: str = "metallo-evaluate"
+    run_name: str = ""
+    ray_address: str | None = None
+
+    def validate(self) -> None:
+        require(bool(self.model), "model is required: a model URI such as models:/metallo-protonet@current")
+        require(self.tasks >= 1, "tasks must be >= 1")
+        require(bool(self.modes), "modes must name at least one of protonet, finetune, finetune_autolr")
+        require(self.parallelism >= 1, "parallelism must be >= 1")
+        require(self.select_tasks >= 1, "select_tasks must be >= 1")

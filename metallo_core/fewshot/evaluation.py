@@ -1,0 +1,66 @@
+"""Scoring fixed few-shot tasks with a ProtoNet: plain (embed every image once) or with per-task fine-tuning."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from metallo_core.data.class_index import ClassIndexedImages
+from metallo_core.data.tensor_augment import to_float
+from metallo_core.fewshot.episodes import Episode
+from metallo_core.fewshot.finetune import FinetuneSettings, classify_task
+from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def embed_images(model: ProtoNet, images: np.ndarray, normalizer: ImageNormalizer, device: torch.device,
+                 precision: str = "bf16", batch_size: int = 128) -> torch.Tensor:
+    """Backbone features of (N, S, S, 3) uint8 images, in eval mode."""
+    model.eval()
+    features = []
+    for start in range(0, len(images), batch_size):
+        batch = normalizer(images[start:start + batch_size])
+        with autocast_for(device, precision):
+            features.append(model.backbone(batch).float())
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def protonet_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:
+    """Vanilla ProtoNet over many tasks, reusing one embedding per image across all of them."""
+    accuracies = []
+    for episode in episodes:
+        support = features[torch.tensor(episode.support, device=features.device)]
+        query = features[torch.tensor(episode.query, device=features.device)]
+        support_labels = torch.tensor(episode.support_labels, device=features.device)
+        query_labels = torch.tensor(episode.query_labels, device=features.device)
+        logits = model.logits_from_features(support, support_labels, query, len(episode.classes))
+        accuracies.append(float((logits.argmax(1) == query_labels).float().mean()))
+    return accuracies
+
+
+def finetuned_accuracies(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
+                         settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
+                         *, seed: int, lr: float | None = None, precision: str = "bf16") -> list[float]:
+    """Per-task fine-tuning (restoring the backbone before every task), then classify the queries."""
+    accuracies = []
+    for index, episode in enumerate(episodes):
+        generator = torch.Generator().manual_seed(seed * 100_003 + index)
+        support = to_float(torch.from_numpy(images.images[episode.support]).to(device).permute(0, 3, 1, 2))
+        query = to_float(torch.from_numpy(images.images[episode.query]).to(device).permute(0, 3, 1, 2))
+        support_labels = torch.tensor(episode.support_labels, device=device)
+        query_labels = torch.tensor(episode.query_labels, device=device)
+        with autocast_for(device, precision):
+            logits = classify_task(model, mode, support, support_labels, query, len(episode.classes), settings,
+                                   normalizer=normalizer, generator=generator, lr=lr)
+        accuracies.append(float((logits.argmax(1) == query_labels).float().mean()))
+    return accuracies

@@ -1,0 +1,261 @@
+"""Meta-testing over many fixed tasks on Ray: tasks are scored in parallel actors (fractional GPUs on GPU).
+
+Reports, per mode, the mean accuracy and its 95% interval (1.96 sd / sqrt(n) over per-task
+accuracies), stores per-task accuracies and the exact task list as MLflow artifacts, and logs
+episodes/s. Fine-tuning hyperparameters can be chosen on meta-validation tasks first (never on test).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from metallo_core import tracking
+from metallo_core.config import config_hash, to_dict
+from metallo_core.data.class_index import indices_by_class, load_split_labels
+from metallo_core.data.manifest import manifest_sha256, read_manifest
+from metallo_core.errors import DataError
+from metallo_core.fewshot.config import EvaluateConfig
+from metallo_core.fewshot.episodes import (
+    Episode,
+    episode_meta,
+    episodes_from_json,
+    episodes_to_json,
+    fixed_episodes,
+)
+from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
+from metallo_core.storage import locate
+from metallo_core.train import ray_setup
+
+
+@dataclass
+class ModeResult:
+    mean: float
+    ci95: float
+    n: int
+    episodes_per_s: float
+    lr: float | None = None
+    steps: int | None = None
+
+
+@dataclass
+class EvaluationResult:
+    model: str
+    dataset: str
+    split: str
+    way: int
+    shot: int
+    query: int
+    tasks: int
+    modes: dict[str, ModeResult] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
+    # mode -> (mean, ci95) of its per-task accuracy minus ProtoNet's on the same tasks
+    gains: dict[str, tuple[float, float]] = field(default_factory=dict)
+    run_id: str = ""
+
+
+class TaskScorer:
+    """A Ray actor holding one model and one split in memory; scores chunks of tasks on request."""
+
+    def __init__(self, model_uri: str, data_uri: str, split: str, image_size: int, precision: str,
+                 tracking_uri: str, threads: int):
+        import torch
+
+        from metallo_core.data.class_index import ClassIndexedImages
+        from metallo_core.fewshot.model_io import load_protonet
+        from metallo_core.fewshot.protonet import ImageNormalizer
+
+        os.environ[tracking.ENV_TRACKING_URI] = tracking_uri
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, spec, _ = load_protonet(model_uri)
+        self.model.to(self.device)
+        self.images = ClassIndexedImages.load(data_uri, split, image_size=image_size or spec.image_size)
+        self.normalizer = ImageNormalizer(spec.mean, spec.std, device=self.device)
+        self.precision = precision
+
+    def score(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None) -> list[float]:
+        from metallo_core.config import from_dict
+        from metallo_core.fewshot.evaluation import embed_images, finetuned_accuracies, protonet_accuracies
+        from metallo_core.fewshot.finetune import FinetuneSettings
+
+        episodes, _ = episodes_from_json(episodes_json)
+        if mode == "protonet":
+            features = embed_images(self.model, self.images.images, self.normalizer, self.device, self.precision)
+            return protonet_accuracies(self.model, features, episodes)
+        return finetuned_accuracies(self.model, self.images, episodes, mode, from_dict(FinetuneSettings, settings),
+                                    self.normalizer, self.device, seed=seed, lr=lr, precision=self.precision)
+
+
+def plan_tasks(data_uri: str, split: str, config: EvaluateConfig, count: int, seed: int) -> tuple[list[Episode], str]:
+    """The fixed task list (and its JSON, tied to the split's class membership) for a split."""
+    labels, class_names = load_split_labels(data_uri, split)
+    if len(class_names) < config.episodes.way:
+        raise DataError(f"split {split!r} has {len(class_names)} classes, fewer than episodes.way = "
+                        f"{config.episodes.way}; lower the way or evaluate another split")
+    members = indices_by_class(labels, len(class_names))
+    episodes = fixed_episodes(members, config.episodes.way, config.episodes.shot, config.episodes.query, count,
+                              seed=seed, cap_query=config.episodes.cap_query)
+    meta = episode_meta(members, seed=seed, cap_query=config.episodes.cap_query, split=split, dataset=data_uri)
+    return episodes, episodes_to_json(episodes, meta)
+
+
+class ParallelScorer:
+    """Spreads task chunks over a pool of TaskScorer actors and returns per-task accuracies in task order."""
+
+    def __init__(self, config: EvaluateConfig, split: str):
+        import ray
+
+        actor = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(TaskScorer)
+        threads = max(1, int(round(config.cpus_per_actor)))
+        self.actors = [
+            actor.remote(config.model, config.data.uri, split, config.data.image_size, config.precision,
+                         tracking.tracking_uri(), threads)
+            for _ in range(config.parallelism)
+        ]
+
+    def score(self, mode: str, episodes: list[Episode], settings: dict, seed: int, lr: float | None = None):
+        import ray
+
+        if mode == "protonet":  # one embedding pass serves every task: no point in splitting it
+            chunks = [episodes]
+        else:
+            size = max(1, -(-len(episodes) // (4 * len(self.actors))))
+            chunks = [episodes[start:start + size] for start in range(0, len(episodes), size)]
+        started = time.perf_counter()
+        futures = [
+            self.actors[index % len(self.actors)].score.remote(mode, episodes_to_json(chunk, {}), settings, seed, lr)
+            for index, chunk in enumerate(chunks)
+        ]
+        accuracies = [value for part in ray.get(futures) for value in part]
+        return accuracies, len(episodes) / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def _per_task_csv(accuracies: list[float]) -> str:
+    buffer = io.StringIO()
+    buffer.write("task,accuracy\n")
+    for index, value in enumerate(accuracies):
+        buffer.write(f"{index},{value:.6f}\n")
+    return buffer.getvalue()
+
+
+def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dict[str, Any]]:
+    """Pick the fine-tuning lr (and steps) by mean accuracy on meta-validation tasks."""
+    tasks, tasks_json = plan_tasks(config.data.uri, config.data.val_split, config, config.select_tasks,
+                                   seed=config.seed + 7)
+    run.log_text(tasks_json, "episodes/meta_val_selection.json")
+    scorer = ParallelScorer(config, config.data.val_split)
+    table = []
+    try:
+        for steps in config.select_steps or [config.finetune.steps]:
+            settings = to_dict(config.finetune) | {"steps": steps}
+            for lr in config.select_lrs:
+                accuracies, _ = scorer.score("finetune", tasks, settings, config.seed, lr)
+                mean, ci95 = mean_and_ci95(accuracies)
+                table.append({"lr": lr, "steps": steps, "val_accuracy": mean, "val_ci95": ci95})
+                print(f"  meta-val selection: lr {lr:g}, steps {steps}: {mean:.4f} ± {ci95:.4f}", flush=True)
+    finally:
+        scorer.close()
+    best = max(table, key=lambda row: (row["val_accuracy"], -row["lr"]))
+    run.log_dict(table, "selection/finetune_on_meta_val.json")
+    run.log_metrics({"selected_lr": best["lr"], "selected_steps": best["steps"],
+                     "selected_val_accuracy": best["val_accuracy"]})
+    return best["lr"], best["steps"], {"on": config.data.val_split, "tasks": config.select_tasks, "grid": table,
+                                       "best": best}
+
+
+def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
+    from metallo_core.models.registry import resolve_version
+
+    config = copy.deepcopy(config)
+    config.data.uri = locate(config.data.uri).uri
+    tracking.configure()
+    read_manifest(config.data.uri).split(config.split)
+    tasks, tasks_json = plan_tasks(config.data.uri, config.split, config, config.tasks, seed=config.seed)
+    model_uri = config.model
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        version = resolve_version(model_uri)  # a clear error for a wrong name or alias, before Ray starts
+        model_uri = f"models:/{version.name}/{version.version}"
+    config.model = model_uri
+    ray_setup.connect(config.ray_address)
+    lineage = {
+        "metallo.stage": "evaluate",
+        "metallo.model_uri": model_uri,
+        "metallo.dataset_uri": config.data.uri,
+        "metallo.dataset_manifest_sha256": manifest_sha256(config.data.uri),
+        "metallo.split": config.split,
+        "metallo.task": f"{config.episodes.way}-way {config.episodes.shot}-shot",
+        "metallo.config_hash": config_hash(config),
+    }
+    run_name = config.run_name or f"eval-{config.episodes.way}w{config.episodes.shot}s"
+    result = EvaluationResult(model=model_uri, dataset=config.data.uri, split=config.split, way=config.episodes.way,
+                              shot=config.episodes.shot, query=config.episodes.query, tasks=len(tasks))
+    with tracking.start_run(config.experiment, run_name, config=config, tags=lineage) as run:
+        result.run_id = run.run_id
+        run.log_text(tasks_json, f"episodes/{config.split}.json")
+        lr, steps = config.finetune.lr, config.finetune.steps
+        if config.select_on_val and any(mode != "protonet" for mode in config.modes):
+            lr, steps, result.selection = select_finetune_on_val(config, run)
+        settings = to_dict(config.finetune) | {"steps": steps}
+        scorer = ParallelScorer(config, config.split)
+        per_task: dict[str, list[float]] = {}
+        try:
+            for mode in config.modes:
+                accuracies, rate = scorer.score(mode, tasks, settings, config.seed,
+                                                lr if mode == "finetune" else None)
+                per_task[mode] = accuracies
+                mean, ci95 = mean_and_ci95(accuracies)
+                result.modes[mode] = ModeResult(mean=mean, ci95=ci95, n=len(accuracies), episodes_per_s=rate,
+                                                lr=lr if mode == "finetune" else None,
+                                                steps=steps if mode != "protonet" else None)
+                run.log_metrics({f"{mode}_accuracy": mean, f"{mode}_ci95": ci95, f"{mode}_episodes_per_s": rate})
+                run.log_text(_per_task_csv(accuracies), f"per_task/{mode}.csv")
+                print(f"  {mode}: {mean:.4f} ± {ci95:.4f} over {len(accuracies)} tasks ({rate:.2f} episodes/s)",
+                      flush=True)
+        finally:
+            scorer.close()
+        adapted = [mode for mode in per_task if mode != "protonet"] if "protonet" in per_task else []
+        for mode in adapted:
+            gain, gain_ci95 = result.gains[mode] = paired_gain(per_task["protonet"], per_task[mode])
+            run.log_metrics({f"{mode}_gain_over_protonet": gain, f"{mode}_gain_ci95": gain_ci95})
+            print(f"  {mode} - protonet, paired over the same tasks: {gain:+.4f} ± {gain_ci95:.4f}", flush=True)
+        run.log_dict(summary_json(result), "summary.json")
+    return result
+
+
+def summary_json(result: EvaluationResult) -> dict[str, Any]:
+    """The one JSON object `metallo evaluate --json` prints."""
+    return {
+        "model": result.model,
+        "dataset": result.dataset,
+        "split": result.split,
+        "way": result.way,
+        "shot": result.shot,
+        "query": result.query,
+        "tasks": result.tasks,
+        "modes": {mode: vars(value) for mode, value in result.modes.items()},
+        "selection": result.selection.get("best", {}),
+        "gain_over_protonet": {mode: {"mean": mean, "ci95": ci95} for mode, (mean, ci95) in result.gains.items()},
+        "run_id": result.run_id,
+    }
+
+
+def describe_result(result: EvaluationResult) -> str:
+    lines = [f"{result.way}-way {result.shot}-shot, {result.tasks} tasks of {result.split!r}, model {result.model}"]
+    for mode, value in result.modes.items():
+        extra = f" (lr {value.lr:g}, {value.steps} steps)" if value.lr is not None else ""
+        lines.append(f"  {mode:<16} {100 * value.mean:6.2f}% ± {100 * value.ci95:.2f}{extra}")
+    for mode, (gain, gain_ci95) in result.gains.items():
+        lines.append(f"  {mode} - protonet (paired, same tasks): {100 * gain:+.2f} ± {100 * gain_ci95:.2f} points")
+    lines.append(f"  see it in MLflow: {tracking.ui_command()}")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""End to end through the real components, no mocks: the local stack (moto S3, `mlflow server`,
+`ray start --head`), a tiny dataset on S3, and the stages submitted with `ray job submit` exactly as
+cluster/README.md shows. A worker is killed mid-pretraining; the run completes from its checkpoint.
+Stages hand models on through the registry; a finished job submitted again does no work; no
+credential shows up anywhere the run wrote.
+
+Runs alone with `uv run pytest tests/e2e`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.local_stack import LOOPBACK_TEST_SECRET_ACCESS_KEY, LocalStack
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DATA = "s3://metallo-data/e2e/fewshot"
+STORAGE = "s3://metallo-runs/ray"
+SUBMIT = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml"]
+TINY_DINO = [
+    f"data.uri={DATA}", "data.base_size=20", f"run.storage={STORAGE}", "run.name=e2e-dino", "registry.alias=e2e",
+    "backbone.image_size=16", "multicrop.global_size=16", "multicrop.local_size=8", "optim.batch_size_per_worker=8",
+    "head.out_dim=128", "head.hidden_dim=64", "head.bottleneck_dim=32", "knn.every_epochs=0", "epochs=6",
+    "run.max_failures=2",
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with LocalStack(tmp_path_factory.mktemp("e2e-stack"), num_cpus=4, auth_mode="token") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def env(stack):
+    """The client's environment: what `eval "$(python -m infra.local_stack env)"` would give."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
+    environment.pop("METALLO_HOME", None)
+    return {**environment, **stack.env()}
+
+
+def run(words: list[str], env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(words, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(words)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def job_status(submission_id: str, env: dict[str, str]) -> str:
+    """The status `ray job status` reports; it logs it (to stderr) as a sentence, not as the enum name."""
+    result = run([str(BIN / "ray"), "job", "status", submission_id], env)
+    text = result.stdout + result.stderr
+    final = re.search(rf"Job '{re.escape(submission_id)}' (succeeded|failed|was stopped)", text)
+    if final:
+        return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[final.group(1)]
+    pending = re.search(rf"Status for job '{re.escape(submission_id)}': (?:JobStatus\.)?([A-Z]+)", text)
+    assert pending, f"unexpected `ray job status` output:\n{text[-2000:]}"
+    return pending.group(1)
+
+
+def wait_for(submission_id: str, env: dict[str, str], timeout: float = 900) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job_status(submission_id, env)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(3)
+    raise AssertionError(f"job {submission_id} did not finish in {timeout} s")
+
+
+def logs(submission_id: str, env: dict[str, str]) -> str:
+    return run([str(BIN / "ray"), "job", "logs", submission_id], env).stdout
+
+
+def mlflow_client(stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=stack.env()["MLFLOW_TRACKING_URI"])
+
+
+def kill_a_train_worker(env: dict[str, str]) -> int:
+    listed = run([str(BIN / "ray"), "list", "actors", "--address", env["RAY_API_SERVER_ADDRESS"], "--filter",
+                  "class_name=RayTrainWorker", "--filter", "state=ALIVE", "--format", "json"], env).stdout
+    actors = json.loads(listed)
+    assert actors, "no live Ray Train worker to kill"
+    pid = int(actors[0]["pid"])
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def wait_for_metric(client, experiment: str, run_name: str, metric: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        experiment_info = client.get_experiment_by_name(experiment)
+        if experiment_info is not None:
+            runs = client.search_runs([experiment_info.experiment_id],
+                                      filter_string=f"tags.`metallo.run_name` = '{run_name}'")
+            if runs and metric in runs[0].data.metrics:
+                return runs[0].info.run_id
+        time.sleep(1)
+    raise AssertionError(f"run {run_name!r} never logged {metric!r}")
+
+
+def test_stages_as_ray_jobs_with_a_killed_worker_and_registry_handoff(stack, env):
+    client = mlflow_client(stack)
+    # A tiny dataset on S3 (5 train, 5 val, 5 test classes).
+    run([sys.executable, "-m", "metallo_core.cli", "data", "synth", "--kind", "fewshot", "--out", DATA,
+         "--classes", "15", "--images-per-class", "16", "--size", "20"], env)
+
+    # Pretraining; once epoch 0 is checkpointed, kill a training worker.
+    run(SUBMIT + ["--submission-id", "e2e-pretrain", "--no-wait", "--", "python", "-m", "jobs.pretrain_dino",
+                  "--config", "configs/pretrain/tiny_cpu.yaml", *TINY_DINO], env)
+    run_id = wait_for_metric(client, "metallo-pretrain", "e2e-dino", "epoch_loss")
+    kill_a_train_worker(env)
+    assert wait_for("e2e-pretrain", env) == "SUCCEEDED", logs("e2e-pretrain", env)[-5000:]
+    resumed = client.get_metric_history(run_id, "resumed_at_step")
+    assert resumed and resumed[0].value > 0, "the run did not resume from a checkpoint after the worker died"
+    backbone = client.get_model_version_by_alias("metallo-backbone", "e2e")
+    assert backbone.tags["metallo.dataset_uri"] == DATA
+    assert backbone.tags["metallo.run_id"] == run_id
+
+    # Meta-training starts from the registry alias; evaluation from the meta-trained model's alias.
+    run(SUBMIT + ["--submission-id", "e2e-metatrain", "--", "python", "-m", "jobs.metatrain",
+                  "--config", "configs/metatrain/tiny_cpu.yaml", f"data.uri={DATA}", f"run.storage={STORAGE}",
+                  "run.name=e2e-protonet", "backbone.source=models:/metallo-backbone@e2e", "registry.alias=e2e",
+                  "episodes.query=5", "episodes_per_epoch=10", "val_episodes=10", "epochs=2"], env)
+    protonet = client.get_model_version_by_alias("metallo-protonet", "e2e")
+    assert protonet.tags["metallo.backbone_source"] == f"models:/metallo-backbone/{backbone.version}"
+    run(SUBMIT + ["--submission-id", "e2e-evaluate", "--", "python", "-m", "jobs.evaluate",
+                  "--config", "configs/evaluate/tiny_cpu.yaml", f"data.uri={DATA}", "model=models:/metallo-protonet@e2e",
+                  "tasks=20", "modes=[protonet]", "select_on_val=false", "run_name=e2e-eval"], env)
+    evaluation = client.search_runs([client.get_experiment_by_name("metallo-evaluate").experiment_id],
+                                    filter_string="attributes.run_name = 'e2e-eval'")[0]
+    assert 0.0 <= evaluation.data.metrics["protonet_accuracy"] <= 1.0
+    assert evaluation.data.metrics["protonet_ci95"] > 0
+    assert evaluation.data.tags["metallo.model_uri"] == f"models:/metallo-protonet/{protonet.version}"
+    assert "per_task/protonet.csv" in [a.path for a in client.list_artifacts(evaluation.info.run_id, "per_task")]
+
+    # The finished pretraining job submitted again: no training, no new registered version.
+    versions_before = len(client.search_model_versions("name='metallo-backbone'"))
+    run(SUBMIT + ["--submission-id", "e2e-pretrain-again", "--", "python", "-m", "jobs.pretrain_dino",
+                  "--config", "configs/pretrain/tiny_cpu.yaml", *TINY_DINO], env)
+    assert "already finished" in logs("e2e-pretrain-again", env)
+    assert len(client.search_model_versions("name='metallo-backbone'")) == versions_before
+
+    # No credential anywhere the runs wrote: job list, job logs, MLflow params, tags and config artifacts.
+    secret = LOOPBACK_TEST_SECRET_ACCESS_KEY
+    assert secret not in run([str(BIN / "ray"), "job", "list"], env).stdout
+    for submission in ("e2e-pretrain", "e2e-metatrain", "e2e-evaluate", "e2e-pretrain-again"):
+        assert secret not in logs(submission, env)
+    for experiment in client.search_experiments():
+        for mlflow_run in client.search_runs([experiment.experiment_id]):
+            assert secret not in json.dumps(mlflow_run.data.params) + json.dumps(mlflow_run.data.tags)
+            if any(a.path == "config.yaml" for a in client.list_artifacts(mlflow_run.info.run_id)):
+                config_text = Path(client.download_artifacts(mlflow_run.info.run_id, "config.yaml")).read_text()
+                assert secret not in config_text
