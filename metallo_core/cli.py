@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "metallo_core.commands.pretrain",
     "metallo_core.commands.multilabel",
     "metallo_core.commands.fewshot",
+    "metallo_core.commands.classify",
     "metallo_core.commands.quickstart",
 )
 

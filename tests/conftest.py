@@ -60,8 +60,11 @@ def ray_cluster(s3_server):
     """
     import ray
 
+    from metallo_core.train.ray_setup import WORKER_SETUP_HOOK
+
     ray.init(
         num_cpus=4,
+        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
         include_dashboard=False,
         object_store_memory=256 * 1024 * 1024,
         log_to_driver=False,

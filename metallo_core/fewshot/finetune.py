@@ -227,6 +227,7 @@ def adapt_to_support(
     normalizer: ImageNormalizer,
     generator: torch.Generator,
     lr: float,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> None:
     """`settings.steps` Adam steps on the updated backbone part (scale and bias stay as meta-trained, as in
     P>M>F): augmented support copies are the queries of the un-augmented support's prototypes, which are
@@ -243,7 +244,7 @@ def adapt_to_support(
     fast = settings.update == "last_stage" and is_feature_resnet(model.backbone)
     embed = frozen_trunk_embedder(model.backbone, support) if fast else None
     with torch.enable_grad():  # callers often score tasks under no_grad
-        for _ in range(settings.steps):
+        for step in range(settings.steps):
             pseudo_query = normalizer.normalize(augment_support(support_images, settings, generator))
             if embed is None:
                 logits = model(support, support_labels, pseudo_query, way)
@@ -254,6 +255,8 @@ def adapt_to_support(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
 
 
 def is_feature_resnet(backbone: nn.Module) -> bool:

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metallo_core.data.images import IMAGE_SUFFIXES, decode_resized
-from metallo_core.errors import DataError, StorageError
+from metallo_core.data.image_files import list_image_files, read_file_bytes
+from metallo_core.data.images import decode_resized
+from metallo_core.errors import StorageError
 from metallo_core.multilabel.model import decode_outputs, images_to_unit_tensor
 from metallo_core.multilabel.model_store import LoadedMultilabelModel, load_multilabel_model
 from metallo_core.progress import Progress
@@ -30,13 +31,7 @@ class PredictionSummary:
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise DataError(f"--images {root} is not a directory of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"--images {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    return list_image_files(directory, "--images")
 
 
 def prediction_columns(model: LoadedMultilabelModel) -> list[str]:
@@ -66,11 +61,7 @@ def predict_rows(model: LoadedMultilabelModel, images: np.ndarray) -> list[dict[
 
 
 def _read_image(path: Path, size: int) -> np.ndarray:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc})") from exc
-    return decode_resized(data, size, str(path))
+    return decode_resized(read_file_bytes(path), size, str(path))
 
 
 def predict_folder(model_uri: str, images_dir: str, out: str, *, batch_size: int = 64) -> PredictionSummary:

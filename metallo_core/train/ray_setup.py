@@ -39,6 +39,7 @@ def connect(address: str | None = None) -> None:
     # theirs (otherwise reads starve on small machines).
     context = ray.init(
         num_cpus=max(4, 2 * (os.cpu_count() or 2)),
+        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         log_to_driver=True,
@@ -46,6 +47,17 @@ def connect(address: str | None = None) -> None:
     )
     print(f"started a local Ray cluster; dashboard at http://{context.dashboard_url} "
           "(set RAY_ADDRESS to use a running cluster instead)", flush=True)
+
+
+WORKER_SETUP_HOOK = "metallo_core.train.ray_setup.prepare_worker"
+
+
+def prepare_worker() -> None:
+    """Runs once in every worker of a local cluster, before its first task: import pandas fully. Ray Data's
+    map tasks otherwise import it from several threads at once, and in a fresh environment (no .pyc files
+    yet, as in CI) one of them can get the half-initialised module: "module 'pandas' has no attribute
+    'core'" from a decode task."""
+    import pandas  # noqa: F401
 
 
 def storage_uri(run: RunSettings) -> str:

@@ -1,0 +1,289 @@
+"""Few-shot classification of new micrographs with a registered ProtoNet: `metallo classify`.
+
+The support folder holds one sub-folder per class with a few labelled images each (the class name is
+the folder's name); the query is one image or a folder of them. Prototypes come from the support
+images; with `finetune`, the backbone is first adapted to the support set as in meta-testing.
+
+Image policy. Micrographs arrive at any size, bit depth and colour mode (8/16-bit, grey or RGB, TIFF,
+PNG, JPEG, BMP); they are decoded to 8-bit RGB (16-bit grey is stretched over its own range). Then:
+- `tile = 0` (the default): the whole image, shorter side resized to the model's input size and
+  centre-cropped, as ingestion (`--size`) prepares training images.
+- `tile = PX`: the image is cut into non-overlapping PX x PX tiles (a remainder narrower than half a
+  tile is dropped), each resized to the input size. A large micrograph then keeps its texture at the
+  scale the model was trained on instead of being shrunk to a thumbnail. Support tiles all become
+  samples of their class; a query's class probabilities are the mean over its tiles, and the CSV
+  reports how many tiles voted for each class.
+Magnification: support and query images are assumed to be taken at the same magnification (the
+support defines what each class looks like). When the queries were imaged at another pixel size,
+`query_scale` resamples them first (e.g. 0.5 for queries at twice the support's magnification).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metallo_core.data.image_files import is_image_file, list_image_files, read_file_bytes
+from metallo_core.data.images import decode_rgb
+from metallo_core.errors import ConfigError, DataError, StorageError
+from metallo_core.fewshot.evaluation import embed_images
+from metallo_core.fewshot.finetune import FinetuneSettings, adapt_to_support
+from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet, prototypes
+from metallo_core.progress import Progress
+
+
+@dataclass
+class ClassifySettings:
+    tile: int = 0  # 0: whole image resized; PX: cut into PX x PX tiles (see the module's docstring)
+    query_scale: float = 1.0  # resample queries by this factor first (pixel-size mismatch with the support)
+    finetune: bool = False
+    steps: int = 50
+    lr: float = 1e-4
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.tile < 0:
+            raise ConfigError(f"--tile must be 0 (whole image) or a tile side in pixels, got {self.tile}")
+        if not 0.05 <= self.query_scale <= 20:
+            raise ConfigError(f"--query-scale must be between 0.05 and 20, got {self.query_scale}")
+        if self.finetune and (self.steps < 1 or self.lr <= 0):
+            raise ConfigError(f"--finetune needs --steps >= 1 and --lr > 0, got {self.steps} and {self.lr}")
+
+
+@dataclass
+class Prediction:
+    file: str
+    predicted: str
+    probabilities: dict[str, float]
+    nearest_support: str
+    tiles: int
+    tile_votes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ClassifyResult:
+    model: str
+    classes: list[str]
+    shots: dict[str, int]
+    predictions: list[Prediction]
+    out: str | None
+    query_images_per_s: float
+    finetuned: bool
+
+
+@dataclass
+class LabelledTiles:
+    """Tiles of several images: tile i belongs to image owner[i]."""
+
+    tiles: np.ndarray  # (T, S, S, 3) uint8
+    owner: np.ndarray  # (T,) image index
+
+
+def read_support(support_dir: str | os.PathLike) -> dict[str, list[Path]]:
+    """{class name: image files}, classes in sorted folder order; every error names the folder."""
+    root = Path(support_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--support {root} is not a directory (expected one sub-folder of images per class)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise DataError(f"--support {root} has {len(folders)} class folder(s); few-shot classification needs at "
+                        "least 2 (one sub-folder of images per class)")
+    support = {}
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if is_image_file(p))
+        if not files:
+            raise DataError(f"class {folder.name!r} ({folder}) has no images; put 1-5 labelled images in it")
+        support[folder.name] = files
+    return support
+
+
+def list_queries(query: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """(root the CSV's file names are relative to, query image files)."""
+    path = Path(query).expanduser()
+    if path.is_file():
+        if not is_image_file(path):
+            raise DataError(f"--query {path} is not an image file of a supported type")
+        return path.parent, [path]
+    if not path.exists():
+        raise DataError(f"--query {path} does not exist")
+    return path, list_image_files(path, "--query")
+
+
+def image_tiles(pixels: np.ndarray, size: int, tile: int, scale: float = 1.0) -> np.ndarray:
+    """(T, size, size, 3) uint8 tiles of an (H, W, 3) image under the module's tiling policy."""
+    image = Image.fromarray(pixels)
+    if scale != 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.BILINEAR, reducing_gap=3.0)
+    if tile == 0 or min(image.width, image.height) < tile:
+        return _square(image, size)[None]
+    columns = _tile_starts(image.width, tile)
+    rows = _tile_starts(image.height, tile)
+    return np.stack([_square(image.crop((x, y, x + tile, y + tile)), size) for y in rows for x in columns])
+
+
+def _tile_starts(length: int, tile: int) -> list[int]:
+    count = length // tile + (1 if length % tile >= tile / 2 else 0)
+    if count <= 1:
+        return [(length - tile) // 2]
+    # Spread the tiles evenly over the whole length (overlapping a little when a half-tile remains).
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _square(image: Image.Image, size: int) -> np.ndarray:
+    scale = size / min(image.width, image.height)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    resized = image.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
+    left, top = (width - size) // 2, (height - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_tiles(files: list[Path], size: int, tile: int, scale: float = 1.0) -> LabelledTiles:
+    tiles, owner = [], []
+    for index, path in enumerate(files):
+        pieces = image_tiles(decode_rgb(read_file_bytes(path), str(path)), size, tile, scale)
+        tiles.append(pieces)
+        owner.append(np.full(len(pieces), index))
+    return LabelledTiles(np.concatenate(tiles), np.concatenate(owner))
+
+
+def classify(
+    model_uri: str,
+    support_dir: str | os.PathLike,
+    query: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    settings: ClassifySettings | None = None,
+) -> ClassifyResult:
+    """Classify the query image(s) against the support classes; with `out`, write the CSV (only when
+    everything succeeded: it is written to a temporary file and moved into place at the end)."""
+    from metallo_core.fewshot.model_io import load_protonet
+
+    settings = settings or ClassifySettings()
+    settings.validate()
+    support_files = read_support(support_dir)  # input errors before the (slower) model download
+    query_root, query_files = list_queries(query)
+    model, spec, _ = load_protonet(model_uri)
+    device = torch.device(settings.device)
+    model.to(device).eval()
+    normalizer = ImageNormalizer.for_backbone(spec, device)
+    size = spec.image_size
+
+    classes = list(support_files)
+    flat_support = [path for name in classes for path in support_files[name]]
+    support = load_tiles(flat_support, size, settings.tile)
+    image_labels = np.concatenate([np.full(len(support_files[name]), i) for i, name in enumerate(classes)])
+    support_labels = torch.as_tensor(image_labels[support.owner], device=device)
+    if settings.finetune:
+        _finetune(model, normalizer, support.tiles, support_labels, len(classes), settings)
+
+    support_features = embed_images(model, support.tiles, normalizer, device)
+    class_prototypes = prototypes(support_features, support_labels, len(classes))
+    support_image_features = _mean_by_owner(support_features, support.owner, len(flat_support))
+
+    progress = Progress("classify", len(query_files))
+    predictions: list[Prediction] = []
+    started = time.perf_counter()
+    chunks = [query_files[start:start + settings.batch_size]
+              for start in range(0, len(query_files), settings.batch_size)]
+    for chunk, queries in zip(chunks, _prefetched_tiles(chunks, size, settings)):
+        features = embed_images(model, queries.tiles, normalizer, device)
+        with torch.no_grad():
+            probabilities = model.classifier(features, class_prototypes).float().softmax(dim=1)
+        image_features = _mean_by_owner(features, queries.owner, len(chunk))
+        nearest = _nearest(model, image_features, support_image_features)
+        for index, path in enumerate(chunk):
+            rows = torch.as_tensor(queries.owner == index, device=probabilities.device)
+            mean = probabilities[rows].mean(dim=0)
+            votes = Counter(classes[i] for i in probabilities[rows].argmax(dim=1).tolist())
+            predictions.append(Prediction(
+                file=path.relative_to(query_root).as_posix(),
+                predicted=classes[int(mean.argmax())],
+                probabilities={name: float(p) for name, p in zip(classes, mean.tolist())},
+                nearest_support=flat_support[int(nearest[index])].relative_to(Path(support_dir).expanduser()).as_posix(),
+                tiles=int(rows.sum()),
+                tile_votes=dict(votes.most_common()),
+            ))
+        progress.advance(len(chunk))
+    rate = len(query_files) / max(time.perf_counter() - started, 1e-9)
+    progress.finish(f"({rate:.1f} query images/s)")
+    result = ClassifyResult(model_uri, classes, {name: len(files) for name, files in support_files.items()},
+                            predictions, None, rate, settings.finetune)
+    if out is not None:
+        result.out = write_predictions(predictions, classes, out)
+    return result
+
+
+def _prefetched_tiles(chunks: list[list[Path]], size: int, settings: ClassifySettings) -> Iterator[LabelledTiles]:
+    """The chunks' tiles, decoding the next chunk in a thread while the caller embeds the current one
+    (PIL releases the GIL), so the embedding pass, not decoding, bounds the throughput."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending = pool.submit(load_tiles, chunks[0], size, settings.tile, settings.query_scale) if chunks else None
+        for index in range(len(chunks)):
+            current = pending.result()
+            if index + 1 < len(chunks):
+                pending = pool.submit(load_tiles, chunks[index + 1], size, settings.tile, settings.query_scale)
+            yield current
+
+
+def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, labels: torch.Tensor, way: int,
+              settings: ClassifySettings) -> None:
+    progress = Progress("fine-tune on the support set", settings.steps, every_s=2.0)
+    adapt_to_support(
+        model, normalizer.to_unit(tiles), labels, way, FinetuneSettings(steps=settings.steps, lr=settings.lr),
+        normalizer=normalizer, generator=torch.Generator(device=normalizer.device).manual_seed(0),
+        lr=settings.lr, on_step=lambda step, loss: progress.advance(1, f"loss {loss:.4f}"),
+    )
+    progress.finish()
+    model.eval()
+
+
+def _mean_by_owner(features: torch.Tensor, owner: np.ndarray, count: int) -> torch.Tensor:
+    index = torch.as_tensor(owner, device=features.device)
+    sums = torch.zeros(count, features.shape[1], device=features.device).index_add_(0, index, features)
+    return sums / torch.bincount(index, minlength=count).clamp(min=1)[:, None]
+
+
+def _nearest(model: ProtoNet, queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Index of the support image nearest to each query, in the model's own distance."""
+    if model.distance == "cosine":
+        similarity = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(support, dim=1).T
+        return similarity.argmax(dim=1)
+    return torch.cdist(queries, support).argmin(dim=1)
+
+
+def prediction_columns(classes: list[str]) -> list[str]:
+    return ["file", "predicted", *(f"p_{name}" for name in classes), "nearest_support", "tiles", "tile_votes"]
+
+
+def write_predictions(predictions: list[Prediction], classes: list[str], out: str | os.PathLike) -> str:
+    """The CSV, written next to `out` and moved into place only when complete."""
+    out_path = Path(out).expanduser()
+    temporary = None
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+        with os.fdopen(handle, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(prediction_columns(classes))
+            for p in predictions:
+                votes = ";".join(f"{name}:{count}" for name, count in p.tile_votes.items())
+                writer.writerow([p.file, p.predicted, *(f"{p.probabilities[name]:.6f}" for name in classes),
+                                 p.nearest_support, p.tiles, votes])
+        os.replace(temporary, out_path)
+    except OSError as exc:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+        raise StorageError(f"cannot write predictions to {out_path}: {exc}") from exc
+    return str(out_path)
