@@ -137,7 +137,13 @@ def _build_dataclass(cls: type[T], data: Any, where: str) -> T:
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _join(where, name))
+            value = data[name]
+            if (isinstance(value, Mapping) and field.default_factory is not dataclasses.MISSING
+                    and dataclasses.is_dataclass(hints[name])):
+                # A partial section overlays the field's own default (e.g. MetaTrainConfig's registry named
+                # metallo-protonet), not the section class's defaults.
+                value = deep_merge(to_dict(field.default_factory()), value)
+            kwargs[name] = _convert(hints[name], value, _join(where, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"setting {_join(where, name)} is required")
     return cls(**kwargs)

@@ -71,3 +71,10 @@ def test_round_trip_hash_and_flatten():
     assert config_hash(job) != config_hash(from_dict(Job, {"data_uri": "y"}))
     flat = flatten(job)
     assert flat["optimizer.lr"] == 1e-3 and flat["crops"] == [224, 96]
+
+
+def test_a_partial_section_keeps_the_fields_own_default():
+    from metallo_core.fewshot.config import MetaTrainConfig
+
+    config = from_dict(MetaTrainConfig, {"data": {"uri": "d"}, "registry": {"alias": "x"}})
+    assert (config.registry.name, config.registry.alias) == ("metallo-protonet", "x")

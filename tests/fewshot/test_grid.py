@@ -25,6 +25,11 @@ def test_the_shipped_grid_config_loads_with_the_papers_axes():
     assert config.shots == [1, 5] and config.modes == ["protonet", "finetune"]
 
 
+def test_the_tiny_grid_config_loads():
+    config = load_config(GridConfig, REPO / "configs/grid/tiny_cpu.yaml")
+    assert config.target_uri == "data/fewshot-tiny" and config.shots == [1, 5]
+
+
 def test_markdown_table_has_one_row_per_method_and_a_column_per_shot():
     table = results_table(ROWS, [1, 5], 5, "MEM-25")
     lines = table.strip().splitlines()
