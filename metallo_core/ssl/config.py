@@ -95,6 +95,10 @@ class DebugSettings:
     # Tests kill a worker process once at this global step to prove that training resumes (-1: never).
     fail_at_step: int = -1
     fail_rank: int = 0
+    # Ray Train V2 commits a reported checkpoint when its controller next polls the workers (every 2 s by
+    # default); a crash inside that window loses it, and the retry starts from the one before. The
+    # injected crash waits this long so that it tests resuming, not that window.
+    fail_delay_s: float = 5.0
 
 
 @dataclass

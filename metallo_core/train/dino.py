@@ -157,6 +157,7 @@ def _maybe_inject_failure(config: DinoConfig, step: int, rank: int, storage: str
     if marker.exists():
         return
     marker.write_bytes(b"a test killed a worker here once\n")
+    time.sleep(config.debug.fail_delay_s)
     print(f"[rank {rank}] injected failure at step {step}: exiting the worker process", flush=True)
     os._exit(1)
 
