@@ -82,12 +82,13 @@ def decode_resized(data: bytes, size: int, source: str = "<image>") -> np.ndarra
             if image.format == "JPEG":
                 # Let libjpeg decode at a reduced scale when the image is much larger than needed.
                 image.draft("RGB", (size, size))
-            return _square(to_rgb8(image), size)
+            return square_resized(to_rgb8(image), size)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{source}: not a readable image ({exc})") from exc
 
 
-def _square(pixels: np.ndarray, size: int) -> np.ndarray:
+def square_resized(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3): shorter side resized to `size`, then centre-cropped."""
     height, width = pixels.shape[:2]
     if (height, width) == (size, size):
         return pixels

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from metallo_core.data.image_files import is_image_file, list_image_files, read_file_bytes
-from metallo_core.data.images import decode_rgb
+from metallo_core.data.images import decode_rgb, square_resized
 from metallo_core.errors import ConfigError, DataError, StorageError
 from metallo_core.fewshot.evaluation import embed_images
 from metallo_core.fewshot.finetune import FinetuneSettings, adapt_to_support
@@ -128,10 +128,11 @@ def image_tiles(pixels: np.ndarray, size: int, tile: int, scale: float = 1.0) ->
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.BILINEAR, reducing_gap=3.0)
     if tile == 0 or min(image.width, image.height) < tile:
-        return _square(image, size)[None]
+        return square_resized(np.asarray(image), size)[None]
     columns = _tile_starts(image.width, tile)
     rows = _tile_starts(image.height, tile)
-    return np.stack([_square(image.crop((x, y, x + tile, y + tile)), size) for y in rows for x in columns])
+    return np.stack([square_resized(np.asarray(image.crop((x, y, x + tile, y + tile))), size)
+                     for y in rows for x in columns])
 
 
 def _tile_starts(length: int, tile: int) -> list[int]:
@@ -140,14 +141,6 @@ def _tile_starts(length: int, tile: int) -> list[int]:
         return [(length - tile) // 2]
     # Spread the tiles evenly over the whole length (overlapping a little when a half-tile remains).
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
-
-
-def _square(image: Image.Image, size: int) -> np.ndarray:
-    scale = size / min(image.width, image.height)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    resized = image.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
-    left, top = (width - size) // 2, (height - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def load_tiles(files: list[Path], size: int, tile: int, scale: float = 1.0) -> LabelledTiles:

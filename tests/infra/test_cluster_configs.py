@@ -324,7 +324,7 @@ _PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 
 def _is_reference(value: str) -> bool:
-    """An empty value, a variable, a placeholder, a name or code rather than a literal secret."""
+    """An empty value, a $VARIABLE or <template> reference, an upper-case name or code: not a literal secret."""
     return (not value or value[0] in "$<{([?:" or len(value) < 6
             or re.fullmatch(r"[A-Z][A-Z0-9_]*", value) is not None or "(" in value)
 
