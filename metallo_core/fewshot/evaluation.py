@@ -34,33 +34,53 @@ def embed_images(model: ProtoNet, images: np.ndarray, normalizer: ImageNormalize
     return torch.cat(features)
 
 
+def task_accuracy(predicted: np.ndarray, episode: Episode) -> float:
+    """Fraction of a task's queries whose predicted episode-local label is right."""
+    return float(np.mean(np.asarray(predicted) == episode.query_labels))
+
+
 @torch.no_grad()
-def protonet_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:
-    """Vanilla ProtoNet over many tasks, reusing one embedding per image across all of them."""
-    accuracies = []
+def protonet_predictions(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode]) -> list[np.ndarray]:
+    """Vanilla ProtoNet over many tasks, reusing one embedding per image across all of them: per task, the
+    episode-local label predicted for each query (in `episode.query` order)."""
+    predictions = []
     for episode in episodes:
         support = features[torch.tensor(episode.support, device=features.device)]
         query = features[torch.tensor(episode.query, device=features.device)]
         support_labels = torch.tensor(episode.support_labels, device=features.device)
-        query_labels = torch.tensor(episode.query_labels, device=features.device)
         logits = model.logits_from_features(support, support_labels, query, len(episode.classes))
-        accuracies.append(float((logits.argmax(1) == query_labels).float().mean()))
-    return accuracies
+        predictions.append(logits.argmax(1).cpu().numpy())
+    return predictions
 
 
-def finetuned_accuracies(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
-                         settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
-                         *, seed: int, lr: float | None = None, precision: str = "bf16") -> list[float]:
-    """Per-task fine-tuning (restoring the backbone before every task), then classify the queries."""
-    accuracies = []
+def protonet_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:
+    """Per-task accuracies of vanilla ProtoNet (see `protonet_predictions`)."""
+    predictions = protonet_predictions(model, features, episodes)
+    return [task_accuracy(predicted, episode) for predicted, episode in zip(predictions, episodes)]
+
+
+def finetuned_predictions(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
+                          settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
+                          *, seed: int, lr: float | None = None, precision: str = "bf16") -> list[np.ndarray]:
+    """Per-task fine-tuning (restoring the backbone before every task), then the episode-local label
+    predicted for each query."""
+    predictions = []
     for index, episode in enumerate(episodes):
         generator = torch.Generator().manual_seed(seed * 100_003 + index)
         support = to_float(torch.from_numpy(images.images[episode.support]).to(device).permute(0, 3, 1, 2))
         query = to_float(torch.from_numpy(images.images[episode.query]).to(device).permute(0, 3, 1, 2))
         support_labels = torch.tensor(episode.support_labels, device=device)
-        query_labels = torch.tensor(episode.query_labels, device=device)
         with autocast_for(device, precision):
             logits = classify_task(model, mode, support, support_labels, query, len(episode.classes), settings,
                                    normalizer=normalizer, generator=generator, lr=lr)
-        accuracies.append(float((logits.argmax(1) == query_labels).float().mean()))
-    return accuracies
+        predictions.append(logits.argmax(1).cpu().numpy())
+    return predictions
+
+
+def finetuned_accuracies(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
+                         settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
+                         *, seed: int, lr: float | None = None, precision: str = "bf16") -> list[float]:
+    """Per-task accuracies under a fine-tuning mode (see `finetuned_predictions`)."""
+    predictions = finetuned_predictions(model, images, episodes, mode, settings, normalizer, device, seed=seed,
+                                        lr=lr, precision=precision)
+    return [task_accuracy(predicted, episode) for predicted, episode in zip(predictions, episodes)]

@@ -166,7 +166,10 @@ def run_grid(config: GridConfig) -> dict[str, Any]:
                         "modes": config.modes,
                         "run_name": _slug(f"{run_name}-{config.way}w{shot}s"),
                     })))
-                    children.append({"stage": "evaluate", "run_id": evaluation.run_id, "shot": str(shot)})
+                    # the table's own names for this row, which `metallo report` shows for the run
+                    children.append({"stage": "evaluate", "run_id": evaluation.run_id, "shot": str(shot),
+                                     "backbone": backbone.name, "pretraining": backbone.pretraining,
+                                     "set": metatrain_set.name, "target": config.target_name})
                     for mode, value in evaluation.modes.items():
                         by_mode[mode][shot] = (value.mean, value.ci95)
                 for mode in config.modes:

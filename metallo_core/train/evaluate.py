@@ -14,12 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from metallo_core import tracking
 from metallo_core.config import config_hash, to_dict
 from metallo_core.data.class_index import indices_by_class, load_split_labels
 from metallo_core.data.manifest import manifest_sha256, read_manifest
 from metallo_core.errors import DataError
 from metallo_core.fewshot.config import EvaluateConfig
+from metallo_core.fewshot.confusion import CONFUSION_ARTIFACT_DIR, confusion_over_tasks
 from metallo_core.fewshot.episodes import (
     Episode,
     episode_meta,
@@ -27,6 +30,7 @@ from metallo_core.fewshot.episodes import (
     episodes_to_json,
     fixed_episodes,
 )
+from metallo_core.fewshot.evaluation import task_accuracy
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
 from metallo_core.storage import locate
 from metallo_core.train import ray_setup
@@ -78,17 +82,27 @@ class TaskScorer:
         self.normalizer = ImageNormalizer(spec.mean, spec.std, device=self.device)
         self.precision = precision
 
-    def score(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None) -> list[float]:
+    def predict(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None) -> list[list[int]]:
+        """Per task, the episode-local label predicted for each query."""
         from metallo_core.config import from_dict
-        from metallo_core.fewshot.evaluation import embed_images, finetuned_accuracies, protonet_accuracies
+        from metallo_core.fewshot.evaluation import embed_images, finetuned_predictions, protonet_predictions
         from metallo_core.fewshot.finetune import FinetuneSettings
 
         episodes, _ = episodes_from_json(episodes_json)
         if mode == "protonet":
             features = embed_images(self.model, self.images.images, self.normalizer, self.device, self.precision)
-            return protonet_accuracies(self.model, features, episodes)
-        return finetuned_accuracies(self.model, self.images, episodes, mode, from_dict(FinetuneSettings, settings),
-                                    self.normalizer, self.device, seed=seed, lr=lr, precision=self.precision)
+            predictions = protonet_predictions(self.model, features, episodes)
+        else:
+            predictions = finetuned_predictions(self.model, self.images, episodes, mode,
+                                                from_dict(FinetuneSettings, settings), self.normalizer, self.device,
+                                                seed=seed, lr=lr, precision=self.precision)
+        return [predicted.tolist() for predicted in predictions]
+
+    def score(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None) -> list[float]:
+        """Per-task accuracies."""
+        episodes, _ = episodes_from_json(episodes_json)
+        predictions = self.predict(mode, episodes_json, settings, seed, lr)
+        return [task_accuracy(np.asarray(predicted), episode) for predicted, episode in zip(predictions, episodes)]
 
 
 def plan_tasks(data_uri: str, split: str, config: EvaluateConfig, count: int, seed: int) -> tuple[list[Episode], str]:
@@ -118,7 +132,9 @@ class ParallelScorer:
             for _ in range(config.parallelism)
         ]
 
-    def score(self, mode: str, episodes: list[Episode], settings: dict, seed: int, lr: float | None = None):
+    def predict(self, mode: str, episodes: list[Episode], settings: dict, seed: int,
+                lr: float | None = None) -> tuple[list[np.ndarray], float]:
+        """(per task, the episode-local label predicted for each query, in task order; episodes/s)."""
         import ray
 
         if mode == "protonet":  # one embedding pass serves every task: no point in splitting it
@@ -128,11 +144,17 @@ class ParallelScorer:
             chunks = [episodes[start:start + size] for start in range(0, len(episodes), size)]
         started = time.perf_counter()
         futures = [
-            self.actors[index % len(self.actors)].score.remote(mode, episodes_to_json(chunk, {}), settings, seed, lr)
+            self.actors[index % len(self.actors)].predict.remote(mode, episodes_to_json(chunk, {}), settings, seed, lr)
             for index, chunk in enumerate(chunks)
         ]
-        accuracies = [value for part in ray.get(futures) for value in part]
-        return accuracies, len(episodes) / (time.perf_counter() - started)
+        predictions = [np.asarray(task, dtype=np.int64) for part in ray.get(futures) for task in part]
+        return predictions, len(episodes) / (time.perf_counter() - started)
+
+    def score(self, mode: str, episodes: list[Episode], settings: dict, seed: int,
+              lr: float | None = None) -> tuple[list[float], float]:
+        """(per-task accuracies in task order, episodes/s)."""
+        predictions, rate = self.predict(mode, episodes, settings, seed, lr)
+        return [task_accuracy(predicted, episode) for predicted, episode in zip(predictions, episodes)], rate
 
     def close(self) -> None:
         import ray
@@ -182,6 +204,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     tracking.configure()
     read_manifest(config.data.uri).split(config.split)
     tasks, tasks_json = plan_tasks(config.data.uri, config.split, config, config.tasks, seed=config.seed)
+    _, class_names = load_split_labels(config.data.uri, config.split)
     model_uri = config.model
     if model_uri.startswith("models:/") and "@" in model_uri:
         version = resolve_version(model_uri)  # a clear error for a wrong name or alias, before Ray starts
@@ -211,8 +234,9 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         per_task: dict[str, list[float]] = {}
         try:
             for mode in config.modes:
-                accuracies, rate = scorer.score(mode, tasks, settings, config.seed,
-                                                lr if mode == "finetune" else None)
+                predictions, rate = scorer.predict(mode, tasks, settings, config.seed,
+                                                   lr if mode == "finetune" else None)
+                accuracies = [task_accuracy(predicted, task) for predicted, task in zip(predictions, tasks)]
                 per_task[mode] = accuracies
                 mean, ci95 = mean_and_ci95(accuracies)
                 result.modes[mode] = ModeResult(mean=mean, ci95=ci95, n=len(accuracies), episodes_per_s=rate,
@@ -220,6 +244,8 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
                                                 steps=steps if mode != "protonet" else None)
                 run.log_metrics({f"{mode}_accuracy": mean, f"{mode}_ci95": ci95, f"{mode}_episodes_per_s": rate})
                 run.log_text(_per_task_csv(accuracies), f"per_task/{mode}.csv")
+                run.log_dict(confusion_over_tasks(tasks, predictions, class_names).to_json(),
+                             f"{CONFUSION_ARTIFACT_DIR}/{mode}.json")
                 print(f"  {mode}: {mean:.4f} ± {ci95:.4f} over {len(accuracies)} tasks ({rate:.2f} episodes/s)",
                       flush=True)
         finally:
