@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "metallo_core.commands.fewshot",
     "metallo_core.commands.classify",
     "metallo_core.commands.quickstart",
+    "metallo_core.commands.tune",
+    "metallo_core.commands.report",
 )
 
 

@@ -65,7 +65,11 @@ def ray_cluster(s3_server):
     ray.init(
         num_cpus=4,
         runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
-        include_dashboard=False,
+        # The dashboard's state API is how Ray Train's PlacementGroupCleaner sees that a controller died:
+        # without it, the worker groups of trials that Tune stops early (ASHA) are never released and the
+        # next trials wait for CPUs forever.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         object_store_memory=256 * 1024 * 1024,
         log_to_driver=False,
         configure_logging=False,

@@ -75,10 +75,13 @@ class MetaTrainConfig:
     episodes_per_epoch: int = 100  # across all workers; each worker takes one episode per step (DDP)
     val_episodes: int = 30  # fixed, serialised meta-validation tasks, scored after every epoch
     val_shot: int = 0  # 0: the training shot
+    val_way: int = 0  # 0: the training way (a search over the training way pins it, so trials stay comparable)
     distance: Literal["cosine", "euclidean"] = "cosine"
+    cosine_scale_init: float = 10.0  # the learnable logit scale's start (P>M>F: 10); searched by tuning/
     # Explicit on purpose: "train" updates BatchNorm statistics per episode; "eval" freezes them (P>M>F).
     bn_mode: Literal["train", "eval"] = "train"
     augment: bool = True  # flips and quarter turns of episode images (valid symmetries of micrographs)
+    augment_p: float = 0.5  # augmentation strength: the chance of each flip and of a quarter turn per image
     optim: MetaOptimSettings = field(default_factory=MetaOptimSettings)
     epochs: int = 20
     seed: int = 0
@@ -91,6 +94,8 @@ class MetaTrainConfig:
         require(self.episodes_per_epoch >= self.compute.num_workers,
                 "episodes_per_epoch must be >= compute.num_workers (one episode per worker per step)")
         require(self.val_episodes >= 1, "val_episodes must be >= 1")
+        require(0 <= self.augment_p <= 1, f"augment_p must be in [0, 1], got {self.augment_p}")
+        require(self.cosine_scale_init > 0, f"cosine_scale_init must be positive, got {self.cosine_scale_init}")
 
 
 @dataclass

@@ -48,9 +48,9 @@ class EuclideanClassifier(nn.Module):
         return -(query_features.unsqueeze(1) - class_prototypes.unsqueeze(0)).pow(2).sum(dim=-1)
 
 
-def build_classifier(distance: Distance) -> nn.Module:
+def build_classifier(distance: Distance, cosine_scale: float = 10.0) -> nn.Module:
     if distance == "cosine":
-        return CosineClassifier()
+        return CosineClassifier(scale=cosine_scale)
     if distance == "euclidean":
         return EuclideanClassifier()
     raise ConfigError(f"protonet distance must be 'cosine' or 'euclidean', got {distance!r}")
@@ -59,11 +59,11 @@ def build_classifier(distance: Distance) -> nn.Module:
 class ProtoNet(nn.Module):
     """A backbone plus a prototype classifier. Images enter normalised, float (B, 3, H, W)."""
 
-    def __init__(self, backbone: nn.Module, distance: Distance = "cosine") -> None:
+    def __init__(self, backbone: nn.Module, distance: Distance = "cosine", cosine_scale: float = 10.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.distance = distance
-        self.classifier = build_classifier(distance)
+        self.classifier = build_classifier(distance, cosine_scale)
         self._prototypes: Tensor | None = None
 
     def embed(self, images: Tensor) -> Tensor:

@@ -246,6 +246,7 @@ def open_run(
     *,
     config: Any = None,
     tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[RunLogger]:
     """Like `start_run`, but a run that was started before under the same name is reopened, so a
     resumed job keeps logging into the run it began (its config and tags are logged only once)."""
@@ -256,7 +257,8 @@ def open_run(
         max_results=1,
     )
     if not previous:
-        with start_run(experiment, run_name, config=config, tags={RUN_NAME_TAG: run_name, **(tags or {})}) as run:
+        with start_run(experiment, run_name, config=config, tags={RUN_NAME_TAG: run_name, **(tags or {})},
+                       parent_run_id=parent_run_id) as run:
             yield run
         return
     run_id = previous[0].info.run_id

@@ -81,7 +81,8 @@ def metatrain_worker(loop_config: dict) -> None:
     normalize = ImageNormalizer(spec.mean, spec.std, device=device, channels_last=config.compute.channels_last)
 
     memory_format = torch.channels_last if config.compute.channels_last else torch.contiguous_format
-    model = ProtoNet(backbone, distance=config.distance).to(device, memory_format=memory_format)
+    model = ProtoNet(backbone, distance=config.distance, cosine_scale=config.cosine_scale_init).to(
+        device, memory_format=memory_format)
     trained = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                          else None) if distributed else model)
     optimizer = _optimizer(config, model)
@@ -113,8 +114,9 @@ def metatrain_worker(loop_config: dict) -> None:
         support = tensor_augment.to_float(torch.from_numpy(images.images[episode.support]).to(device).permute(0, 3, 1, 2))
         query = tensor_augment.to_float(torch.from_numpy(images.images[episode.query]).to(device).permute(0, 3, 1, 2))
         if augment:
-            support = tensor_augment.random_flip_rot90(support, 0.5, 0.5, 0.5, generator=generator)
-            query = tensor_augment.random_flip_rot90(query, 0.5, 0.5, 0.5, generator=generator)
+            p = config.augment_p
+            support = tensor_augment.random_flip_rot90(support, p, p, p, generator=generator)
+            query = tensor_augment.random_flip_rot90(query, p, p, p, generator=generator)
         return (normalize.normalize(support), torch.tensor(episode.support_labels, device=device),
                 normalize.normalize(query), torch.tensor(episode.query_labels, device=device))
 
@@ -170,6 +172,7 @@ def metatrain_worker(loop_config: dict) -> None:
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         summary = {
             "epoch": epoch,
+            "epochs_done": epoch + 1,  # the time axis of Tune's ASHA (survives a resumed trial, unlike iterations)
             "train_loss": float(np.mean(losses)),
             "train_accuracy": float(np.mean(accuracies)),
             "val_accuracy": val_accuracy,
@@ -213,14 +216,15 @@ def _optimizer(config: MetaTrainConfig, model):
 def plan_validation_episodes(config: MetaTrainConfig) -> str:
     """Fixed meta-val tasks as JSON; also fails fast, before any cluster resource, when classes are too small."""
     labels, class_names = load_split_labels(config.data.uri, config.data.val_split)
-    if len(class_names) < config.episodes.way:
+    way = config.val_way or config.episodes.way
+    if len(class_names) < way:
         raise DataError(
-            f"split {config.data.val_split!r} has {len(class_names)} classes, fewer than episodes.way = "
-            f"{config.episodes.way}; lower the way or use a split with more classes"
+            f"split {config.data.val_split!r} has {len(class_names)} classes, fewer than the meta-validation way "
+            f"{way}; lower the way or use a split with more classes"
         )
     shot = config.val_shot or config.episodes.shot
     members = indices_by_class(labels, len(class_names))
-    episodes = fixed_episodes(members, config.episodes.way, shot, config.episodes.query, config.val_episodes,
+    episodes = fixed_episodes(members, way, shot, config.episodes.query, config.val_episodes,
                               seed=config.seed + 1, cap_query=config.episodes.cap_query)
     meta = episode_meta(members, seed=config.seed + 1, cap_query=config.episodes.cap_query,
                         split=config.data.val_split, dataset=config.data.uri)
@@ -251,7 +255,12 @@ def with_absolute_uris(config: MetaTrainConfig) -> MetaTrainConfig:
     return config
 
 
-def run_metatraining(config: MetaTrainConfig) -> MetaTrainResult:
+def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = None,
+                     extra_tags: dict[str, str] | None = None, train_callbacks: tuple = ()) -> MetaTrainResult:
+    """Meta-train (or resume, or find finished) the run `config.run.name`, then register its best state.
+
+    `parent_run_id`, `extra_tags` and `train_callbacks` are for searches (tuning/): the run becomes a
+    child of the search's MLflow run, and Ray Train callbacks (Tune's report bridge) join the trainer."""
     from metallo_core.fewshot.model_io import pin_backbone_source
 
     config = with_absolute_uris(config)
@@ -273,14 +282,15 @@ def run_metatraining(config: MetaTrainConfig) -> MetaTrainResult:
         "metallo.config_hash": config_hash(config),
         "metallo.code_version": tracking.code_version(),
     }
-    with tracking.open_run(config.run.experiment, config.run.name, config=config, tags=lineage) as run:
+    with tracking.open_run(config.run.experiment, config.run.name, config=config, tags={**lineage, **(extra_tags or {})},
+                           parent_run_id=parent_run_id) as run:
         run.log_text(val_episodes, VAL_EPISODES_ARTIFACT)
         finished = latest_checkpoint_record(locate(ray_setup.storage_uri(config.run)).join(config.run.name))
         if finished is not None and finished[1]["epoch"] + 1 >= config.epochs:
             print(f"run {config.run.name!r} already finished {config.epochs} epoch(s); nothing to train")
             state, record = load_checkpoint_from(finished[0])
         else:
-            state, record = _fit(config, run.run_id, backbone_source, val_episodes)
+            state, record = _fit(config, run.run_id, backbone_source, val_episodes, train_callbacks)
         model_uri = None
         if config.registry.register:
             model_uri = register_protonet(config, state, record, run.run_id, lineage)
@@ -294,7 +304,7 @@ def run_metatraining(config: MetaTrainConfig) -> MetaTrainResult:
         )
 
 
-def _fit(config: MetaTrainConfig, run_id: str, backbone_source: str, val_episodes: str):
+def _fit(config: MetaTrainConfig, run_id: str, backbone_source: str, val_episodes: str, callbacks: tuple = ()):
     ray_setup.connect(config.compute.ray_address)
     from ray.train.torch import TorchTrainer
 
@@ -308,7 +318,7 @@ def _fit(config: MetaTrainConfig, run_id: str, backbone_source: str, val_episode
             "val_episodes": val_episodes,
         },
         scaling_config=ray_setup.scaling_config(config.compute),
-        run_config=ray_setup.run_config(config.run),
+        run_config=ray_setup.run_config(config.run, callbacks=callbacks),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -73,7 +73,8 @@ def scaling_config(compute: ComputeSettings):
     return ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources)
 
 
-def run_config(run: RunSettings, *, checkpoint_score: str | None = None, score_order: str = "max"):
+def run_config(run: RunSettings, *, checkpoint_score: str | None = None, score_order: str = "max",
+               callbacks: tuple = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     storage = locate(storage_uri(run))
@@ -89,6 +90,7 @@ def run_config(run: RunSettings, *, checkpoint_score: str | None = None, score_o
             checkpoint_score_order=score_order,
         ),
         failure_config=FailureConfig(max_failures=run.max_failures),
+        callbacks=list(callbacks) or None,
     )
 
 

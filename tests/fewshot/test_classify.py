@@ -7,19 +7,15 @@ import csv
 import shutil
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from metallo_core import cli, tracking
 from metallo_core.errors import DataError, TrackingError
 from metallo_core.fewshot.classify import ClassifySettings, _tile_starts, classify, image_tiles
-from metallo_core.fewshot.model_io import protonet_metadata
-from metallo_core.fewshot.protonet import ProtoNet
-from metallo_core.models.backbones import BackboneSpec, build_backbone
-from metallo_core.models.registry import log_backbone
+from metallo_core.models.backbones import BackboneSpec
+from tests.fewshot_fixtures import register_untrained_protonet
 
 SPEC = BackboneSpec(arch="resnet18", small_input=True, image_size=16)
 
@@ -39,15 +35,7 @@ def texture(kind: str, seed: int, size: int = 40) -> np.ndarray:
 
 @pytest.fixture
 def registered_protonet() -> str:
-    torch.manual_seed(0)
-    model = ProtoNet(build_backbone(SPEC))
-    tracking.configure()
-    mlflow.set_experiment("classify-test")
-    with mlflow.start_run() as run:
-        pass
-    log_backbone(run.info.run_id, model.backbone, SPEC, registered_name="metallo-protonet", tags={},
-                 alias="current", artifact_name="protonet", metadata=protonet_metadata(model))
-    return "models:/metallo-protonet@current"
+    return register_untrained_protonet(SPEC)
 
 
 @pytest.fixture

@@ -3,33 +3,34 @@ tasks), and on the same fixed test tasks fine-tuning beats plain ProtoNet; regis
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from metallo_core import tracking
 from metallo_core.config import from_dict
 from metallo_core.data.class_index import ClassIndexedImages
-from metallo_core.data.synth_dataset import write_fewshot
 from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
+from metallo_core.fewshot.confusion import Confusion
 from metallo_core.fewshot.episodes import episodes_from_json
 from metallo_core.fewshot.evaluation import embed_images, protonet_accuracies
 from metallo_core.fewshot.metrics import mean_and_ci95
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.models.backbones import build_backbone
 from metallo_core.models.registry import resolve_version
+from metallo_core.report.build import write_report
 from metallo_core.train.evaluate import run_evaluation, summary_json
 from metallo_core.train.metatrain import VAL_EPISODES_ARTIFACT, run_metatraining
+from tests.fewshot_fixtures import TINY_SPEC, write_tiny_fewshot
 
 pytestmark = pytest.mark.ray
 
-SPEC = {"arch": "resnet18", "small_input": True, "image_size": 20}
+SPEC = TINY_SPEC
 
 
 @pytest.fixture(scope="module")
 def fewshot_data(tmp_path_factory):
-    uri = tmp_path_factory.mktemp("fewshot") / "ds"
-    write_fewshot(str(uri), num_classes=15, images_per_class=24, size=20)  # 5 train / 5 val / 5 test classes
-    return str(uri)
+    return write_tiny_fewshot(tmp_path_factory.mktemp("fewshot"))
 
 
 def untrained_val_accuracy(config: MetaTrainConfig, episodes_json: str) -> float:
@@ -42,7 +43,7 @@ def untrained_val_accuracy(config: MetaTrainConfig, episodes_json: str) -> float
     return mean_and_ci95(protonet_accuracies(model, features, episodes))[0]
 
 
-def test_metatraining_learns_and_finetuning_beats_protonet(fewshot_data, ray_cluster):
+def test_metatraining_learns_and_finetuning_beats_protonet(fewshot_data, ray_cluster, tmp_path):
     config = from_dict(MetaTrainConfig, {
         "data": {"uri": fewshot_data},
         "backbone": {"source": "scratch", "spec": SPEC},
@@ -85,3 +86,17 @@ def test_metatraining_learns_and_finetuning_beats_protonet(fewshot_data, ray_clu
     assert (summary["way"], summary["shot"], summary["tasks"]) == (5, 5, 40)
     per_task = client.download_artifacts(evaluation.run_id, "per_task/finetune.csv")
     assert len(open(per_task).read().splitlines()) == 41
+
+    # Every query of the 40 tasks lands in the confusion matrix; with as many queries per task, its
+    # diagonal share is the mean per-task accuracy.
+    confusion_file = client.download_artifacts(evaluation.run_id, "confusion/finetune.json")
+    confusion = Confusion.from_json(open(confusion_file).read())
+    assert confusion.tasks == 40 and confusion.queries == 40 * 5 * 10 and len(confusion.classes) == 5
+    assert np.trace(confusion.counts) / confusion.queries == pytest.approx(finetune.mean)
+
+    # The report of the evaluation's experiment shows its numbers and follows the model into metallo-metatrain.
+    html = write_report("metallo-evaluate", tmp_path / "report").html.read_text()
+    assert f"{100 * protonet.mean:.2f}% ± {100 * protonet.ci95:.2f}" in html
+    assert f"{100 * finetune.mean:.2f}% ± {100 * finetune.ci95:.2f}" in html
+    assert f"{100 * gain:+.2f} ± {100 * gain_ci95:.2f}" in html
+    assert "protonet-test" in html and "none (scratch)" in html and html.count("<svg") >= 3

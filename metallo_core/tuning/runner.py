@@ -1,0 +1,299 @@
+"""The part every search shares: a resumable Tuner, one MLflow parent run with a child run per trial,
+the trial table, the best configuration written and logged, and a final test that runs exactly once.
+
+The per-search modules (`metatrain_search`, `finetune_search`) supply the trainable, the metric and what
+"the best trial's config" and "the final test" mean for them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from metallo_core import tracking
+from metallo_core.errors import MetalloError
+from metallo_core.storage import Location, locate, storage_for_ray
+from metallo_core.tuning.config import SearchSettings
+from metallo_core.tuning.space import decode_params, describe_params, encode_point
+
+TRIAL_TAG = "metallo.tune.trial_id"
+SEARCH_TAG = "metallo.tune.search"
+FINAL_TEST_TAG = "metallo.tune.final_test"
+BEST_CONFIG_ARTIFACT = "best_config.yaml"
+
+
+class SearchInterrupted(MetalloError):
+    """The search stopped before every trial finished; the same command resumes it."""
+
+
+@dataclass
+class TrialRow:
+    """One trial as the search saw it: its parameters, its objective, and how it ended."""
+
+    trial_id: str
+    params: dict[str, Any]
+    objective: float | None  # None: the trial failed before reporting
+    budget_used: float  # epochs or meta-val tasks done (the scheduler's time axis)
+    completed: bool  # ran its whole budget (not stopped early by the scheduler, not failed)
+    error: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False  # the search stopped while this trial was pending or running
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "failed"
+        if self.completed:
+            return "completed"
+        return "interrupted" if self.interrupted else "stopped early"
+
+
+@dataclass
+class SearchSpec:
+    """What a search hands the shared driver."""
+
+    settings: SearchSettings
+    trainable: Callable  # a Tune function trainable (already with its parameters bound)
+    param_space: dict[str, Any]  # Tune domains, flat dotted keys
+    space: dict[str, Any]  # the YAML space the domains came from
+    metric: str  # maximised; reported by every trial
+    time_attr: str  # the scheduler's time axis, reported by every trial
+    budget: int  # the most any trial can use on that axis (epochs, tasks): the scheduler's max_t
+    resources: dict[str, float]
+    # A trial's own budget when the space searches it (e.g. epochs); None: every trial gets `budget`.
+    trial_budget: Callable[[dict[str, Any]], int] | None = None
+
+
+def search_location(settings: SearchSettings) -> Location:
+    """Where the Tune experiment lives: <storage>/<name> (local directory or s3://)."""
+    root = locate(settings.storage or str(tracking.local_home() / "tune"))
+    root.check_access()
+    return root.join(settings.name)
+
+
+def build_tuner(spec: SearchSpec):
+    """A new Tuner, or the one restored from the same name: finished trials are kept, unfinished and
+    errored ones go on, and the searcher (Optuna's study) and the scheduler continue where they were."""
+    from ray import tune
+
+    settings = spec.settings
+    points = [encode_point(point, spec.space) for point in settings.points_to_evaluate]
+    location = search_location(settings)
+    storage_root, filesystem = storage_for_ray(location.parent().uri)
+    experiment_path = f"{storage_root.rstrip('/')}/{settings.name}"
+    trainable = tune.with_resources(spec.trainable, spec.resources)
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        print(f"[tune] resuming search {settings.name!r} from {location.uri}", file=sys.stderr, flush=True)
+        return tune.Tuner.restore(experiment_path, trainable=trainable, param_space=spec.param_space,
+                                  resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem), True
+    return tune.Tuner(
+        trainable,
+        param_space=spec.param_space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode="max",
+            num_samples=settings.num_samples,
+            search_alg=_searcher(settings, points),
+            scheduler=_scheduler(spec),
+            max_concurrent_trials=settings.max_concurrent_trials,
+            trial_name_creator=lambda trial: f"{settings.name}-{trial.trial_id}",
+            trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name,
+            storage_path=storage_root,
+            storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            callbacks=[TrialProgress(spec.metric, spec.time_attr, settings.num_samples,
+                                     settings.interrupt_after_trials)],
+            verbose=0,  # one line per finished trial instead of Tune's status tables
+        ),
+    ), False
+
+
+def _searcher(settings: SearchSettings, points: list[dict[str, Any]]):
+    if settings.searcher == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=settings.seed, points_to_evaluate=points or None)
+    from ray.tune.search.optuna import OptunaSearch
+
+    # TPE (Optuna's default) models good and bad regions of the space from the finished trials.
+    return OptunaSearch(points_to_evaluate=points or None, seed=settings.seed)
+
+
+def _scheduler(spec: SearchSpec):
+    if spec.settings.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr=spec.time_attr, max_t=spec.budget,
+                         grace_period=min(spec.settings.asha.grace_period, spec.budget),
+                         reduction_factor=spec.settings.asha.reduction_factor)
+
+
+def _progress_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class TrialProgress(_progress_base()):
+    """One line per finished trial on stderr; optionally a Ctrl-C after N trials (tests of resuming)."""
+
+    def __init__(self, metric: str, time_attr: str, total: int, interrupt_after: int = 0):
+        self.metric, self.time_attr, self.total, self.interrupt_after = metric, time_attr, total, interrupt_after
+        self.finished = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        print(f"[tune] trial {trial.trial_id} done ({self.finished} this session, {self.total} in all): "
+              f"{self.metric} {shown} at {self.time_attr} {result.get(self.time_attr)}; "
+              f"{describe_params(trial.config)}", file=sys.stderr, flush=True)
+        if self.interrupt_after and self.finished >= self.interrupt_after:
+            os.kill(os.getpid(), signal.SIGINT)  # what a person's Ctrl-C does: Tune saves its state and stops
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[tune] trial {trial.trial_id} FAILED: {describe_params(trial.config)}", file=sys.stderr, flush=True)
+
+
+def run_trials(spec: SearchSpec, parent_run_id: str) -> tuple[list[TrialRow], bool]:
+    """Fit (or resume) the search and close each trial's child run with its final status; returns the
+    trial table and whether the search was resumed. Raises SearchInterrupted when it ended before every
+    trial finished (the interrupted trials' runs are marked KILLED; resuming reopens them)."""
+    tuner, resumed = build_tuner(spec)
+    grid = tuner.fit()
+    rows = [trial_row(result, spec) for result in grid]
+    finished = grid.num_terminated + grid.num_errors
+    if finished < spec.settings.num_samples or len(rows) < spec.settings.num_samples:
+        for row in rows:
+            row.interrupted = not row.completed
+        close_trial_runs(parent_run_id, rows)
+        raise SearchInterrupted(
+            f"search {spec.settings.name!r} stopped with {finished} of {spec.settings.num_samples} trials finished; "
+            "run the same command again to resume it (finished trials are not run again)")
+    close_trial_runs(parent_run_id, rows)
+    return rows, resumed
+
+
+def trial_row(result, spec: SearchSpec) -> TrialRow:
+    metrics = dict(result.metrics or {})
+    history = result.metrics_dataframe
+    objective = None
+    if history is not None and spec.metric in history:
+        # The value at the last report: for meta-training the metric is already "best so far".
+        values = [v for v in history[spec.metric].tolist() if isinstance(v, (int, float)) and math.isfinite(v)]
+        objective = float(values[-1]) if values else None
+    used = float(metrics.get(spec.time_attr) or 0)
+    params = decode_params({key: value for key, value in (result.config or {}).items()})
+    own_budget = spec.trial_budget(params) if spec.trial_budget else spec.budget
+    return TrialRow(
+        trial_id=str(metrics.get("trial_id") or _trial_id(result)),
+        params=params,
+        objective=objective,
+        budget_used=used,
+        completed=result.error is None and used >= own_budget,
+        error=str(result.error)[:500] if result.error is not None else "",
+        metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float, str))},
+    )
+
+
+def _trial_id(result) -> str:
+    return os.path.basename(result.path.rstrip("/")).removeprefix("trial-")
+
+
+def best_trial(rows: list[TrialRow]) -> TrialRow:
+    """The trial with the highest objective among those that ran their whole budget; trials stopped early
+    are judged on less (fewer epochs, fewer tasks) and only count when none finished."""
+    scored = [row for row in rows if row.objective is not None and not row.error]
+    if not scored:
+        raise MetalloError("no trial of the search reported its objective; see the trial errors above")
+    complete = [row for row in scored if row.completed] or scored
+    return max(complete, key=lambda row: (row.objective, -len(row.trial_id), row.trial_id))
+
+
+def close_trial_runs(parent_run_id: str, rows: list[TrialRow]) -> dict[str, str]:
+    """Give each trial's child run its final status: trials stopped early by the scheduler (or by an
+    interruption) were killed mid-run and could not close their own runs. Returns trial id -> run id."""
+    client = tracking.client()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                  max_results=5000)
+    by_trial = {run.data.tags.get(TRIAL_TAG): run for run in children if run.data.tags.get(TRIAL_TAG)}
+    for run in children:
+        if run.info.status == "RUNNING" and run.data.tags.get(TRIAL_TAG) not in {row.trial_id for row in rows}:
+            client.set_terminated(run.info.run_id, status="KILLED")
+    for row in rows:
+        run = by_trial.get(row.trial_id)
+        if run is None:
+            continue
+        client.set_tag(run.info.run_id, "metallo.tune.status", row.status)
+        if row.objective is not None:
+            client.set_tag(run.info.run_id, "metallo.tune.objective", f"{row.objective:.6f}")
+        if run.info.status == "RUNNING" or (row.status in ("stopped early", "interrupted")
+                                            and run.info.status == "FAILED"):
+            client.set_terminated(run.info.run_id, status="KILLED" if row.status != "completed" else "FINISHED")
+    return {trial: run.info.run_id for trial, run in by_trial.items()}
+
+
+def trials_table(rows: list[TrialRow], metric: str, time_attr: str, best: TrialRow | None = None) -> str:
+    """The trials as a markdown table, best first."""
+    keys = sorted({key for row in rows for key in row.params})
+    header = ["trial", metric, time_attr, "status", *keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ordered = sorted(rows, key=lambda row: (row.objective is None, -(row.objective or 0.0)))
+    for row in ordered:
+        mark = " (best)" if best is not None and row.trial_id == best.trial_id else ""
+        values = [describe_params({key: row.params[key]}).split("=", 1)[1] if key in row.params else ""
+                  for key in keys]
+        objective = f"{100 * row.objective:.2f}%" if row.objective is not None else "-"
+        lines.append(f"| {row.trial_id}{mark} | {objective} | {row.budget_used:g} | {row.status} | "
+                     + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_best_config(settings: SearchSettings, text: str, parent) -> list[str]:
+    """The best configuration as YAML: next to the search's state, where the user asked, and on the parent
+    run. Returns where it was written."""
+    targets = [search_location(settings).join(BEST_CONFIG_ARTIFACT)]
+    if settings.best_config_out:
+        targets.append(locate(settings.best_config_out))
+    for target in targets:
+        target.write_bytes(text.encode())
+    parent.log_text(text, BEST_CONFIG_ARTIFACT)
+    return [target.uri for target in targets]
+
+
+def final_test_done(parent_run_id: str) -> bool:
+    return tracking.client().get_run(parent_run_id).data.tags.get(FINAL_TEST_TAG) == "done"
+
+
+def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
+    return {key: value for key, value in tracking.client().get_run(run_id).data.metrics.items()
+            if key.startswith(prefix)}
+
+
+def log_search_summary(parent, rows: list[TrialRow], best: TrialRow, spec: SearchSpec) -> str:
+    table = trials_table(rows, spec.metric, spec.time_attr, best)
+    parent.log_text(table + "\n", "trials.md")
+    parent.log_dict([vars(row) | {"status": row.status} for row in rows], "trials.json")
+    parent.log_metrics({
+        f"best_trial/{spec.metric}": best.objective,
+        "trials_completed": sum(row.status == "completed" for row in rows),
+        "trials_stopped_early": sum(row.status == "stopped early" for row in rows),
+        "trials_failed": sum(row.status == "failed" for row in rows),
+    })
+    parent.set_tags({"metallo.tune.best_trial": best.trial_id})
+    return table
+
+
+def flat_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"best/{key}": value for key, value in decode_params(params).items()}
