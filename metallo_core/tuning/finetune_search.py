@@ -21,7 +21,7 @@ from metallo_core.storage import locate
 from metallo_core.tuning import runner
 from metallo_core.tuning.config import FinetuneSearchConfig
 from metallo_core.tuning.final_test import Variant, logged_final_test, score_variants_on_test
-from metallo_core.tuning.space import apply_params, describe_params, to_tune_space
+from metallo_core.tuning.space import apply_params, describe_params
 
 METRIC = "val_accuracy"
 TIME_ATTR = "tasks_done"
@@ -134,16 +134,8 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
         }
         from ray import tune
 
-        spec = runner.SearchSpec(
-            settings=settings,
-            trainable=tune.with_parameters(finetune_trial, context=context),
-            param_space=to_tune_space(config.space),
-            space=config.space,
-            metric=METRIC,
-            time_attr=TIME_ATTR,
-            budget=config.val_tasks,
-            resources={"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-        )
+        spec = runner.SearchSpec.build(settings, tune.with_parameters(finetune_trial, context=context),
+                                       config.space, metric=METRIC, time_attr=TIME_ATTR, budget=config.val_tasks)
         rows, resumed = runner.run_trials(spec, parent.run_id)
         best = runner.best_trial(rows)
         table = runner.log_search_summary(parent, rows, best, spec)

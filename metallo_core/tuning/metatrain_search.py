@@ -23,7 +23,7 @@ from metallo_core.storage import locate
 from metallo_core.tuning import runner
 from metallo_core.tuning.config import MetaTrainSearchConfig
 from metallo_core.tuning.final_test import Variant, logged_final_test, score_variants_on_test
-from metallo_core.tuning.space import apply_params, describe_params, to_tune_space
+from metallo_core.tuning.space import apply_params, describe_params
 
 METRIC = "best_val_accuracy"  # the best epoch so far: what the trial would register
 TIME_ATTR = "epochs_done"
@@ -109,17 +109,10 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
             "parent_run_id": parent.run_id,
             "tracking_uri": tracking.tracking_uri(),
         }
-        spec = runner.SearchSpec(
-            settings=settings,
-            trainable=tune.with_parameters(metatrain_trial, context=context),
-            param_space=to_tune_space(config.space),
-            space=config.space,
-            metric=METRIC,
-            time_attr=TIME_ATTR,
-            budget=_epoch_budget(config),
-            trial_budget=lambda params: int(params.get("epochs", base.epochs)),
-            resources={"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-        )
+        spec = runner.SearchSpec.build(settings, tune.with_parameters(metatrain_trial, context=context),
+                                       config.space, metric=METRIC, time_attr=TIME_ATTR,
+                                       budget=_epoch_budget(config),
+                                       trial_budget=lambda params: int(params.get("epochs", base.epochs)))
         rows, resumed = runner.run_trials(spec, parent.run_id)
         best = runner.best_trial(rows)
         table = runner.log_search_summary(parent, rows, best, spec)

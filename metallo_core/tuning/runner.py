@@ -18,7 +18,7 @@ from metallo_core import tracking
 from metallo_core.errors import MetalloError
 from metallo_core.storage import Location, locate, storage_for_ray
 from metallo_core.tuning.config import SearchSettings
-from metallo_core.tuning.space import decode_params, describe_params, encode_point
+from metallo_core.tuning.space import decode_params, describe_params, encode_point, to_tune_space
 
 TRIAL_TAG = "metallo.tune.trial_id"
 SEARCH_TAG = "metallo.tune.search"
@@ -66,6 +66,15 @@ class SearchSpec:
     resources: dict[str, float]
     # A trial's own budget when the space searches it (e.g. epochs); None: every trial gets `budget`.
     trial_budget: Callable[[dict[str, Any]], int] | None = None
+
+    @classmethod
+    def build(cls, settings: SearchSettings, trainable: Callable, space: dict[str, Any], *, metric: str,
+              time_attr: str, budget: int, trial_budget: Callable[[dict[str, Any]], int] | None = None) -> "SearchSpec":
+        """The spec of a search over the YAML `space`, each trial holding the search's per-trial resources."""
+        return cls(settings=settings, trainable=trainable, param_space=to_tune_space(space), space=space,
+                   metric=metric, time_attr=time_attr, budget=budget,
+                   resources={"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+                   trial_budget=trial_budget)
 
 
 def search_location(settings: SearchSettings) -> Location:
@@ -228,8 +237,9 @@ def close_trial_runs(parent_run_id: str, rows: list[TrialRow]) -> dict[str, str]
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                                   max_results=5000)
     by_trial = {run.data.tags.get(TRIAL_TAG): run for run in children if run.data.tags.get(TRIAL_TAG)}
+    known = {row.trial_id for row in rows}
     for run in children:
-        if run.info.status == "RUNNING" and run.data.tags.get(TRIAL_TAG) not in {row.trial_id for row in rows}:
+        if run.info.status == "RUNNING" and run.data.tags.get(TRIAL_TAG) not in known:
             client.set_terminated(run.info.run_id, status="KILLED")
     for row in rows:
         run = by_trial.get(row.trial_id)

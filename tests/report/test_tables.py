@@ -73,7 +73,7 @@ def test_rows_are_named_through_the_lineage():
     assert row_labels(data, EVALUATIONS[2]).pretraining == "none (scratch)"
     assert describe_source(data, "/weights/resnet50-imagenet.pth") == "weights file resnet50-imagenet.pth"
     assert describe_source(data, "models:/metallo-backbone@current") == "DINO (mini)"  # an alias, as it points now
-    # a grid's own names win, except its "-" placeholder
+    # a grid's own names win, except "-", the grid's value for "not stated"
     named = evaluation("g", "models:/metallo-protonet/8", 1, {"protonet": (0.5, 0.01)},
                        grid_labels={"backbone": "ResNet18", "pretraining": "-", "set": "synthetic", "target": "MEM"})
     labels = row_labels(report_data([named]), named)
