@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
+
+# The repository root: tests open shipped files (configs, manifests) from here, never by a path relative
+# to the working directory, so `pytest /path/to/repo/tests/...` works from any directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Workers must run the same interpreter as the tests, not a `uv run` re-launch with a copied working dir.
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray gives its dashboard 60 s to come up; on a loaded 2-core machine it can need more, and the session's
+# Ray (and every Ray test) then fails to start. Wait longer rather than fail for a slow start.
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 # Never reach a real MLflow server or store from tests.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (absolute)."""
+    return REPO_ROOT
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +69,34 @@ def s3_bucket(s3_server, request):
     name = "metallo-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def authenticating_s3_server(tmp_path):
+    """A moto server process that checks credentials (it accepts none but the ones it issued); yields its
+    endpoint. A request signed with any other key pair reaches it and is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    with open(tmp_path / "moto.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"moto did not start: {(tmp_path / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def register_untrained_protonet(spec: BackboneSpec, alias: str = "current", seed
     torch.manual_seed(seed)
     model = ProtoNet(build_backbone(spec))
     tracking.configure()
-    mlflow.set_experiment("test-models")
+    mlflow.set_experiment(experiment_id=tracking.ensure_experiment("test-models"))
     with mlflow.start_run() as run:
         pass
     log_backbone(run.info.run_id, model.backbone, spec, registered_name="metallo-protonet", tags={},

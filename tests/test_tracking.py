@@ -1,5 +1,7 @@
 """metallo_core.tracking: the embedded store, config logging, rank-0-only logging, run status."""
 
+from pathlib import Path
+
 import pytest
 
 from metallo_core import tracking
@@ -54,3 +56,33 @@ def test_unreachable_server_fails_fast_naming_the_variable(monkeypatch):
     monkeypatch.setenv(tracking.ENV_TRACKING_URI, "http://127.0.0.1:9")
     with pytest.raises(tracking.TrackingError, match=r"127\.0\.0\.1:9 cannot be reached.*MLFLOW_TRACKING_URI"):
         tracking.configure()
+
+
+def test_a_lookup_never_creates_a_store_and_names_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(tracking.ENV_HOME)
+    with pytest.raises(tracking.TrackingError) as caught:
+        tracking.lookup_client()
+    message = str(caught.value)
+    assert f"no MLflow store at {tmp_path / 'metallo-runs' / 'mlflow.db'}" in message
+    assert f"working directory {tmp_path}" in message and "METALLO_HOME=" in message and "MLFLOW_TRACKING_URI=" in message
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv(tracking.ENV_TRACKING_URI, f"file://{tmp_path / 'mlruns'}")
+    with pytest.raises(tracking.TrackingError, match=r"mlruns.*\(from MLFLOW_TRACKING_URI\)"):
+        tracking.configure(create=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_that_exists_is_found_by_lookups(local_store):
+    tracking.configure()  # a writer creates the store
+    tracking.client().create_experiment("unit")
+    assert tracking.lookup_client().get_experiment_by_name("unit") is not None
+
+
+@pytest.mark.parametrize("uri, path", [
+    ("sqlite:////abs/metallo-runs/mlflow.db", "/abs/metallo-runs/mlflow.db"),
+    ("file:///abs/mlruns", "/abs/mlruns"),
+    ("http://mlflow:5000", None),
+])
+def test_local_store_paths(uri, path):
+    assert tracking.local_store_path(uri) == (None if path is None else Path(path))

@@ -2,7 +2,8 @@
 
     python -m tuning.search_finetune --config tuning/configs/finetune_synthetic.yaml [key=value ...]
 
-Run it again with the same `search.name` to resume an interrupted search.
+Run it again with the same `search.name` to resume an interrupted search, or with a larger
+`search.num_samples` to extend it; other changed settings are refused (metallo_core/tuning/resume.py).
 """
 
 import sys

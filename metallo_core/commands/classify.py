@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from metallo_core.data.decode import DECODE_HELP
+from metallo_core.data.listing import LISTING_HELP
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -15,16 +18,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="classify micrographs against 1-5 labelled images per class (one support sub-folder per class)",
         description="Prototypes from the support images (optionally fine-tuning the backbone on them first), "
                     "then one CSV row per query image: predicted class, a probability per class, nearest "
-                    "support image. See metallo_core/fewshot/classify.py for the tiling and scale policy.",
+                    "support image. See metallo_core/fewshot/classify.py for the tiling and scale policy. "
+                    + LISTING_HELP + " " + DECODE_HELP,
     )
     parser.add_argument("--model", required=True,
                         help="any MLflow model URI: models:/metallo-protonet@alias, models:/name/3, runs:/<id>/protonet")
     parser.add_argument("--support", required=True, help="folder with one sub-folder of 1-5 images per class")
     parser.add_argument("--query", required=True, help="an image, or a folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="CSV to write; written only when the whole run succeeds")
-    parser.add_argument("--finetune", action="store_true", help="adapt the backbone to the support set first")
-    parser.add_argument("--steps", type=int, default=50, help="fine-tuning steps (with --finetune)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning lr (with --finetune)")
+    parser.add_argument("--out", required=True,
+                        help="CSV to write; written only when the whole run succeeds (a failed write leaves no "
+                             "temporary file); bytes of file names that are not valid UTF-8 are written as \\xNN")
+    parser.add_argument("--finetune", action="store_true",
+                        help="adapt the backbone to the support set first, with the fine-tuning settings (lr, "
+                             "steps, update, bn_mode, augmentations) an evaluation or search chose for this model "
+                             "version (recorded on it; the defaults when none is); which ones, and where from, is "
+                             "printed")
+    parser.add_argument("--finetune-from", default="", metavar="SOURCE",
+                        help="take the fine-tuning settings from here instead (implies --finetune): a run id "
+                             "(an evaluation or a search's parent run), a models:/ URI, or a YAML file with a "
+                             "finetune: section (an evaluate config, a search's best_config.yaml)")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (overrides the chosen settings)")
+    parser.add_argument("--lr", type=float, default=None, help="fine-tuning lr (overrides the chosen settings)")
+    parser.add_argument("--update", choices=["all", "last_stage"], default=None,
+                        help="layers fine-tuned (overrides the chosen settings): all, or last_stage (a ResNet's layer4)")
+    parser.add_argument("--bn-mode", choices=["train", "eval"], default=None,
+                        help="BatchNorm while fine-tuning (overrides the chosen settings)")
+    parser.add_argument("--crop", default=None, metavar="SPEC",
+                        help="cut edges of every support and query image first, e.g. an SEM data bar: bottom=64 "
+                             "(px), bottom=0.1 (fraction of the height), bottom=0.08,left=12, or auto (find a bar "
+                             "at the bottom of each image; an error when unsure). Default: none")
     parser.add_argument("--tile", type=int, default=0, metavar="PX",
                         help="cut large images into PX x PX tiles at the training scale (0: whole image resized)")
     parser.add_argument("--query-scale", type=float, default=1.0,
@@ -36,19 +58,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _classify(args: argparse.Namespace) -> int:
+    from metallo_core.csv_output import escape_name
+    from metallo_core.data.crop import EdgeCrop
     from metallo_core.fewshot.classify import ClassifySettings, classify
 
-    settings = ClassifySettings(tile=args.tile, query_scale=args.query_scale, finetune=args.finetune,
-                                steps=args.steps, lr=args.lr, batch_size=args.batch_size, device=args.device)
+    settings = ClassifySettings(tile=args.tile, query_scale=args.query_scale,
+                                finetune=args.finetune or bool(args.finetune_from), steps=args.steps, lr=args.lr,
+                                update=args.update, bn_mode=args.bn_mode, finetune_from=args.finetune_from,
+                                batch_size=args.batch_size, device=args.device)
+    settings.crop = EdgeCrop.parse(args.crop)
     result = classify(args.model, args.support, args.query, args.out, settings)
     counts = {name: sum(p.predicted == name for p in result.predictions) for name in result.classes}
     if args.json:
         print(json.dumps({"model": result.model, "classes": result.classes, "shots": result.shots,
                           "queries": len(result.predictions), "predicted": counts, "out": result.out,
-                          "finetuned": result.finetuned, "query_images_per_s": result.query_images_per_s}))
+                          "finetuned": result.finetuned, "finetune": {"settings": result.finetune_settings,
+                                                                       "source": result.finetune_source},
+                          "crop": result.crop, "query_images_per_s": result.query_images_per_s}))
     else:
         print(f"{len(result.predictions)} image(s) classified into {len(result.classes)} classes "
-              f"({', '.join(f'{name}: {count}' for name, count in counts.items())}); "
+              f"({', '.join(f'{escape_name(name)}: {count}' for name, count in counts.items())}); "
               f"{result.query_images_per_s:.1f} images/s")
+        print(f"crop: {result.crop}")
+        if result.finetuned:
+            print(f"fine-tuned with {result.finetune_settings}, from {result.finetune_source}")
         print(f"predictions: {result.out}")
     return 0

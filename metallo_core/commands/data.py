@@ -6,8 +6,11 @@ import argparse
 import json
 import sys
 
+from metallo_core.data.crop import EdgeCrop
+from metallo_core.data.decode import DECODE_HELP
 from metallo_core.data.ingest import FORMATS, IngestOptions, ingest
 from metallo_core.data.ingest.common import parse_split_sizes
+from metallo_core.data.listing import LISTING_HELP
 from metallo_core.data.manifest import Manifest, read_manifest
 from metallo_core.data.shards import verify_dataset
 
@@ -29,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--json", action="store_true", help="print the dataset summary as one JSON object")
     synth.set_defaults(func=_synth)
 
-    ingest_parser = commands.add_parser("ingest", help="turn an existing dataset layout into shards")
+    ingest_parser = commands.add_parser(
+        "ingest", help="turn an existing dataset layout into shards",
+        description="imagefolder reads <src>/<class>/<image> (sub-folders included), or a flat folder of "
+                    "images only as one class 'unlabelled' (for DINO on your own images). "
+                    + LISTING_HELP + " " + DECODE_HELP)
     ingest_parser.add_argument("--format", required=True, choices=FORMATS)
     ingest_parser.add_argument("--src", required=True, help="the source dataset (directory)")
     ingest_parser.add_argument("--out", required=True, help="dataset URI: a local directory or s3://bucket/prefix")
@@ -37,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                help="re-encode so the shorter side is PX pixels (default: keep the bytes as ingested)")
     ingest_parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                                help="on a corrupt or unsupported image: stop (default) or skip it and report it")
+    ingest_parser.add_argument("--unlabelled", action="store_true", default=None,
+                               help="imagefolder: every image under --src is one class 'unlabelled', whatever "
+                                    "the folders (a flat folder of images is read so without this flag)")
+    ingest_parser.add_argument("--crop", default=None, metavar="SPEC",
+                               help="imagefolder: cut edges before storing, e.g. a data bar: bottom=64 (px), "
+                                    "bottom=0.1 (fraction), bottom=0.08,left=12, or auto (find a bar at the "
+                                    "bottom of each image; refuses when unsure). Recorded in the manifest; "
+                                    "training reads the cropped images")
     ingest_parser.add_argument("--split-classes", default=None,
                                help="imagefolder: seeded class-disjoint split, e.g. 15,5,5 (train,val,test)")
     ingest_parser.add_argument("--split-rows", default=None,
@@ -94,12 +109,15 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _ingest(args: argparse.Namespace) -> int:
     options = IngestOptions(
-        size=args.size, on_error=args.on_error, overwrite=args.overwrite, seed=args.seed, name=args.name
+        size=args.size, on_error=args.on_error, overwrite=args.overwrite, seed=args.seed, name=args.name,
+        crop=EdgeCrop.parse(args.crop),
     )
     # Options only some formats take: flag -> (value given, those formats).
     format_only = {
         "--split-classes": (args.split_classes, ("imagefolder",)),
         "--split-rows": (args.split_rows, ("imagefolder",)),
+        "--unlabelled": (args.unlabelled, ("imagefolder",)),
+        "--crop": (args.crop, ("imagefolder",)),
         "--splits-dir": (args.splits_dir, ("cifar-fs",)),
         "--workers": (args.workers, ("imagenet",)),
         "--chunk-size": (args.chunk_size, ("imagenet",)),
@@ -116,6 +134,7 @@ def _ingest(args: argparse.Namespace) -> int:
     if args.format == "imagefolder":
         format_args["split_classes"] = parse_split_sizes(args.split_classes, int, "--split-classes")
         format_args["split_rows"] = parse_split_sizes(args.split_rows, float, "--split-rows")
+        format_args["unlabelled"] = args.unlabelled
     elif args.format == "miniimagenet":
         format_args["synset_names"] = args.synset_names
     elif args.format == "imagenet":
@@ -164,3 +183,18 @@ def _print_summary(manifest: Manifest, uri: str, as_json: bool) -> None:
         print("labels    " + ", ".join(f"{n} ({c.kind})" for n, c in manifest.extra_columns.items()))
     if manifest.skipped:
         print(f"skipped   {len(manifest.skipped)} bad image(s) at ingest (listed in the manifest)")
+    ignored = manifest.source.get("ignored") or {}
+    if ignored:
+        print("ignored   " + ", ".join(f"{count} {what}" for what, count in ignored.items()))
+    if manifest.source.get("crop", "none") != "none":
+        print(f"crop      {manifest.source['crop']}" + _bars(manifest.source.get("crop_auto_bars")))
+    if manifest.source.get("decode_notes_count"):
+        print(f"decoding  {manifest.source['decode_notes_count']} image(s) changed by the decoder (16-bit/float "
+              "range, orientation, alpha, frames): listed in the manifest's source.decode_notes")
+
+
+def _bars(found: dict | None) -> str:
+    if not found:
+        return ""
+    return (f" (data bar found in {found['with_bar']} of {found['images']} images, "
+            f"{found['rows_min']}-{found['rows_max']} rows)")

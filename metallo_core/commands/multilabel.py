@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import json
 
+from metallo_core.data.decode import DECODE_HELP
+from metallo_core.data.listing import LISTING_HELP
 from metallo_core.entrypoint import add_stage_arguments, run_stage
 
 
@@ -25,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_stage_arguments(train)
     train.set_defaults(func=_train)
 
-    predict = commands.add_parser("predict", help="predict every property for a folder of images into a CSV")
+    predict = commands.add_parser("predict", help="predict every property for a folder of images into a CSV",
+                                  description="One CSV row per image of --images (searched recursively). "
+                                              + LISTING_HELP + " " + DECODE_HELP)
     predict.add_argument("--model", required=True,
                          help="model URI: models:/metallo-multilabel@current, models:/<name>/<version>, runs:/..., m-...")
     predict.add_argument("--images", required=True, help="folder of images (searched recursively)")

@@ -8,7 +8,8 @@ from metallo_core.entrypoint import add_stage_arguments, run_stage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("pretrain", help="DINO self-supervised pretraining of a ResNet backbone on Ray Train")
+    parser = subparsers.add_parser("pretrain", help="DINO self-supervised pretraining of a backbone on Ray Train, "
+                                   "from scratch or from pretrained weights (init_weights)")
     add_stage_arguments(parser)
     parser.set_defaults(func=_pretrain)
 

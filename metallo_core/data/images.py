@@ -1,25 +1,34 @@
-"""Image bytes in, pixels out: validation at ingest, decoding for training, resizing on request.
+"""Image bytes in, pixels out: validation at ingest, decoding for models, re-encoding on request.
 
-Micrographs arrive as 8- or 16-bit, grayscale or colour TIFF/PNG/JPEG/BMP. We keep the bytes as
-ingested and convert to 8-bit RGB only when decoding for a model.
+Micrographs arrive as 8- to 32-bit, grey or colour TIFF/PNG/JPEG/BMP. We keep the bytes as ingested
+and convert to 8-bit RGB only when decoding for a model, always under the policy of `decode.py`.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from metallo_core.errors import DataError
+from metallo_core.data.crop import EdgeCrop
+from metallo_core.data.decode import (
+    FORMAT_NAMES,
+    ImageDecodeWarning,
+    RawPixels,
+    decode_to_rgb8,
+    read_pixels,
+    render_rgb8,
+    report_notes,
+    stretch_to_8bit,
+)
+
+__all__ = ["IMAGE_SUFFIXES", "ImageDecodeWarning", "ImageInfo", "PreparedBytes", "decode_resized", "decode_rgb",
+           "encode_png", "prepare_bytes", "probe_image", "resize_encoded", "square_resized", "to_rgb8"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-_FORMAT_NAMES = {"PNG": "png", "JPEG": "jpeg", "TIFF": "tiff", "BMP": "bmp", "MPO": "jpeg"}
-
-# Micrographs from SEMs are often large; PIL's bomb check would refuse legitimate 16k x 16k images.
-Image.MAX_IMAGE_PIXELS = 1 << 30
+_FORMAT_NAMES = FORMAT_NAMES
 
 
 @dataclass(frozen=True)
@@ -29,62 +38,91 @@ class ImageInfo:
     encoding: str  # png | jpeg | tiff | bmp
 
 
+@dataclass
+class PreparedBytes:
+    """An image ready to store: its bytes, their shape and encoding, what decoding changed or guessed
+    (`notes`), and how many bottom rows a crop removed."""
+
+    data: bytes
+    info: ImageInfo
+    notes: list[str] = field(default_factory=list)
+    bottom_cropped: int = 0
+
+
 def probe_image(data: bytes, source: str) -> ImageInfo:
-    """Fully decode `data` once to prove it is a readable image; raise DataError naming `source`."""
-    if not data:
-        raise DataError(f"{source}: the file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                encoding = _FORMAT_NAMES.get(image.format or "")
-                if encoding is None:
-                    raise DataError(
-                        f"{source}: unsupported image format {image.format!r}; use PNG, JPEG, TIFF or BMP"
-                    )
-                image.load()  # a truncated file fails here, not at open()
-                return ImageInfo(height=image.height, width=image.width, encoding=encoding)
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{source}: not a readable image ({exc}); replace the file or ingest with --on-error skip") from exc
+    """Fully decode `data` once, under the decode policy, to prove it is a usable image (DataError naming
+    `source` otherwise); reports what the decoder changed."""
+    return prepare_bytes(data, source).info
 
 
-def to_rgb8(image: Image.Image) -> np.ndarray:
-    """An (H, W, 3) uint8 array from any PIL mode, scaling 16-bit and float images to 0..255."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16"):
-            pixels = pixels / 257.0
+def prepare_bytes(data: bytes, source: str, size: int | None = None, crop: EdgeCrop | None = None) -> PreparedBytes:
+    """Validate (a full decode) and, only when a `size` or a `crop` is asked for, re-encode.
+
+    Without either, the bytes stay as given. Otherwise the image is cropped, then resized so its shorter
+    side is `size` px (aspect kept), and stored lossless (PNG, 8-bit, or 16-bit for deeper grey data)
+    unless it came as JPEG (then JPEG q95)."""
+    raw = read_pixels(data, source)
+    rgb8 = render_rgb8(raw, source)  # proves the file renders (e.g. not all-NaN) and records the notes
+    notes = list(raw.notes)
+    report_notes(source, notes)
+    crop = crop or EdgeCrop()
+    if size is None and crop.is_identity:
+        height, width = rgb8.shape[:2]
+        return PreparedBytes(data, ImageInfo(height, width, raw.encoding), notes)
+    return _reencode(raw, rgb8, source, size, crop, notes)
+
+
+def _reencode(raw: RawPixels, rgb8: np.ndarray, source: str, size: int | None, crop: EdgeCrop,
+              notes: list[str]) -> PreparedBytes:
+    values = raw.values
+    if raw.alpha is not None or values.dtype == np.bool_ or (values.ndim == 3 and values.dtype != np.uint8):
+        values = rgb8  # alpha composited / 1-bit / deep colour (PIL writes no 48-bit PNG): the 8-bit rendering
+    elif values.dtype not in (np.uint8, np.uint16):
+        # 32-bit and float grey: keep the detail in 16 bits, over the same robust range the decoder uses.
+        values = np.clip(stretch_to_8bit(values, source, []) * 257.0 + 0.5, 0, 65535).astype(np.uint16)
+    values, bottom = crop.apply(values, source, rgb8)
+    height, width = values.shape[:2]
+    if size is not None:
+        scale = size / min(height, width)
+        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if values.dtype == np.uint16:
+            resized = Image.fromarray(values.astype(np.float32), mode="F").resize(new_size, Image.BILINEAR)
+            image = Image.fromarray(np.clip(np.asarray(resized) + 0.5, 0, 65535).astype(np.uint16))
         else:
-            low, high = float(pixels.min()), float(pixels.max())
-            pixels = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
-        gray = np.clip(pixels + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.asarray(image, dtype=np.uint8)
+            image = Image.fromarray(values).resize(new_size, Image.BILINEAR, reducing_gap=3.0)
+    else:
+        image = Image.fromarray(values)
+    encoding = "jpeg" if raw.encoding == "jpeg" and values.dtype == np.uint8 else "png"
+    buffer = io.BytesIO()
+    if encoding == "png":
+        image.save(buffer, format="PNG", compress_level=3)
+    else:
+        image.save(buffer, format="JPEG", quality=95)
+    return PreparedBytes(buffer.getvalue(), ImageInfo(image.height, image.width, encoding), notes, bottom)
+
+
+def resize_encoded(data: bytes, size: int, source: str) -> tuple[bytes, ImageInfo]:
+    """Re-encode so the shorter side is `size` px (aspect kept): PNG stays lossless (16-bit depth kept),
+    JPEG becomes JPEG q95."""
+    prepared = prepare_bytes(data, source, size=size)
+    return prepared.data, prepared.info
+
+
+def to_rgb8(image: Image.Image, source: str = "<image>") -> np.ndarray:
+    """An (H, W, 3) uint8 array from an opened PIL image, under the decode policy."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if image.mode in ("I;16", "I", "F") else "PNG")
+    return decode_rgb(buffer.getvalue(), source)
 
 
 def decode_rgb(data: bytes, source: str = "<image>") -> np.ndarray:
-    """Decode image bytes to an (H, W, 3) uint8 array."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return to_rgb8(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{source}: not a readable image ({exc})") from exc
+    """Decode image bytes to an (H, W, 3) uint8 array (the policy of `decode.py`; DataError naming `source`)."""
+    return decode_to_rgb8(data, source)
 
 
 def decode_resized(data: bytes, size: int, source: str = "<image>") -> np.ndarray:
     """Decode and resize (shorter side to `size`, then centre crop) to a (size, size, 3) uint8 array."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format == "JPEG":
-                # Let libjpeg decode at a reduced scale when the image is much larger than needed.
-                image.draft("RGB", (size, size))
-            return square_resized(to_rgb8(image), size)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{source}: not a readable image ({exc})") from exc
+    return square_resized(decode_to_rgb8(data, source, draft_size=size), size)
 
 
 def square_resized(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -97,31 +135,6 @@ def square_resized(pixels: np.ndarray, size: int) -> np.ndarray:
     resized = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0))
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[top:top + size, left:left + size]
-
-
-def resize_encoded(data: bytes, size: int, source: str) -> tuple[bytes, ImageInfo]:
-    """Re-encode so the shorter side is `size` px (aspect kept): PNG stays lossless, others become JPEG q95."""
-    info = probe_image(data, source)
-    with Image.open(io.BytesIO(data)) as image:
-        scale = size / min(image.height, image.width)
-        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        if image.mode.startswith("I;16"):
-            # Keep the 16-bit depth of micrographs: resize in float, store 16-bit PNG.
-            pixels = np.asarray(image, dtype=np.float32)
-            resized = Image.fromarray(pixels, mode="F").resize(new_size, Image.BILINEAR)
-            image = Image.fromarray(np.clip(np.asarray(resized), 0, 65535).astype(np.uint16))
-            encoding = "png"
-        else:
-            if image.mode not in ("L", "RGB"):
-                image = image.convert("RGB")
-            image = image.resize(new_size, Image.BILINEAR, reducing_gap=3.0)
-            encoding = "png" if info.encoding in ("png", "tiff", "bmp") else "jpeg"
-        buffer = io.BytesIO()
-        if encoding == "png":
-            image.save(buffer, format="PNG", compress_level=3)
-        else:
-            image.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue(), ImageInfo(height=new_size[1], width=new_size[0], encoding=encoding)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -4,8 +4,13 @@ The support folder holds one sub-folder per class with a few labelled images eac
 the folder's name); the query is one image or a folder of them. Prototypes come from the support
 images; with `finetune`, the backbone is first adapted to the support set as in meta-testing.
 
-Image policy. Micrographs arrive at any size, bit depth and colour mode (8/16-bit, grey or RGB, TIFF,
-PNG, JPEG, BMP); they are decoded to 8-bit RGB (16-bit grey is stretched over its own range). Then:
+Image policy. Micrographs arrive at any size, bit depth and colour mode (8/16/32-bit or float, grey or
+RGB, TIFF, PNG, JPEG, BMP); they are decoded to 8-bit RGB by the one decode policy of
+`metallo_core/data/decode.py` (deeper data mapped from its own 0.1-99.9 percentile range, non-finite
+pixels left out, every change warned per file). Folders are listed by `metallo_core/data/listing.py`
+(OS/NAS metadata such as `._*` and `@eaDir/` and hidden files skipped and counted). `crop` then cuts
+edges, such as a burned-in data bar (`bottom=64`, `bottom=0.1`, or `auto`; see `data/crop.py`), from
+support and query images alike. Then:
 - `tile = 0` (the default): the whole image, shorter side resized to the model's input size and
   centre-cropped, as ingestion (`--size`) prepares training images.
 - `tile = PX`: the image is cut into non-overlapping PX x PX tiles (a remainder narrower than half a
@@ -20,9 +25,8 @@ support defines what each class looks like). When the queries were imaged at ano
 
 from __future__ import annotations
 
-import csv
 import os
-import tempfile
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +38,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metallo_core.data.image_files import is_image_file, list_image_files, read_file_bytes
+from metallo_core.data.crop import EdgeCrop
+from metallo_core.data.image_files import is_image_file, list_image_files, list_image_listing, read_file_bytes
 from metallo_core.data.images import decode_rgb, square_resized
-from metallo_core.errors import ConfigError, DataError, StorageError
+from metallo_core.config import to_dict
+from metallo_core.errors import ConfigError, DataError
 from metallo_core.fewshot.evaluation import embed_images
 from metallo_core.fewshot.finetune import FinetuneSettings, adapt_to_support
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet, prototypes
@@ -48,17 +54,24 @@ class ClassifySettings:
     tile: int = 0  # 0: whole image resized; PX: cut into PX x PX tiles (see the module's docstring)
     query_scale: float = 1.0  # resample queries by this factor first (pixel-size mismatch with the support)
     finetune: bool = False
-    steps: int = 50
-    lr: float = 1e-4
+    # Fine-tuning settings: those an evaluation or search chose for the model (recorded on its version), or
+    # those of `finetune_from` (a run id, models:/ URI or YAML file); steps/lr/update/bn_mode given here
+    # override single fields (None: as chosen). See metallo_core/fewshot/finetune_choice.py.
+    steps: int | None = None
+    lr: float | None = None
+    update: str | None = None
+    bn_mode: str | None = None
+    finetune_from: str = ""
     batch_size: int = 64
     device: str = "cpu"
+    crop: EdgeCrop = field(default_factory=EdgeCrop)  # edges cut from every image (a data bar), before tiling
 
     def validate(self) -> None:
         if self.tile < 0:
             raise ConfigError(f"--tile must be 0 (whole image) or a tile side in pixels, got {self.tile}")
         if not 0.05 <= self.query_scale <= 20:
             raise ConfigError(f"--query-scale must be between 0.05 and 20, got {self.query_scale}")
-        if self.finetune and (self.steps < 1 or self.lr <= 0):
+        if self.finetune and ((self.steps is not None and self.steps < 1) or (self.lr is not None and self.lr <= 0)):
             raise ConfigError(f"--finetune needs --steps >= 1 and --lr > 0, got {self.steps} and {self.lr}")
 
 
@@ -81,6 +94,9 @@ class ClassifyResult:
     out: str | None
     query_images_per_s: float
     finetuned: bool
+    crop: str = "none"  # the crop used, as `describe_crop` words it
+    finetune_settings: dict | None = None  # the fine-tuning settings used (None: no fine-tuning)
+    finetune_source: str = ""  # where they came from, in words
 
 
 @dataclass
@@ -89,6 +105,7 @@ class LabelledTiles:
 
     tiles: np.ndarray  # (T, S, S, 3) uint8
     owner: np.ndarray  # (T,) image index
+    bottom_cropped: list[int] = field(default_factory=list)  # rows cut from each image's bottom (crop)
 
 
 def read_support(support_dir: str | os.PathLike) -> dict[str, list[Path]]:
@@ -96,16 +113,18 @@ def read_support(support_dir: str | os.PathLike) -> dict[str, list[Path]]:
     root = Path(support_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"--support {root} is not a directory (expected one sub-folder of images per class)")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(folders) < 2:
-        raise DataError(f"--support {root} has {len(folders)} class folder(s); few-shot classification needs at "
+    groups, loose = list_image_listing(root, "--support", require_images=False).by_top_folder()
+    if loose:
+        raise DataError(f"--support {root / loose[0]} lies beside the class folders; put every support image "
+                        "in its class's sub-folder")
+    if len(groups) < 2:
+        raise DataError(f"--support {root} has {len(groups)} class folder(s); few-shot classification needs at "
                         "least 2 (one sub-folder of images per class)")
     support = {}
-    for folder in folders:
-        files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    for name, files in groups.items():
         if not files:
-            raise DataError(f"class {folder.name!r} ({folder}) has no images; put 1-5 labelled images in it")
-        support[folder.name] = files
+            raise DataError(f"class {name!r} ({root / name}) has no images; put 1-5 labelled images in it")
+        support[name] = [root / relative for relative in files]
     return support
 
 
@@ -143,13 +162,16 @@ def _tile_starts(length: int, tile: int) -> list[int]:
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
 
 
-def load_tiles(files: list[Path], size: int, tile: int, scale: float = 1.0) -> LabelledTiles:
-    tiles, owner = [], []
+def load_tiles(files: list[Path], size: int, tile: int, scale: float = 1.0,
+               crop: EdgeCrop | None = None) -> LabelledTiles:
+    tiles, owner, bottom_cropped = [], [], []
     for index, path in enumerate(files):
-        pieces = image_tiles(decode_rgb(read_file_bytes(path), str(path)), size, tile, scale)
+        pixels, cut = (crop or EdgeCrop()).apply(decode_rgb(read_file_bytes(path), str(path)), str(path))
+        pieces = image_tiles(pixels, size, tile, scale)
         tiles.append(pieces)
         owner.append(np.full(len(pieces), index))
-    return LabelledTiles(np.concatenate(tiles), np.concatenate(owner))
+        bottom_cropped.append(cut)
+    return LabelledTiles(np.concatenate(tiles), np.concatenate(owner), bottom_cropped)
 
 
 def classify(
@@ -168,6 +190,13 @@ def classify(
     support_files = read_support(support_dir)  # input errors before the (slower) model download
     query_root, query_files = list_queries(query)
     model, spec, _ = load_protonet(model_uri)
+    chosen = None
+    if settings.finetune:
+        from metallo_core.fewshot.finetune_choice import choose
+
+        chosen = choose(model_uri, settings.finetune_from, {"steps": settings.steps, "lr": settings.lr,
+                                                             "update": settings.update, "bn_mode": settings.bn_mode})
+        print(f"[classify] fine-tuning with {chosen.describe()}; from {chosen.source}", file=sys.stderr, flush=True)
     device = torch.device(settings.device)
     model.to(device).eval()
     normalizer = ImageNormalizer.for_backbone(spec, device)
@@ -175,11 +204,12 @@ def classify(
 
     classes = list(support_files)
     flat_support = [path for name in classes for path in support_files[name]]
-    support = load_tiles(flat_support, size, settings.tile)
+    support = load_tiles(flat_support, size, settings.tile, crop=settings.crop)
+    bottom_cropped = list(support.bottom_cropped)
     image_labels = np.concatenate([np.full(len(support_files[name]), i) for i, name in enumerate(classes)])
     support_labels = torch.as_tensor(image_labels[support.owner], device=device)
-    if settings.finetune:
-        _finetune(model, normalizer, support.tiles, support_labels, len(classes), settings)
+    if chosen is not None:
+        _finetune(model, normalizer, support.tiles, support_labels, len(classes), chosen.settings)
 
     support_features = embed_images(model, support.tiles, normalizer, device)
     class_prototypes = prototypes(support_features, support_labels, len(classes))
@@ -208,11 +238,15 @@ def classify(
                 tiles=int(rows.sum()),
                 tile_votes=dict(votes.most_common()),
             ))
+        bottom_cropped += queries.bottom_cropped
         progress.advance(len(chunk))
     rate = len(query_files) / max(time.perf_counter() - started, 1e-9)
     progress.finish(f"({rate:.1f} query images/s)")
     result = ClassifyResult(model_uri, classes, {name: len(files) for name, files in support_files.items()},
-                            predictions, None, rate, settings.finetune)
+                            predictions, None, rate, settings.finetune,
+                            crop=describe_crop(settings.crop, bottom_cropped),
+                            finetune_settings=to_dict(chosen.settings) if chosen else None,
+                            finetune_source=chosen.source if chosen else "")
     if out is not None:
         result.out = write_predictions(predictions, classes, out)
     return result
@@ -222,21 +256,42 @@ def _prefetched_tiles(chunks: list[list[Path]], size: int, settings: ClassifySet
     """The chunks' tiles, decoding the next chunk in a thread while the caller embeds the current one
     (PIL releases the GIL), so the embedding pass, not decoding, bounds the throughput."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = pool.submit(load_tiles, chunks[0], size, settings.tile, settings.query_scale) if chunks else None
+        pending = (pool.submit(load_tiles, chunks[0], size, settings.tile, settings.query_scale, settings.crop)
+                   if chunks else None)
         for index in range(len(chunks)):
             current = pending.result()
             if index + 1 < len(chunks):
-                pending = pool.submit(load_tiles, chunks[index + 1], size, settings.tile, settings.query_scale)
+                pending = pool.submit(load_tiles, chunks[index + 1], size, settings.tile, settings.query_scale,
+                                      settings.crop)
             yield current
 
 
+def describe_crop(crop: EdgeCrop, bottom_cropped: list[int]) -> str:
+    """Which crop classify used, for its summary: `none`, `bottom=64`, or `auto (bar of 40-42 rows in 6 of 9 images)`."""
+    if not crop.auto_bottom:
+        return crop.describe()
+    found = [rows for rows in bottom_cropped if rows]
+    bars = (f"bar of {min(found)}-{max(found)} rows cut from {len(found)} of {len(bottom_cropped)} images"
+            if found else f"no bar found in {len(bottom_cropped)} images")
+    return f"{crop.describe()} ({bars})"
+
+
 def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, labels: torch.Tensor, way: int,
-              settings: ClassifySettings) -> None:
+              settings: FinetuneSettings) -> None:
     progress = Progress("fine-tune on the support set", settings.steps, every_s=2.0)
+    started = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        if step == 0:  # the first step (trunk pass included) times the rest: say it before they run
+            first = time.perf_counter() - started
+            print(f"[classify] fine-tuning {settings.steps} steps on {len(tiles)} support tiles: first step "
+                  f"{first:.1f} s, expect about {first * settings.steps:.0f} s in all", file=sys.stderr, flush=True)
+        progress.advance(1, f"loss {loss:.4f}")
+
     adapt_to_support(
-        model, normalizer.to_unit(tiles), labels, way, FinetuneSettings(steps=settings.steps, lr=settings.lr),
+        model, normalizer.to_unit(tiles), labels, way, settings,
         normalizer=normalizer, generator=torch.Generator(device=normalizer.device).manual_seed(0),
-        lr=settings.lr, on_step=lambda step, loss: progress.advance(1, f"loss {loss:.4f}"),
+        lr=settings.lr, on_step=on_step,
     )
     progress.finish()
     model.eval()
@@ -261,22 +316,15 @@ def prediction_columns(classes: list[str]) -> list[str]:
 
 
 def write_predictions(predictions: list[Prediction], classes: list[str], out: str | os.PathLike) -> str:
-    """The CSV, written next to `out` and moved into place only when complete."""
-    out_path = Path(out).expanduser()
-    temporary = None
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-        with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(prediction_columns(classes))
-            for p in predictions:
-                votes = ";".join(f"{name}:{count}" for name, count in p.tile_votes.items())
-                writer.writerow([p.file, p.predicted, *(f"{p.probabilities[name]:.6f}" for name in classes),
-                                 p.nearest_support, p.tiles, votes])
-        os.replace(temporary, out_path)
-    except OSError as exc:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
-        raise StorageError(f"cannot write predictions to {out_path}: {exc}") from exc
-    return str(out_path)
+    """The CSV, written next to `out` and moved into place only when complete (a failure of any kind
+    removes the temporary file). Names that are not valid UTF-8 are written with `\\xNN` escapes, each
+    reported once on stderr (see metallo_core/csv_output.py)."""
+    from metallo_core.csv_output import escaped_names, write_csv_atomically
+
+    names = [p.file for p in predictions] + [p.nearest_support for p in predictions] + list(classes)
+    for name, escaped in escaped_names(names):
+        print(f"[classify] warning: the name {escaped!r} is not valid UTF-8; written to the CSV with \\xNN escapes",
+              file=sys.stderr, flush=True)
+    rows = ([p.file, p.predicted, *(f"{p.probabilities[name]:.6f}" for name in classes), p.nearest_support, p.tiles,
+             ";".join(f"{name}:{count}" for name, count in p.tile_votes.items())] for p in predictions)
+    return write_csv_atomically(out, prediction_columns(classes), rows, "predictions")

@@ -8,6 +8,7 @@ from typing import Literal
 from metallo_core.config import require
 from metallo_core.fewshot.finetune import FinetuneSettings, MetaTestMode
 from metallo_core.models.backbones import BackboneSpec
+from metallo_core.models.sources import SourceKind, source_kind
 from metallo_core.train.settings import ComputeSettings, RegistrySettings, RunSettings
 
 @dataclass
@@ -39,18 +40,18 @@ class FewShotData:
 
 @dataclass
 class BackboneInit:
-    """Where meta-training starts: `scratch`, a torchvision weights file, or a registry model URI."""
+    """Where meta-training starts: any source of `metallo_core.models.sources`: `scratch`,
+    `imagenet-offline`, a weights file (`/path/w.pth`, `file:/path/checkpoint.pth#student`), `download[:tag]`
+    (explicit opt-in), or a registry model URI (`models:/metallo-backbone@current`)."""
 
-    source: str = "scratch"  # scratch | /path/to/resnet50.pth | models:/metallo-backbone@current
-    spec: BackboneSpec = field(default_factory=BackboneSpec)  # used for scratch and torchvision weights
+    source: str = "scratch"
+    # The architecture for scratch, file and download sources; imagenet-offline and registry models bring
+    # their own spec (then data.image_size: 0 runs them at their own size).
+    spec: BackboneSpec = field(default_factory=BackboneSpec)
 
     @property
-    def kind(self) -> Literal["scratch", "torchvision", "registry"]:
-        if self.source == "scratch":
-            return "scratch"
-        if "://" in self.source or self.source.startswith("models:/") or self.source.startswith("runs:/"):
-            return "registry"
-        return "torchvision"
+    def kind(self) -> SourceKind:
+        return source_kind(self.source)
 
 
 @dataclass

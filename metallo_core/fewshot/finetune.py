@@ -14,7 +14,6 @@ from typing import Callable, Iterator, Literal, get_args
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from metallo_core.config import require
@@ -28,6 +27,7 @@ from metallo_core.data.tensor_augment import (
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot.metrics import accuracy
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.models.stages import LastStage, last_stage
 
 MetaTestMode = Literal["protonet", "finetune", "finetune_autolr"]
 META_TEST_MODES: tuple[str, ...] = get_args(MetaTestMode)
@@ -57,7 +57,7 @@ class FinetuneSettings:
     # BatchNorm layers use batch statistics while adapting (their running statistics then move to the
     # support set and are used to classify the queries); "eval" keeps the meta-trained statistics.
     bn_mode: Literal["train", "eval"] = "eval"
-    update: Literal["all", "last_stage"] = "all"  # last_stage: only a ResNet's layer4
+    update: Literal["all", "last_stage"] = "all"  # last_stage: see models.stages (a ResNet's layer4, ...)
     autolr_steps: int = 20  # fine-tuning steps per lr candidate in finetune_autolr
 
     def validate(self) -> None:
@@ -229,10 +229,11 @@ def adapt_to_support(
     lr: float,
     on_step: Callable[[int, float], None] | None = None,
 ) -> None:
-    """`settings.steps` Adam steps on the updated backbone part (scale and bias stay as meta-trained, as in
+    """`settings.steps` Adam steps on the updated backbone part (the cosine scale stays as meta-trained, as in
     P>M>F): augmented support copies are the queries of the un-augmented support's prototypes, which are
     recomputed with the current backbone every step so gradients flow through them as well."""
-    updated = updated_part(model.backbone, settings.update)
+    stage = last_stage(model.backbone) if settings.update == "last_stage" else None
+    updated = stage.modules if stage is not None else model.backbone
     parameters = list(updated.parameters())
     for parameter in model.parameters():  # restored_afterwards puts the flags back
         parameter.requires_grad_(False)
@@ -241,8 +242,7 @@ def adapt_to_support(
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=0.0)
     set_bn_mode(model, updated, settings.bn_mode)
     support = normalizer.normalize(support_images)
-    fast = settings.update == "last_stage" and is_feature_resnet(model.backbone)
-    embed = frozen_trunk_embedder(model.backbone, support) if fast else None
+    embed = frozen_trunk_embedder(stage, support) if uses_frozen_trunk(stage) else None
     with torch.enable_grad():  # callers often score tasks under no_grad
         for step in range(settings.steps):
             pseudo_query = normalizer.normalize(augment_support(support_images, settings, generator))
@@ -259,43 +259,35 @@ def adapt_to_support(
                 on_step(step, float(loss.detach()))
 
 
-def is_feature_resnet(backbone: nn.Module) -> bool:
-    """A torchvision ResNet whose fc is removed: its forward is exactly the trunk, layer4, pool, flatten."""
-    return isinstance(backbone, torchvision.models.ResNet) and isinstance(backbone.fc, nn.Identity)
+def uses_frozen_trunk(stage: LastStage | None) -> bool:
+    """update "last_stage" on a network that splits cleanly before its last stage (models.stages): the
+    frozen trunk then runs once per task, without autograd."""
+    return stage is not None and stage.trunk is not None and stage.tail is not None
 
 
-def frozen_trunk_embedder(backbone: nn.Module, support: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    """For update "last_stage" on a torchvision ResNet: everything before layer4 is frozen (weights and
-    BatchNorm statistics), so the support's trunk features are computed once per task and the pseudo-
-    queries' without autograd; only layer4 runs with gradients. Same result as the full forward, at
-    about a sixth of the cost per step. Support and pseudo-queries still share one layer4 pass, so with
-    bn_mode "train" its BatchNorm sees the same batch as in the full forward."""
+def frozen_trunk_embedder(stage: LastStage, support: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """For update "last_stage": everything before the last stage is frozen (weights and BatchNorm
+    statistics), so the support's trunk features are computed once per task and the pseudo-queries'
+    without autograd; only the last stage runs with gradients. Same result as the full forward, at
+    about a sixth of the cost per step for a ResNet. Support and pseudo-queries still share one pass
+    through the last stage, so with bn_mode "train" its BatchNorm sees the same batch as in the full forward."""
 
     def trunk(images: Tensor) -> Tensor:
         with torch.no_grad():
-            x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
-            return backbone.layer3(backbone.layer2(backbone.layer1(x)))
+            return stage.trunk(images)
 
     support_trunk = trunk(support)
 
     def embed(pseudo_query: Tensor) -> tuple[Tensor, Tensor]:
-        features = backbone.layer4(torch.cat([support_trunk, trunk(pseudo_query)]))
-        features = torch.flatten(backbone.avgpool(features), 1)
+        features = stage.tail(torch.cat([support_trunk, trunk(pseudo_query)]))
         return features.split([len(support), len(pseudo_query)])
 
     return embed
 
 
 def updated_part(backbone: nn.Module, update: str) -> nn.Module:
-    if update == "all":
-        return backbone
-    last_stage = getattr(backbone, "layer4", None)
-    if not isinstance(last_stage, nn.Module):
-        raise ConfigError(
-            f"finetune.update 'last_stage' updates a ResNet's layer4, but this backbone "
-            f"({type(backbone).__name__}) has none; use update: all"
-        )
-    return last_stage
+    """The part of `backbone` that fine-tuning updates: all of it, or its last stage (models.stages)."""
+    return backbone if update == "all" else last_stage(backbone).modules
 
 
 def set_bn_mode(model: ProtoNet, updated: nn.Module, bn_mode: str) -> None:

@@ -24,7 +24,9 @@ METHOD_LABELS = {"protonet": "ProtoNet (PN)", "finetune": "PN+FT", "finetune_aut
 class GridBackbone:
     name: str  # the table's "Architecture" label, e.g. ResNet50
     pretraining: str = "-"  # the table's "Pre-training" label, e.g. DINO (miniImageNet)
-    source: str = "scratch"  # scratch | torchvision weights file | models:/... | pretrain (run DINO here)
+    # any source of metallo_core.models.sources (scratch, imagenet-offline, a weights file, download[:tag],
+    # models:/...), or pretrain (run DINO here)
+    source: str = "scratch"
     spec: BackboneSpec = field(default_factory=BackboneSpec)
     pretrain: dict[str, Any] = field(default_factory=dict)  # DinoConfig settings when source == "pretrain"
 

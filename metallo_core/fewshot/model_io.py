@@ -1,7 +1,8 @@
-"""Building ProtoNets from where their backbones come from: scratch, torchvision weights, or the registry."""
+"""Building ProtoNets from where their backbones come from (any source of `metallo_core.models.sources`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,30 +10,37 @@ from torch import nn
 
 from metallo_core.fewshot.config import BackboneInit
 from metallo_core.fewshot.protonet import ProtoNet
-from metallo_core.models.backbones import BackboneSpec, build_backbone, load_torchvision_weights
+from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.registry import load_backbone_and_metadata, resolve_version
+from metallo_core.models.sources import FILE_PREFIX, backbone_from_source, split_file_source
 
 PROTONET_KIND = "protonet"
 
 
 def pin_backbone_source(init: BackboneInit) -> str:
     """The exact source meta-training starts from: an alias is resolved to its version now, so the run's
-    lineage names what it actually used even if the alias moves later."""
+    lineage names what it actually used even if the alias moves later; a file path becomes absolute."""
+    if init.kind == "file":
+        path, part = split_file_source(init.source)
+        pinned = FILE_PREFIX + str(Path(path).resolve())
+        return pinned + (f"#{part}" if "#" in init.source else "")
     if init.kind != "registry" or not init.source.startswith("models:/") or "@" not in init.source:
         return init.source
     version = resolve_version(init.source)
     return f"models:/{version.name}/{version.version}"
 
 
+def check_backbone_source(init: BackboneInit, pinned_source: str) -> BackboneSpec:
+    """Fail before any cluster time is spent: build the starting backbone once on the driver (a weights file
+    that does not fit is a ConfigError naming the file and its missing/unexpected keys); its spec."""
+    _, spec = initial_backbone(init, pinned_source)
+    return spec
+
+
 def initial_backbone(init: BackboneInit, pinned_source: str) -> tuple[nn.Module, BackboneSpec]:
-    if init.kind == "scratch":
-        return build_backbone(init.spec), init.spec
-    if init.kind == "torchvision":
-        backbone = build_backbone(init.spec)
-        load_torchvision_weights(backbone, init.source, init.spec)
-        return backbone, init.spec
-    backbone, spec, _ = load_backbone_and_metadata(pinned_source)
-    return backbone, spec
+    """The starting backbone of meta-training (in train mode) and the spec it really has."""
+    backbone, spec = backbone_from_source(pinned_source, init.spec)
+    return backbone.train(), spec
 
 
 def protonet_metadata(model: ProtoNet, **extra: Any) -> dict[str, Any]:
@@ -45,6 +53,8 @@ def load_protonet(model_uri: str) -> tuple[ProtoNet, BackboneSpec, dict[str, Any
     backbone, spec, metadata = load_backbone_and_metadata(model_uri)
     model = ProtoNet(backbone, distance=metadata.get("distance", "cosine"))
     with torch.no_grad():
+        # Metadata is {"scale": s} now; models registered before the cosine head lost its (inert,
+        # constant-shift) bias also hold "bias", which is ignored: see protonet.CosineClassifier.
         for name, parameter in model.classifier.named_parameters():
             if name in metadata.get("classifier", {}):
                 parameter.fill_(metadata["classifier"][name])

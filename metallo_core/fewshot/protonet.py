@@ -3,7 +3,8 @@ cosine head (P>M>F, seed 000 eq. 4) or by negative squared euclidean distance (o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -27,17 +28,31 @@ def prototypes(support_features: Tensor, support_labels: Tensor, way: int) -> Te
 
 
 class CosineClassifier(nn.Module):
-    """logits = scale * (cos(query, prototype) + bias); scale and bias are learned in meta-training.
-    The scale turns cosines in [-1, 1] into logits sharp enough for a softmax (P>M>F initialises it at 10)."""
+    """logits = scale * cos(query, prototype), (Q, way); the scale is learned in meta-training.
 
-    def __init__(self, scale: float = 10.0, bias: float = 0.0) -> None:
+    The scale turns cosines in [-1, 1] into logits sharp enough for a softmax (P>M>F initialises it at 10).
+    P>M>F's head is `scale * (cos + bias)` with a learnable scalar bias (init 0); we leave the bias out
+    because it cannot mean anything: one scalar added to every class's logit is a constant shift, which
+    the softmax (and so cross-entropy, the predictions and every other gradient) ignores, and its own
+    gradient, sum over classes of (softmax - one_hot), is exactly zero (only float rounding, ~1e-7, is
+    left), so it never moves from its initial value. A per-class bias would not help either: episode
+    labels 0..way-1 are a fresh random order of classes every task. Checkpoints and registered models
+    from before this change carry a `bias` entry; it is dropped on load (see `_load_from_state_dict`
+    and `model_io.load_protonet`), which changes no prediction."""
+
+    def __init__(self, scale: float = 10.0) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(float(scale)))
-        self.bias = nn.Parameter(torch.tensor(float(bias)))
 
     def forward(self, query_features: Tensor, class_prototypes: Tensor) -> Tensor:
         cosines = F.normalize(query_features, dim=-1) @ F.normalize(class_prototypes, dim=-1).t()
-        return self.scale * (cosines + self.bias)
+        return self.scale * cosines
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # Older ProtoNet state dicts (meta-training checkpoints, `best` states) hold `classifier.bias`;
+        # it was a constant logit shift with no effect (class docstring), so it is dropped, not an error.
+        state_dict.pop(prefix + "bias", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class EuclideanClassifier(nn.Module):
@@ -112,7 +127,7 @@ class ImageNormalizer:
     @classmethod
     def for_backbone(
         cls, spec: BackboneSpec, device: torch.device | str = "cpu", channels_last: bool = False
-    ) -> "ImageNormalizer":
+    ) -> ImageNormalizer:
         return cls(spec.mean, spec.std, device, channels_last)
 
     def to_unit(self, images: np.ndarray | Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 Each logged backbone is an MLflow pytorch model in the safe `pt2` (torch.export) format, for serving
 and for classifying new images, plus two extra files that let any stage rebuild the trainable
-`nn.Module`: `backbone_spec.json` (architecture, stem, input size, normalisation) and
+`nn.Module`: `backbone_spec.json` (library, architecture, stem, input size, normalisation, feature width,
+weights origin) and
 `backbone_weights.pt` (a state dict, loaded with `weights_only=True`).
 """
 
@@ -38,9 +39,10 @@ class RegisteredBackbone:
     model_id: str | None = None
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(spec: BackboneSpec | None = None) -> list[str]:
     # Listing them avoids MLflow's requirement inference, which loads the model in a subprocess.
-    return [f"{package}=={package_metadata.version(package)}" for package in ("torch", "torchvision", "numpy")]
+    packages = ("torch", "torchvision", "numpy") + (("timm",) if spec is not None and spec.library == "timm" else ())
+    return [f"{package}=={package_metadata.version(package)}" for package in packages]
 
 
 def log_backbone(
@@ -73,7 +75,7 @@ def log_backbone(
                 input_example=example,
                 serialization_format="pt2",
                 extra_files=[str(spec_path), str(weights_path), str(metadata_path)],
-                pip_requirements=_pip_requirements(),
+                pip_requirements=_pip_requirements(spec),
             )
     if not registered_name:
         return None
@@ -91,12 +93,13 @@ def resolve_version(model_uri: str):
     match = MODEL_URI.match(model_uri)
     if not match:
         raise TrackingError(f"{model_uri!r} is not a registry URI; use models:/<name>@<alias> or models:/<name>/<version>")
-    client = tracking.client()
+    client = tracking.lookup_client()  # a look-up never creates a store
     name = match["name"]
     try:
         registered = client.get_registered_model(name)
     except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException subclasses and HTTP errors
-        raise TrackingError(f"no registered model {name!r} in the registry at {tracking.tracking_uri()} ({exc})") from exc
+        raise TrackingError(f"no registered model {name!r} in the registry at {tracking.describe_store()}; if it "
+                            f"was registered elsewhere, {tracking.how_to_point_at_a_store()} ({exc})") from exc
     if match["alias"]:
         aliases = dict(registered.aliases or {})
         if match["alias"] not in aliases:
@@ -113,13 +116,13 @@ def download_model(model_uri: str) -> Path:
     """Download the model's files; works for models:/, runs:/ and m-... URIs."""
     import mlflow
 
-    tracking.configure()
+    tracking.configure(create=False)  # a look-up never creates a store
     if model_uri.startswith("models:/") and MODEL_URI.match(model_uri):
         resolve_version(model_uri)  # a clear error for a wrong name, alias or version
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     except Exception as exc:  # noqa: BLE001
-        raise TrackingError(f"cannot download model {model_uri} from {tracking.tracking_uri()}: {exc}") from exc
+        raise TrackingError(f"cannot download model {model_uri} from {tracking.describe_store()}: {exc}") from exc
 
 
 def load_backbone(model_uri: str) -> tuple[nn.Module, BackboneSpec]:
@@ -129,7 +132,7 @@ def load_backbone(model_uri: str) -> tuple[nn.Module, BackboneSpec]:
 
 
 def load_backbone_and_metadata(model_uri: str) -> tuple[nn.Module, BackboneSpec, dict[str, Any]]:
-    """The backbone plus the model's metadata (e.g. a ProtoNet's distance, scale and bias)."""
+    """The backbone plus the model's metadata (e.g. a ProtoNet's distance and cosine scale)."""
     directory = download_model(model_uri)
     spec_files = list(directory.rglob(SPEC_FILE))
     weight_files = list(directory.rglob(WEIGHTS_FILE))

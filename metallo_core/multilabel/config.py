@@ -7,12 +7,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from metallo_core.config import require
-from metallo_core.models.backbones import Architecture
 from metallo_core.train.settings import RegistrySettings
 
 PROPERTY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-# `source: auto` uses this registry backbone (the DINO pretraining stage registers it) when it exists.
-DEFAULT_REGISTRY_BACKBONE = "models:/metallo-backbone@current"
 
 
 @dataclass
@@ -56,30 +53,62 @@ class MultilabelData:
 
 @dataclass
 class BackboneSettings:
-    """The feature extractor: a registry model, or a torchvision ResNet with weights from a local file."""
+    """The frozen feature extractor: any backbone source of `metallo_core.models.sources`.
 
-    # auto: DEFAULT_REGISTRY_BACKBONE if registered, else torchvision. Or models:/name@alias,
-    # models:/name/<version>, runs:/<run>/<path>, m-<id>, or torchvision.
+    `source`:
+    - `auto` (default): the torchvision `arch` with `weights_path` when one is given, else the offline
+      ImageNet EfficientNet-Lite0 (`imagenet-offline`, installed with metallo: seed 002 prescribes an
+      ImageNet network, and this one runs on every machine without a download);
+    - `imagenet-offline`: that EfficientNet-Lite0 (1280-d features, 224 px native, inputs scaled to [-1, 1]);
+    - a weights file of `library`/`arch`: `/path/w.pth`, or `file:/path/checkpoint.pth#student` (torchvision,
+      timm and DINO formats);
+    - `download` or `download:<tag>`: the library's own pretrained weights, downloaded now (needs internet);
+    - `models:/name@alias`, `models:/name/<version>`, `runs:/...`, `m-<id>`: a metallo-registered backbone
+      (e.g. `models:/metallo-backbone@current` from `metallo pretrain`), with its own spec;
+    - `scratch`: random initialisation of `library`/`arch`. A *frozen* random extractor gives meaningless
+      accuracy; a warning says so;
+    - `torchvision` (older configs): `arch` with `weights_path`, or random initialisation without it.
+    """
+
     source: str = "auto"
-    arch: Architecture = "resnet50"  # torchvision only
-    small_input: bool = False  # torchvision only: CIFAR-style stem for inputs under ~96 px
-    # torchvision only: a local state dict (e.g. resnet50-11ad3fa6.pth). None: random initialisation,
-    # which makes a *frozen* extractor meaningless for accuracy (a warning says so).
+    arch: str = "resnet50"  # file, download, scratch and torchvision sources: a torchvision or timm model name
+    library: Literal["torchvision", "timm"] = "torchvision"  # which library builds `arch`
+    small_input: bool = False  # torchvision ResNets only: CIFAR-style stem for inputs under ~96 px
+    # auto / torchvision only: a local torchvision state dict (e.g. resnet50-11ad3fa6.pth) for `arch`.
     weights_path: str | None = None
-    # Train the last ResNet stage (layer4) with the heads. Features then change every step, so the
-    # feature cache cannot be used: each epoch runs the whole backbone on the images.
+    # Train the last stage (ResNet `layer4`; EfficientNet: last block group and head conv) with the heads.
+    # Features then change every step, so the feature cache cannot be used: each epoch runs the whole
+    # backbone on the images.
     unfreeze_last_stage: bool = False
     extract_batch_size: int = 64
     cache: bool = True  # reuse features computed before for the same backbone, image size and dataset
     cache_dir: str = ""  # "": $METALLO_HOME/cache/features
 
     def validate(self) -> None:
-        source_ok = self.source in ("auto", "torchvision") or self.source.startswith(("models:/", "runs:/", "m-"))
-        require(source_ok, f"backbone.source must be auto, torchvision, models:/<name>@<alias>, models:/<name>/<version>, "
-                           f"runs:/... or m-<id>, got {self.source!r}")
+        require(is_backbone_source(self.source),
+                f"backbone.source must be auto, imagenet-offline, scratch, torchvision, a weights file "
+                f"(/path/w.pth or file:/path/w.pth), download[:tag], models:/<name>@<alias>, "
+                f"models:/<name>/<version>, runs:/... or m-<id>, got {self.source!r}")
         require(self.weights_path is None or self.source in ("auto", "torchvision"),
-                "backbone.weights_path applies to torchvision backbones only; drop it or set backbone.source: torchvision")
+                "backbone.weights_path applies to torchvision backbones only (source auto or torchvision); "
+                "drop it, or give the file as backbone.source")
         require(self.extract_batch_size >= 1, "backbone.extract_batch_size must be >= 1")
+
+
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+def is_backbone_source(source: str) -> bool:
+    """True for a source string `BackboneSettings.source` accepts (see its docstring)."""
+    from metallo_core.models.sources import OFFLINE_IMAGENET, SCRATCH, source_kind
+
+    if source in ("auto", "torchvision", OFFLINE_IMAGENET, SCRATCH):
+        return True
+    kind = source_kind(source)
+    if kind in ("download", "registry"):
+        return True
+    # A file: spelled file:..., or a path (so a typo such as `imagenet` is an error, not a missing file).
+    return source.startswith("file:") or "/" in source or source.lower().endswith(WEIGHTS_SUFFIXES)
 
 
 @dataclass
@@ -114,12 +143,20 @@ class OptimSettings:
     lr: float = 0.001
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    batch_size: int = 64
+    # Rows per step. On cached features an epoch costs ~3 matrix products of (rows x D x fc_width) whatever
+    # the batch size, but each step adds fixed optimiser and Python work: small batches make an epoch
+    # several times dearer on a CPU (see tests/multilabel/test_head_training.py and the README figures).
+    batch_size: int = 128
     max_epochs: int = 1024  # seed 002 allows up to 1,024 epochs
-    # Stop when the training loss has not improved by min_delta for this many epochs (0: never). The
-    # test set never decides when to stop.
-    patience: int = 0
+    # Early stopping: this fraction of the training rows (stratified, seeded) is held out as a validation
+    # set; training stops when its score (cumulative classification error, ties broken by a loss lower
+    # by min_delta) has not improved for `patience` epochs, and the weights of the best validation epoch
+    # are kept. 0: no validation set (then `patience` watches the training loss, and the last epoch's
+    # weights are kept). The test set never decides anything.
+    validation_fraction: float = 0.1
+    patience: int = 30  # epochs without improvement before stopping (0: never stop early)
     min_delta: float = 0.0001
+    restore_best: bool = True  # with a validation set: keep the best validation epoch's weights
     eval_every_epochs: int = 1
     # "Epochs to saturation": the first evaluated epoch whose test error is within this many (absolute,
     # 0.005 = 0.5 percentage points) of the lowest test error of the run.
@@ -130,6 +167,8 @@ class OptimSettings:
         require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         require(self.batch_size >= 1, "optim.batch_size must be >= 1")
         require(self.max_epochs >= 1, "optim.max_epochs must be >= 1")
+        require(0 <= self.validation_fraction < 1,
+                f"optim.validation_fraction must be in [0, 1) (0: no validation set), got {self.validation_fraction}")
         require(self.patience >= 0, "optim.patience must be >= 0 (0: never stop early)")
         require(self.eval_every_epochs >= 1, "optim.eval_every_epochs must be >= 1")
         require(self.saturation_tolerance >= 0, "optim.saturation_tolerance must be >= 0")

@@ -15,7 +15,11 @@ from typing import Any
 from metallo_core import tracking
 from metallo_core.config import from_dict, to_dict
 from metallo_core.errors import MetalloError
-from metallo_core.multilabel.config import ExperimentsConfig, MultilabelConfig, VariantSettings
+from metallo_core.multilabel.config import (
+    ExperimentsConfig,
+    MultilabelConfig,
+    VariantSettings,
+)
 from metallo_core.multilabel.features import InputTable
 from metallo_core.multilabel.properties import PropertyInfo
 from metallo_core.multilabel.train import CUMULATIVE
@@ -208,7 +212,12 @@ def run_sweep(config: ExperimentsConfig, specs: list[dict[str, Any]], tables: di
 
 
 def run_experiments(config: ExperimentsConfig) -> ExperimentsResult:
-    from metallo_core.multilabel.pipeline import check_dataset, lineage_tags, prepare_inputs, with_absolute_uris
+    from metallo_core.multilabel.pipeline import (
+        check_dataset,
+        lineage_tags,
+        prepare_inputs,
+        with_absolute_uris,
+    )
 
     config = with_absolute_uris(config)
     tracking.configure()
@@ -292,9 +301,12 @@ def render_tables(rows: list[dict[str, Any]], config: ExperimentsConfig, propert
                                     "nothing about transfer learning.**" if random_init else ""),
         f"Data: {config.data.uri}, test set carved per class (stratified by the dataset label), split seed "
         f"{config.data.split_seed}. Optimiser {config.optim.optimizer} lr {config.optim.lr:g}, batch "
-        f"{config.optim.batch_size}, up to {config.optim.max_epochs} epochs (variants may cap lower).",
+        f"{config.optim.batch_size}, up to {config.optim.max_epochs} epochs (variants may cap lower)"
+        + (f", early stopping on {config.optim.validation_fraction:g} of the training rows (patience "
+           f"{config.optim.patience})." if config.optim.validation_fraction and config.optim.patience else "."),
         "",
-        "*Error* = test error rate at the last epoch (no model selection on the test set); for regression heads "
+        "*Error* = test error rate of the weights kept (the best validation epoch with early stopping, else the "
+        "last; no model selection on the test set); for regression heads "
         "the mean absolute error in the property's units. *Cumulative* = sum of the classification error rates "
         "(seed 002's measure). *Epochs to saturation* = the first epoch whose test error (the cumulative error "
         f"for multi-head models) is within {100 * config.optim.saturation_tolerance:g} percentage points of the "

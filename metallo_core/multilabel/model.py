@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metallo_core.errors import ConfigError
 from metallo_core.multilabel.properties import PropertyInfo
 
 
@@ -36,8 +37,16 @@ class NFurcatedHead(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(fc_width, prop.output_dim) for prop in properties)
 
     def set_input_statistics(self, features: torch.Tensor) -> None:
+        """Standardise with the training features' per-dimension mean and std, (N, D) -> buffers (D,).
+
+        A dimension that is (nearly) constant on the training rows (a channel a pretrained network
+        barely uses at this image size) would be divided by ~0 and blow up on unseen images, so std is
+        floored at 1% of the median std.
+        """
+        std = features.std(0)
+        floor = max(0.01 * float(std.median()), 1e-6)
         self.input_mean.copy_(features.mean(0))
-        self.input_std.copy_(features.std(0).clamp_min(1e-6))
+        self.input_std.copy_(std.clamp_min(floor))
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         shared = self.shared((features - self.input_mean) / self.input_std)
@@ -61,11 +70,25 @@ class ImageEncoder(nn.Module):
         return self.backbone((images - self.mean) / self.std)
 
 
+def last_stage_prefixes(backbone: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of a backbone's last stage: ResNet `layer4`; timm EfficientNet / MobileNet
+    the last block group with the head convolution and its norm. ConfigError for other networks."""
+    if hasattr(backbone, "layer4"):
+        return ("layer4.",)
+    blocks = getattr(backbone, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and hasattr(backbone, "conv_head"):
+        return (f"blocks.{len(blocks) - 1}.", "conv_head.", "bn2.")
+    raise ConfigError(f"backbone.unfreeze_last_stage: no known last stage in a {type(backbone).__name__} "
+                      "(ResNets and timm EfficientNets have one); set it to false")
+
+
 def freeze_backbone(backbone: nn.Module, *, train_last_stage: bool) -> list[str]:
-    """Freeze every parameter except, optionally, the last ResNet stage (`layer4`); returns the trainable names."""
+    """Freeze every parameter except, optionally, the last stage (`last_stage_prefixes`); returns the
+    trainable names."""
+    prefixes = last_stage_prefixes(backbone) if train_last_stage else ()
     trainable = []
     for name, parameter in backbone.named_parameters():
-        parameter.requires_grad_(train_last_stage and name.startswith("layer4."))
+        parameter.requires_grad_(bool(prefixes) and name.startswith(prefixes))
         if parameter.requires_grad:
             trainable.append(name)
     return trainable
@@ -83,7 +106,7 @@ class MultilabelNet(nn.Module):
         self.encoder = encoder
         self.head = head
 
-    def train(self, mode: bool = True) -> "MultilabelNet":
+    def train(self, mode: bool = True) -> MultilabelNet:
         super().train(mode)
         if mode:
             for module in self.encoder.modules():

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,12 @@ from metallo_core import tracking
 from metallo_core.errors import TrackingError
 from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.multilabel.baseline_cnn import SmallCNN
-from metallo_core.multilabel.model import ExportedMultilabelNet, ImageEncoder, MultilabelNet, NFurcatedHead
+from metallo_core.multilabel.model import (
+    ExportedMultilabelNet,
+    ImageEncoder,
+    MultilabelNet,
+    NFurcatedHead,
+)
 from metallo_core.multilabel.properties import PropertyInfo
 
 SPEC_FILE = "multilabel_spec.json"
@@ -38,11 +44,12 @@ class MultilabelModelSpec:
     fc_width: int
     activation: str
     dropout: float
-    encoder: str  # resnet | small_cnn
-    image_size: int
-    mean: list[float]
+    encoder: str  # backbone (written as "resnet" before other architectures existed) | small_cnn
+    image_size: int  # predict resizes every image to image_size x image_size
+    mean: list[float]  # the normalisation the encoder applies to images in [0, 1]
     std: list[float]
-    backbone_spec: dict | None = None  # resnet: a BackboneSpec
+    # backbone: its BackboneSpec (library, arch, weights source, normalisation) at `image_size`
+    backbone_spec: dict | None = None
     cnn: dict | None = None  # small_cnn: channels, pooled_size
     lineage: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -55,7 +62,7 @@ class MultilabelModelSpec:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "MultilabelModelSpec":
+    def from_json(cls, text: str, where: str) -> MultilabelModelSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -175,6 +182,6 @@ def load_model_directory(directory: str | Path, where: str) -> LoadedMultilabelM
         network.encoder.backbone.load_state_dict(
             torch.load(found[ENCODER_WEIGHTS_FILE][0], map_location="cpu", weights_only=True))
         network.head.load_state_dict(torch.load(found[HEAD_WEIGHTS_FILE][0], map_location="cpu", weights_only=True))
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad or mismatched file
+    except Exception as exc:
         raise TrackingError(f"weights of model {where} cannot be loaded: {exc}") from exc
     return LoadedMultilabelModel(network.eval(), properties, spec, where)

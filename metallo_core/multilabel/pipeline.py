@@ -8,6 +8,7 @@ n-furcated head, log the run to MLflow and register the model with its lineage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 
@@ -28,14 +29,19 @@ from metallo_core.multilabel.features import (
     load_image_table,
     resolve_backbone,
 )
-from metallo_core.multilabel.model import ImageEncoder, MultilabelNet, NFurcatedHead, freeze_backbone
+from metallo_core.multilabel.model import (
+    ImageEncoder,
+    MultilabelNet,
+    NFurcatedHead,
+    freeze_backbone,
+)
 from metallo_core.multilabel.properties import (
     PropertyInfo,
     property_targets,
     resolve_properties,
     with_target_statistics,
 )
-from metallo_core.multilabel.split import stratified_split
+from metallo_core.multilabel.split import stratified_split, validation_split
 from metallo_core.multilabel.train import (
     CUMULATIVE,
     EpochRecord,
@@ -60,11 +66,15 @@ class MultilabelResult:
     epochs_trained: int
     backbone: str
     feature_cache: str | None
-    num_train: int
+    num_train: int  # the training side of the split (num_validation of them held out for early stopping)
     num_test: int
     train_seconds: float
     logged_model: str | None = None  # models:/m-... (also set when not registered)
     regression_properties: list[str] = dataclasses.field(default_factory=list)  # their `errors` are MAEs
+    num_validation: int = 0
+    kept_epoch: int = 0  # the epoch whose weights the model has (the best validation epoch)
+    seconds_per_epoch: float = 0.0
+    extract_seconds: float | None = None  # feature extraction of this run (None: features from the cache)
 
 
 @dataclass
@@ -86,6 +96,7 @@ class TrainedModel:
     properties: list[PropertyInfo]  # with the training targets' statistics
     history: TrainingHistory
     saturation_epoch: int
+    num_validation: int = 0  # training rows held out for early stopping
 
     @property
     def errors(self) -> dict[str, float]:
@@ -125,7 +136,7 @@ def prepare_inputs(config: MultilabelConfig, manifest: Manifest, properties: lis
                    backbone: ResolvedBackbone | None = None) -> PreparedInputs:
     """Features (cached) or images for the training and test rows."""
     if config.encoder == "pretrained" and backbone is None:
-        backbone = resolve_backbone(config.backbone, seed=config.seed)
+        backbone = resolve_backbone(config.backbone, seed=config.seed, image_size=config.data.image_size)
     image_size = effective_image_size(config, backbone)
     splits = [config.data.split] + ([config.data.test_split] if config.data.test_split else [])
     tables = []
@@ -161,6 +172,8 @@ def concat_tables(first: InputTable, second: InputTable) -> InputTable:
         cache_path=first.cache_path,
         from_cache=first.from_cache and second.from_cache,
         extras_order=first.extras_order,
+        extract_seconds=(None if first.extract_seconds is None and second.extract_seconds is None
+                         else (first.extract_seconds or 0.0) + (second.extract_seconds or 0.0)),
     )
 
 
@@ -184,11 +197,15 @@ def train_model(
     max_epochs: int | None = None,
     on_epoch=None,
 ) -> TrainedModel:
-    """Train the head (and any trainable encoder part) on the prepared rows; the test curve is recorded."""
+    """Train the head (and any trainable encoder part) on the prepared training rows, less the validation
+    rows (`optim.validation_fraction`) that decide when to stop; the test curve is recorded."""
     table = prepared.table
     targets = property_targets(prepared.properties, table.extras, table.dataset_labels)
-    properties = with_target_statistics(prepared.properties, targets, prepared.train_rows)
-    train_inputs, train_targets = to_tensors(table.inputs, targets, prepared.train_rows)
+    fit_rows, validation_rows = validation_split(prepared.train_rows, table.dataset_labels,
+                                                 config.optim.validation_fraction, config.data.split_seed)
+    properties = with_target_statistics(prepared.properties, targets, fit_rows)
+    train_inputs, train_targets = to_tensors(table.inputs, targets, fit_rows)
+    validation_inputs, validation_targets = to_tensors(table.inputs, targets, validation_rows)
     test_inputs, test_targets = to_tensors(table.inputs, targets, prepared.test_rows)
     if table.kind == "features":
         encoder: nn.Module = nn.Identity()
@@ -204,9 +221,11 @@ def train_model(
         head.set_input_statistics(train_inputs)
     network = MultilabelNet(encoder, head)
     history = fit(network, properties, train_inputs, train_targets, test_inputs, test_targets, config.optim,
-                  seed=config.seed, max_epochs=max_epochs, on_epoch=on_epoch)
+                  seed=config.seed, max_epochs=max_epochs, on_epoch=on_epoch,
+                  validation_inputs=validation_inputs, validation_targets=validation_targets)
     return TrainedModel(network, head, properties, history,
-                        saturation_epoch(history, properties, config.optim.saturation_tolerance))
+                        saturation_epoch(history, properties, config.optim.saturation_tolerance),
+                        num_validation=len(validation_rows))
 
 
 def history_metrics(history: TrainingHistory) -> list[tuple[int, dict[str, float]]]:
@@ -217,6 +236,9 @@ def history_metrics(history: TrainingHistory) -> list[tuple[int, dict[str, float
                    **{f"test_error/{name}": value for name, value in record.errors.items()}}
         if record.epoch > 0:
             metrics["train_loss"] = record.train_loss
+        if not math.isnan(record.validation_loss):
+            metrics["validation_loss"] = record.validation_loss
+            metrics["validation_cumulative_error"] = record.validation_error
         pairs.append((record.epoch, metrics))
     return pairs
 
@@ -241,8 +263,11 @@ def summary_metrics(trained: TrainedModel, prepared: PreparedInputs) -> dict[str
         f"final/{CUMULATIVE}": trained.cumulative_error,
         "epochs_to_saturation": trained.saturation_epoch,
         "epochs_trained": trained.history.epochs_trained,
+        "kept_epoch": trained.history.final.epoch,
         "train_seconds": trained.history.seconds,
+        "seconds_per_epoch": trained.history.seconds_per_epoch,
         "num_train": len(prepared.train_rows),
+        "num_validation": trained.num_validation,
         "num_test": len(prepared.test_rows),
     }
 
@@ -276,11 +301,13 @@ def model_spec(config: MultilabelConfig, trained: TrainedModel, prepared: Prepar
         fc_width=config.head.fc_width,
         activation=config.head.activation,
         dropout=config.head.dropout,
-        encoder="small_cnn" if config.encoder == "small_cnn" else "resnet",
+        encoder="small_cnn" if config.encoder == "small_cnn" else "backbone",
         image_size=prepared.image_size,
         mean=list(CNN_MEAN if backbone is None else backbone.spec.mean),
         std=list(CNN_STD if backbone is None else backbone.spec.std),
-        backbone_spec=dataclasses.asdict(backbone.spec) if backbone is not None else None,
+        # The backbone's spec at the size its features were computed at: predict resizes to it.
+        backbone_spec=(dataclasses.asdict(dataclasses.replace(backbone.spec, image_size=prepared.image_size))
+                       if backbone is not None else None),
         cnn=dataclasses.asdict(config.cnn) if config.encoder == "small_cnn" else None,
         lineage=lineage,
     )
@@ -339,15 +366,25 @@ def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
             num_train=len(prepared.train_rows),
             num_test=len(prepared.test_rows),
             train_seconds=round(trained.history.seconds, 2),
+            num_validation=trained.num_validation,
+            kept_epoch=trained.history.final.epoch,
+            seconds_per_epoch=round(trained.history.seconds_per_epoch, 4),
+            extract_seconds=prepared.table.extract_seconds,
             logged_model=logged_model,
             regression_properties=[p.name for p in trained.properties if not p.is_class],
         )
 
 
 def describe_result(result: MultilabelResult) -> str:
-    lines = [f"multi-label training done: {result.epochs_trained} epoch(s) on {result.num_train} images, "
+    fitted = result.num_train - result.num_validation
+    stop = (f"kept epoch {result.kept_epoch} (best on {result.num_validation} held-out validation images)"
+            if result.num_validation else f"kept epoch {result.kept_epoch}")
+    extraction = ("features from the cache" if result.extract_seconds is None
+                  else f"features extracted in {result.extract_seconds:.1f} s")
+    lines = [f"multi-label training done: {result.epochs_trained} epoch(s) on {fitted} images, {stop}; "
              f"tested on {result.num_test}; MLflow run {result.run_id}",
-             f"  backbone: {result.backbone}"]
+             f"  backbone: {result.backbone}",
+             f"  time: {extraction}; heads {result.train_seconds:.1f} s ({result.seconds_per_epoch:.3f} s/epoch)"]
     for name, value in result.errors.items():
         lines.append(f"  {name}: MAE {value:.5f}" if name in result.regression_properties else
                      f"  {name}: {value:.4%} test error")

@@ -6,8 +6,8 @@ class name and `<property>_probability`, and for each regression property its va
 
 from __future__ import annotations
 
-import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import torch
 
 from metallo_core.data.image_files import list_image_files, read_file_bytes
 from metallo_core.data.images import decode_resized
-from metallo_core.errors import StorageError
+from metallo_core.csv_output import escaped_names, write_csv_atomically
 from metallo_core.multilabel.model import decode_outputs, images_to_unit_tensor
 from metallo_core.multilabel.model_store import LoadedMultilabelModel, load_multilabel_model
 from metallo_core.progress import Progress
@@ -69,21 +69,21 @@ def predict_folder(model_uri: str, images_dir: str, out: str, *, batch_size: int
     model = load_multilabel_model(model_uri)
     columns = prediction_columns(model)
     size = model.spec.image_size
-    out_path = Path(out).expanduser()
     root = Path(images_dir).expanduser()
     progress = Progress("predict", len(files))
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=columns)
-            writer.writeheader()
-            for start in range(0, len(files), batch_size):
-                chunk = files[start:start + batch_size]
-                images = np.stack([_read_image(path, size) for path in chunk])
-                for path, row in zip(chunk, predict_rows(model, images)):
-                    writer.writerow({"file": path.relative_to(root).as_posix(), **row})
-                progress.advance(len(chunk))
-    except OSError as exc:
-        raise StorageError(f"cannot write predictions to {out_path}: {exc}") from exc
+    for _, escaped in escaped_names(path.relative_to(root).as_posix() for path in files):
+        print(f"[predict] warning: the name {escaped!r} is not valid UTF-8; written to the CSV with \\xNN escapes",
+              file=sys.stderr, flush=True)
+
+    def rows():
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            images = np.stack([_read_image(path, size) for path in chunk])
+            for path, row in zip(chunk, predict_rows(model, images)):
+                yield [path.relative_to(root).as_posix(), *(row[column] for column in columns[1:])]
+            progress.advance(len(chunk))
+
+    # Written to a temporary file and moved into place when complete; any failure removes it.
+    out_path = write_csv_atomically(out, columns, rows(), "predictions")
     progress.finish()
     return PredictionSummary(len(files), str(out_path), columns, model_uri)

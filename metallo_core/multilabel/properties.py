@@ -6,8 +6,9 @@ class. Class columns become classification heads; value columns become regressio
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class PropertyInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "PropertyInfo":
+    def from_dict(cls, data: Mapping) -> PropertyInfo:
         return cls(**dict(data))
 
 

@@ -1,16 +1,18 @@
 """Training the heads (and any trainable encoder part): the epoch loop, test error rates, epochs to saturation.
 
 Inputs are cached features (N, D) float32, or images (N, S, S, 3) uint8 when the encoder trains (small
-CNN, unfrozen last stage). The test set is evaluated every `eval_every_epochs` to record the error curve;
-it never decides anything during training (early stopping, if on, watches the training loss).
+CNN, unfrozen last stage), held in memory as tensors: on features an epoch is a few matrix products, so
+no DataLoader or worker processes are involved. Early stopping watches a validation split of the
+training rows (or, without one, the training loss); the test set is evaluated every `eval_every_epochs`
+to record the error curve and never decides anything during training.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +31,8 @@ class EpochRecord:
     train_loss: float  # mean over the epoch's batches (NaN at epoch 0)
     errors: dict[str, float]  # property -> test error rate (classification) or MAE (regression)
     cumulative_error: float  # sum of the classification error rates (as seed 002 reports it)
+    validation_loss: float = math.nan  # summed multi-task loss on the validation rows (NaN without them)
+    validation_error: float = math.nan  # cumulative classification error on the validation rows
 
 
 @dataclass
@@ -37,10 +41,18 @@ class TrainingHistory:
     epochs_trained: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
+    # The epoch whose weights the network ends with (the best validation epoch when they were restored)
+    # and its test errors; None: the last epoch's.
+    kept: EpochRecord | None = None
 
     @property
     def final(self) -> EpochRecord:
-        return self.records[-1]
+        """The test errors of the weights training returns."""
+        return self.kept if self.kept is not None else self.records[-1]
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.seconds / max(self.epochs_trained, 1)
 
     def curve(self, name: str) -> list[float]:
         return [r.cumulative_error if name == CUMULATIVE else r.errors[name] for r in self.records]
@@ -119,6 +131,28 @@ def saturation_epoch(history: TrainingHistory, properties: list[PropertyInfo], t
     return epochs_to_saturation(history.epochs(), summed, max(tolerance, 0.05), relative=True)
 
 
+def validation_score(network: torch.nn.Module, loss_fn: MultiTaskLoss, inputs: torch.Tensor,
+                     targets: dict[str, torch.Tensor], properties: list[PropertyInfo]) -> tuple[float, float]:
+    """(cumulative classification error, summed multi-task loss) on held-out rows, in eval mode.
+
+    Early stopping compares the error first and the loss only between epochs of equal error: on small
+    feature sets the loss of a wide head starts rising (over-confidence) long before the error stops
+    falling, so the loss alone stops far too early. Regression-only models have no error (0.0): the
+    loss decides.
+    """
+    outputs = predict_outputs(network, inputs)
+    with torch.inference_mode():
+        loss, _ = loss_fn(outputs, targets)
+    return cumulative_error(error_rates(outputs, targets, properties), properties), float(loss)
+
+
+def _snapshot(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what training changes: trainable parameters and buffers (BatchNorm statistics, input norm)."""
+    state = {name: p.detach().clone() for name, p in network.named_parameters() if p.requires_grad}
+    state.update({name: b.detach().clone() for name, b in network.named_buffers()})
+    return state
+
+
 def fit(
     network: torch.nn.Module,
     properties: list[PropertyInfo],
@@ -131,17 +165,31 @@ def fit(
     seed: int = 0,
     max_epochs: int | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    validation_inputs: torch.Tensor | None = None,
+    validation_targets: dict[str, torch.Tensor] | None = None,
 ) -> TrainingHistory:
-    """Minibatch training of every parameter that requires grad; the test error is recorded per evaluation."""
+    """Minibatch training of every parameter that requires grad, on in-memory tensors.
+
+    Inputs are (N, D) float features or (N, S, S, 3) uint8 images; targets map property -> (N,) class ids
+    or values. Each epoch is one shuffled pass in batches of `optim.batch_size`. With validation rows,
+    training stops after `optim.patience` epochs without a better validation score (a lower cumulative
+    error, or an equal one with a loss lower by `optim.min_delta`; see `validation_score`), and
+    (`optim.restore_best`) the best validation epoch's weights are restored;
+    without them, `patience` watches the training loss. The test set is evaluated every
+    `optim.eval_every_epochs` to record the error curve and decides nothing. Raises FloatingPointError
+    when the training loss diverges.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = MultiTaskLoss(properties)
     trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, optim)
     max_epochs = max_epochs or optim.max_epochs
+    validating = validation_inputs is not None and validation_targets is not None and len(validation_inputs) > 0
     history = TrainingHistory()
     started = time.perf_counter()
-    best_loss, stale_epochs = math.inf, 0
+    best, best_epoch, best_state, stale_epochs = (math.inf, math.inf), 0, None, 0
+    best_record: EpochRecord | None = None
     count = len(train_inputs)
     # Epoch 0: the untrained heads, the start of every error curve.
     errors = evaluate(network, test_inputs, test_targets, properties)
@@ -149,7 +197,7 @@ def fit(
     for epoch in range(1, max_epochs + 1):
         network.train()
         order = torch.randperm(count, generator=generator)
-        loss_sum = 0.0
+        loss_sum = torch.zeros(())  # summed on the tensor side: no per-step synchronisation with Python
         for start in range(0, count, optim.batch_size):
             rows = order[start:start + optim.batch_size]
             outputs = network(as_model_input(train_inputs[rows]))
@@ -157,26 +205,40 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(rows)
-        epoch_loss = loss_sum / count
+            loss_sum += loss.detach() * len(rows)
+        epoch_loss = float(loss_sum) / count
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"training loss became {epoch_loss} at epoch {epoch}; lower optim.lr")
-        if optim.patience:
-            if epoch_loss < best_loss - optim.min_delta:
-                best_loss, stale_epochs = epoch_loss, 0
-            else:
-                stale_epochs += 1
+        watched = validation_score(network, loss_fn, validation_inputs, validation_targets, properties) \
+            if validating else (0.0, epoch_loss)
+        improved = watched[0] < best[0] - 1e-12 or (watched[0] <= best[0] + 1e-12 and watched[1] < best[1] - optim.min_delta)
+        if improved:
+            best, best_epoch, stale_epochs = watched, epoch, 0
+            if validating and optim.restore_best:
+                best_state = _snapshot(network)
+        else:
+            stale_epochs += 1
         stop = bool(optim.patience) and stale_epochs >= optim.patience
+        record = None
         if epoch % optim.eval_every_epochs == 0 or epoch == max_epochs or stop:
             errors = evaluate(network, test_inputs, test_targets, properties)
-            record = EpochRecord(epoch, epoch_loss, errors, cumulative_error(errors, properties))
+            record = EpochRecord(epoch, epoch_loss, errors, cumulative_error(errors, properties),
+                                 watched[1] if validating else math.nan, watched[0] if validating else math.nan)
             history.records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
+        if improved:
+            best_record = record  # None when this epoch was not evaluated
         history.epochs_trained = epoch
         if stop:
             history.stopped_early = True
             break
+    if best_state is not None and best_epoch != history.epochs_trained:
+        network.load_state_dict(best_state, strict=False)
+        if best_record is None:
+            errors = evaluate(network, test_inputs, test_targets, properties)
+            best_record = EpochRecord(best_epoch, math.nan, errors, cumulative_error(errors, properties), *best[::-1])
+        history.kept = best_record
     history.seconds = time.perf_counter() - started
     return history
 

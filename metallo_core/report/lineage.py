@@ -94,6 +94,10 @@ def describe_source(data: ReportData, source: str) -> str:
         return UNKNOWN
     if source == "scratch":
         return "none (scratch)"
+    if source == "imagenet-offline":
+        return "ImageNet (EfficientNet-Lite0, offline)"
+    if source == "download" or source.startswith("download:"):
+        return f"downloaded weights ({source.partition(':')[2] or 'default'})"
     if source.startswith(("models:/", "runs:/")):
         run = source_run(data, source)
         if run is not None and run.stage == "pretrain":

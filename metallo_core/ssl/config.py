@@ -7,6 +7,7 @@ from typing import Literal
 
 from metallo_core.config import require
 from metallo_core.models.backbones import BackboneSpec
+from metallo_core.models.sources import OFFLINE_IMAGENET, offline_imagenet_spec
 from metallo_core.ssl.multicrop import MultiCropConfig
 from metallo_core.train.settings import ComputeSettings, RegistrySettings, RunSettings
 
@@ -97,8 +98,9 @@ class DebugSettings:
     fail_rank: int = 0
     # Ray Train V2 commits a reported checkpoint when its controller next polls the workers (every 2 s by
     # default); a crash inside that window loses it, and the retry starts from the one before. The
-    # injected crash waits this long so that it tests resuming, not that window.
-    fail_delay_s: float = 5.0
+    # injected crash first waits (at most this long) until the run's checkpoint snapshot names the last
+    # checkpoint before it (metallo_core/train/checkpoint_commit.py), so it tests resuming, not that window.
+    commit_timeout_s: float = 300.0
 
 
 @dataclass
@@ -116,7 +118,10 @@ class DinoConfig:
     debug: DebugSettings = field(default_factory=DebugSettings)
     epochs: int = 100
     seed: int = 0
-    # A torchvision checkpoint file (read from disk, never downloaded) to start the student from.
+    # Where the student and the teacher start (both from the same weights): None/scratch for random init,
+    # or any source of metallo_core.models.sources: imagenet-offline, a weights file (torchvision, timm or
+    # DINO checkpoint: /path/w.pth, file:/path/checkpoint.pth#student), download[:tag] (explicit opt-in),
+    # models:/metallo-backbone@alias. `backbone` must describe that network (checked before training).
     init_weights: str | None = None
 
     @property
@@ -130,5 +135,16 @@ class DinoConfig:
                 f"({self.multicrop.global_size}): the backbone is registered for the size it was trained at")
         require(self.base_size >= self.multicrop.global_size,
                 f"data.base_size ({self.base_size}) must be >= multicrop.global_size ({self.multicrop.global_size})")
+        require(tuple(self.multicrop.mean) == tuple(self.backbone.mean) and
+                tuple(self.multicrop.std) == tuple(self.backbone.std),
+                f"multicrop.mean/std ({self.multicrop.mean}, {self.multicrop.std}) must equal backbone.mean/std "
+                f"({self.backbone.mean}, {self.backbone.std}): views are normalised the way the backbone expects")
+        if self.init_weights == OFFLINE_IMAGENET:
+            offline = offline_imagenet_spec(self.backbone.image_size)
+            require((self.backbone.library, self.backbone.arch, tuple(self.backbone.mean), tuple(self.backbone.std))
+                    == (offline.library, offline.arch, offline.mean, offline.std),
+                    f"init_weights {OFFLINE_IMAGENET} is a {offline.library} {offline.arch} with mean/std "
+                    f"{offline.mean}/{offline.std}: set backbone.library, backbone.arch, backbone.mean, backbone.std "
+                    "(and multicrop.mean/std) to those")
         require(self.optim.freeze_last_layer_epochs < self.epochs or self.epochs == 1,
                 "optim.freeze_last_layer_epochs must be smaller than epochs, or the head's last layer never trains")

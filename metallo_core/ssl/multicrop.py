@@ -16,6 +16,11 @@ from metallo_core.data import tensor_augment as aug
 from metallo_core.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 GLOBAL_VIEWS = 2
+# DINO's blur sigmas, (0.1, 2.0) px, are pixels of its 224-px global crops (torchvision GaussianBlur on the
+# resized crop). Views of a smaller global size see the same image content in fewer pixels, so the sigmas
+# scale with global_size / 224: unscaled, a 2-px blur on a 32-px crop is a 14-px blur at 224 px, which
+# wipes out the fine texture the views must agree on.
+BLUR_REFERENCE_SIZE = 224
 # Quarter turns and vertical flips are true symmetries of a micrograph; used when micrograph=True and unset.
 MICROGRAPH_SYMMETRY_P = 0.5
 
@@ -35,6 +40,8 @@ class MultiCropConfig:
     grayscale_p: float = 0.2
     solarize_p: float = 0.2  # second global view only, as in DINO
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global view 1, global view 2, local views
+    # Blur sigma range in pixels of a 224-px global crop (DINO's); scaled by global_size / 224 for all views.
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     hflip_p: float = 0.5
     vflip_p: float | None = None  # None: 0.5 for micrographs, else 0
     rot90_p: float | None = None  # None: 0.5 for micrographs, else 0
@@ -42,6 +49,12 @@ class MultiCropConfig:
     micrograph: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def effective_blur_sigma(self) -> tuple[float, float]:
+        """The blur sigma range in pixels of this config's views: blur_sigma * global_size / 224."""
+        factor = self.global_size / BLUR_REFERENCE_SIZE
+        return self.blur_sigma[0] * factor, self.blur_sigma[1] * factor
 
     @property
     def effective_vflip_p(self) -> float:
@@ -63,6 +76,8 @@ class MultiCropConfig:
             require(value is None or 0 <= value <= 1, f"multicrop.{name} must be a probability in [0, 1], got {value}")
         require(len(self.blur_p) == 3 and all(0 <= p <= 1 for p in self.blur_p),
                 f"multicrop.blur_p must be 3 probabilities in [0, 1] (global 1, global 2, local), got {self.blur_p}")
+        require(len(self.blur_sigma) == 2 and 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+                f"multicrop.blur_sigma must be (low, high) with 0 < low <= high, got {self.blur_sigma}")
         for name in ("brightness", "contrast", "saturation"):
             require(getattr(self, name) >= 0, f"multicrop.{name} must be >= 0, got {getattr(self, name)}")
         require(0 <= self.hue <= 0.5, f"multicrop.hue must be in [0, 0.5] (a fraction of a turn), got {self.hue}")
@@ -110,12 +125,14 @@ class MultiCropAugment:
         batch = base.shape[0]
         global_views = self._crops(base, GLOBAL_VIEWS, config.global_size, config.global_scale, generator)
         global_views = self._colour(global_views, generator)
-        global_views = aug.gaussian_blur(global_views, p=_per_view(config.blur_p[:2], batch), generator=generator)
+        global_views = aug.gaussian_blur(global_views, p=_per_view(config.blur_p[:2], batch),
+                                          sigma=config.effective_blur_sigma, generator=generator)
         global_views = aug.solarize(global_views, p=_per_view((0.0, config.solarize_p), batch), generator=generator)
         local_views = self._crops(base, config.local_crops, config.local_size, config.local_scale, generator)
         if config.local_crops:
             local_views = self._colour(local_views, generator)
-            local_views = aug.gaussian_blur(local_views, p=config.blur_p[2], generator=generator)
+            local_views = aug.gaussian_blur(local_views, p=config.blur_p[2], sigma=config.effective_blur_sigma,
+                                             generator=generator)
         return global_views, local_views
 
     def _crops(self, base: Tensor, views: int, size: int, scale: tuple[float, float],

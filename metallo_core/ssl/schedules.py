@@ -79,3 +79,30 @@ def dino_schedules(
             warmup_teacher_temperature, teacher_temperature, warmup_teacher_temperature_epochs, epochs, steps_per_epoch
         ),
     )
+
+
+def short_run_warnings(schedules: DinoSchedules, *, epochs: int, warmup_epochs: float,
+                       warmup_teacher_temperature_epochs: float, pretrained_start: bool = False) -> list[str]:
+    """What makes DINO's ImageNet schedules learn little in a short run, in words (empty when none applies).
+
+    The teacher after the run is prod(m_t) parts its initialisation: with m = 0.996 (DINO's, for runs of
+    ~100k steps) and a run of a few hundred steps it stays mostly the random network, and the k-NN probe,
+    which reads the teacher, sees little of what the student learnt. With `pretrained_start` (domain-adaptive
+    DINO from pretrained weights) a teacher that stays close to its start is the intent, so that is not warned.
+    """
+    messages = []
+    initial_share = float(np.prod(schedules.teacher_momentum))
+    if initial_share > 0.5 and not pretrained_start:
+        horizon = 1 / max(1 - float(schedules.teacher_momentum[0]), 1e-12)
+        messages.append(
+            f"the teacher keeps {initial_share:.0%} of its initial weights after the run's {schedules.total_steps} "
+            f"steps (optim.momentum_teacher {schedules.teacher_momentum[0]:g} averages over ~{horizon:.0f} steps); "
+            "lower optim.momentum_teacher (e.g. 0.99 for a few hundred steps) or train longer"
+        )
+    if warmup_epochs >= epochs:
+        messages.append(f"optim.warmup_epochs ({warmup_epochs:g}) >= epochs ({epochs}): the learning rate never "
+                        "reaches its peak")
+    if warmup_teacher_temperature_epochs >= epochs:
+        messages.append(f"loss.warmup_teacher_temperature_epochs ({warmup_teacher_temperature_epochs:g}) >= epochs "
+                        f"({epochs}): the teacher temperature never reaches loss.teacher_temperature")
+    return messages

@@ -8,6 +8,7 @@ the same `DinoTrainer`. Under torch.distributed the student is wrapped in DDP, t
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from metallo_core.models.backbones import build_backbone, load_torchvision_weights
+from metallo_core.models.backbones import build_backbone, convert_sync_batchnorm
+from metallo_core.models.sources import SCRATCH, backbone_from_source
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.ssl.ema import update_teacher
 from metallo_core.ssl.head import DINOHead
@@ -23,7 +25,7 @@ from metallo_core.ssl.health import teacher_output_stats
 from metallo_core.ssl.loss import TeacherCenter, dino_loss
 from metallo_core.ssl.multicrop import MultiCropAugment
 from metallo_core.ssl.optim import build_optimizer, clip_gradients, parameter_groups
-from metallo_core.ssl.schedules import DinoSchedules, dino_schedules
+from metallo_core.ssl.schedules import DinoSchedules, dino_schedules, short_run_warnings
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,13 +82,15 @@ class DinoTrainer:
         )
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         student = build_network(config)
-        if config.init_weights:
-            load_torchvision_weights(student.backbone, config.init_weights, config.backbone)
+        if config.init_weights and config.init_weights != SCRATCH:
+            # The teacher copies the student below: both start from the same pretrained weights.
+            pretrained, _ = backbone_from_source(config.init_weights, config.backbone)
+            student.backbone.load_state_dict(pretrained.state_dict())
         teacher = build_network(config)
         if self.distributed and device.type == "cuda":
             # Ray's prepare_model does not convert BatchNorm; DINO needs statistics over the global batch.
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            student = convert_sync_batchnorm(student, config.backbone)  # keeps timm's BatchNormAct activations
+            teacher = convert_sync_batchnorm(teacher, config.backbone)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         student = student.to(device, memory_format=memory_format)
         teacher = teacher.to(device, memory_format=memory_format)
@@ -115,6 +119,12 @@ class DinoTrainer:
             warmup_teacher_temperature=config.loss.warmup_teacher_temperature,
             warmup_teacher_temperature_epochs=config.loss.warmup_teacher_temperature_epochs,
         )
+        for message in short_run_warnings(
+            self.schedules, epochs=config.epochs, warmup_epochs=config.optim.warmup_epochs,
+            warmup_teacher_temperature_epochs=config.loss.warmup_teacher_temperature_epochs,
+            pretrained_start=config.init_weights not in (None, "", "scratch"),
+        ):
+            warnings.warn(f"DINO schedules: {message}", stacklevel=2)
         self.augment = MultiCropAugment(config.multicrop)
         # Augmentation randomness differs per rank (different images) but is reproducible per (seed, rank).
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
@@ -178,9 +188,12 @@ class DinoTrainer:
         return self.teacher.backbone
 
     @torch.no_grad()
-    def embed(self, images_uint8: np.ndarray, batch_size: int = 128) -> torch.Tensor:
-        """Teacher backbone features (eval mode) of (N, S, S, 3) uint8 images, for the k-NN probe."""
-        backbone = self.teacher.backbone
+    def embed(self, images_uint8: np.ndarray, batch_size: int = 128, backbone: nn.Module | None = None) -> torch.Tensor:
+        """Teacher backbone features (eval mode) of (N, S, S, 3) uint8 images, for the k-NN probe.
+
+        `backbone` embeds with another network of the same spec instead (the learning curve's untrained baseline).
+        """
+        backbone = self.teacher.backbone if backbone is None else backbone
         was_training = backbone.training
         backbone.eval()
         spec = self.config.backbone

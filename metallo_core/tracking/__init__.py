@@ -41,16 +41,62 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder a local store lives in (sqlite database, file store), None for a server."""
+    if uri.startswith("sqlite:"):
+        path = uri.removeprefix("sqlite:").removeprefix("//").removeprefix("/")
+        # sqlite:////abs/x -> /abs/x (absolute); sqlite:///rel/x -> rel/x (relative to the working directory)
+        return Path(path) if uri.startswith("sqlite:////") or path.startswith("/") else Path(path).resolve()
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    if "://" not in uri:
+        return Path(uri).expanduser().resolve()
+    return None
+
+
+def describe_store() -> str:
+    """Where look-ups go and why, for error messages: the URI and the setting it came from."""
+    uri = tracking_uri()
+    if os.environ.get(ENV_TRACKING_URI):
+        return f"{uri} (from {ENV_TRACKING_URI})"
+    if os.environ.get(ENV_HOME):
+        return f"{uri} (from {ENV_HOME}={os.environ[ENV_HOME]})"
+    return f"{uri} ({ENV_HOME} and {ENV_TRACKING_URI} unset: ./metallo-runs under the working directory {Path.cwd()})"
+
+
+def how_to_point_at_a_store() -> str:
+    return (f"point metallo at the store that holds it: run from the folder that holds metallo-runs/, or set "
+            f"{ENV_HOME}=/path/to/metallo-runs, or {ENV_TRACKING_URI}=sqlite:////path/to/metallo-runs/mlflow.db "
+            "(or a server's http://host:port)")
+
+
+def require_existing_store(uri: str | None = None) -> None:
+    """Fail, creating nothing, when a local store does not exist: a look-up (a model, a run) can only find
+    what is already stored, and MLflow would otherwise create an empty store wherever it was pointed."""
+    uri = uri or tracking_uri()
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        raise TrackingError(f"no MLflow store at {path}: looked in {describe_store()}; nothing was created. "
+                            + how_to_point_at_a_store())
+
+
 _configured_uri: str | None = None
 
 
-def configure() -> str:
-    """Point MLflow at the tracking store, export it for Ray workers, and fail fast if a server is unreachable."""
+def configure(*, create: bool = True) -> str:
+    """Point MLflow at the tracking store, export it for Ray workers, and fail fast if a server is unreachable.
+
+    `create=False` is for look-ups (loading a model, reading a run): a local store that does not exist
+    is an error naming where it was looked for (see `require_existing_store`) instead of a new empty store."""
     global _configured_uri
     import mlflow
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:"):
+    if not create:
+        require_existing_store(uri)
+    if uri.startswith("sqlite:") and create:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     elif uri.startswith(("http://", "https://")) and _configured_uri != uri:
         check_server(uri)
@@ -92,10 +138,16 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
     )
 
 
-def client():
+def client(*, create: bool = True):
+    """An MlflowClient on the configured store; `create=False` for look-ups (see `configure`)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=configure())
+    return MlflowClient(tracking_uri=configure(create=create))
+
+
+def lookup_client():
+    """A client for reading what is stored (models, runs): never creates a store."""
+    return client(create=False)
 
 
 def ensure_experiment(name: str) -> str:

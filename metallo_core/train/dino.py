@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from metallo_core.errors import MetalloError
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.storage import locate
 from metallo_core.train import ray_setup
+from metallo_core.train.checkpoint_commit import wait_for_committed_checkpoint
 from metallo_core.train.checkpoints import (
     latest_checkpoint_record,
     load_checkpoint,
@@ -94,7 +95,7 @@ def dino_train_worker(loop_config: dict) -> None:
             if index >= steps:
                 continue  # every rank drains its share, so the next epoch's split starts cleanly
             step = epoch * steps + index
-            _maybe_inject_failure(config, step, rank, loop_config["storage"])
+            _maybe_inject_failure(config, step, rank, loop_config["storage"], steps)
             log_now = step % config.run.log_every_steps == 0 or index == steps - 1
             metrics = trainer.train_step(batch["image"], step, epoch, with_health=log_now)
             epoch_losses.append(metrics["loss"])
@@ -149,7 +150,7 @@ def _knn_probe(trainer, probe, config: DinoConfig, knn_accuracy, split_bank_and_
                         k=config.knn.k, temperature=config.knn.temperature)
 
 
-def _maybe_inject_failure(config: DinoConfig, step: int, rank: int, storage: str) -> None:
+def _maybe_inject_failure(config: DinoConfig, step: int, rank: int, storage: str, steps_per_epoch: int) -> None:
     """Kill this worker process once (a marker in the run's storage remembers it), as a real crash would."""
     if step != config.debug.fail_at_step or rank != config.debug.fail_rank:
         return
@@ -157,7 +158,14 @@ def _maybe_inject_failure(config: DinoConfig, step: int, rank: int, storage: str
     if marker.exists():
         return
     marker.write_bytes(b"a test killed a worker here once\n")
-    time.sleep(config.debug.fail_delay_s)
+    # Crash only once the last checkpoint before this epoch is committed (not after a fixed sleep that a
+    # loaded machine can outlast): the test is about resuming from it, not about losing it.
+    every = config.run.checkpoint_every_epochs
+    # The last epoch e before this one that checkpointed, i.e. with (e + 1) % every == 0; -1 if none.
+    last_checkpointed = (step // steps_per_epoch) // every * every - 1
+    if last_checkpointed >= 0:
+        wait_for_committed_checkpoint(storage, config.run.name, last_checkpointed,
+                                      timeout_s=config.debug.commit_timeout_s)
     print(f"[rank {rank}] injected failure at step {step}: exiting the worker process", flush=True)
     os._exit(1)
 
@@ -170,8 +178,7 @@ def validate_inputs(config: DinoConfig) -> int:
     if config.knn.every_epochs:
         read_manifest(config.knn.uri or config.data.uri).split(config.knn.split)
     locate(ray_setup.storage_uri(config.run)).check_access()
-    if config.init_weights and not Path(config.init_weights).is_file():
-        raise MetalloError(f"init_weights {config.init_weights} does not exist (weights are never downloaded)")
+    check_init_weights(config)
     from metallo_core.ssl.trainer import steps_per_epoch
 
     try:
@@ -179,6 +186,36 @@ def validate_inputs(config: DinoConfig) -> int:
     except ValueError as exc:
         raise MetalloError(str(exc)) from exc
     return num_images
+
+
+def check_init_weights(config: DinoConfig) -> None:
+    """Build the starting backbone once on the driver: a weights file that does not fit `config.backbone`
+    (or a registry backbone of another architecture) fails here, named, before any cluster time is spent."""
+    from metallo_core.models.sources import SCRATCH, backbone_from_source
+
+    if not config.init_weights or config.init_weights == SCRATCH:
+        return
+    _, spec = backbone_from_source(config.init_weights, config.backbone)
+    mine, theirs = config.backbone, spec
+    if (mine.library, mine.arch, mine.small_input) != (theirs.library, theirs.arch, theirs.small_input):
+        raise MetalloError(
+            f"init_weights {config.init_weights} is a {theirs.library} {theirs.arch}"
+            f"{' (small-input stem)' if theirs.small_input else ''}, but backbone is a {mine.library} {mine.arch}"
+            f"{' (small-input stem)' if mine.small_input else ''}; set backbone to match the weights")
+    if (tuple(mine.mean), tuple(mine.std)) != (tuple(theirs.mean), tuple(theirs.std)):
+        raise MetalloError(
+            f"init_weights {config.init_weights} expects inputs normalised with mean {theirs.mean}, std "
+            f"{theirs.std}; set backbone.mean/std and multicrop.mean/std to those (they are {mine.mean}, {mine.std})")
+
+
+def pinned_init_weights(config: DinoConfig) -> str:
+    """The exact starting point for lineage: a registry alias resolved to its version, a file made absolute."""
+    from metallo_core.fewshot.config import BackboneInit
+    from metallo_core.fewshot.model_io import pin_backbone_source
+
+    if not config.init_weights:
+        return "scratch"
+    return pin_backbone_source(BackboneInit(source=config.init_weights, spec=config.backbone))
 
 
 def describe_result(result: PretrainResult) -> str:
@@ -199,6 +236,9 @@ def with_absolute_uris(config: DinoConfig) -> DinoConfig:
         config.knn.uri = locate(config.knn.uri).uri
     if config.run.storage:
         config.run.storage = locate(config.run.storage).uri
+    if config.init_weights:
+        # Workers start from exactly what the driver checked: an alias cannot move under a running job.
+        config.init_weights = pinned_init_weights(config)
     return config
 
 
@@ -211,6 +251,7 @@ def run_dino_pretraining(config: DinoConfig) -> PretrainResult:
         "metallo.dataset_manifest_sha256": manifest_sha256(config.data.uri),
         "metallo.config_hash": config_hash(config),
         "metallo.code_version": tracking.code_version(),
+        "metallo.backbone_source": config.init_weights or "scratch",  # where DINO started
     }
     with tracking.open_run(config.run.experiment, config.run.name, config=config, tags=lineage) as run:
         finished = latest_checkpoint_record(locate(ray_setup.storage_uri(config.run)).join(config.run.name))
@@ -284,7 +325,7 @@ def register_teacher_backbone(config: DinoConfig, state: dict, record: dict, run
     registered = log_backbone(
         run_id,
         backbone,
-        config.backbone,
+        replace(config.backbone, weights=config.init_weights or "scratch"),  # where DINO started
         registered_name=config.registry.name,
         tags={**lineage, **identity, "metallo.arch": config.backbone.arch},
         alias=config.registry.alias,

@@ -256,6 +256,15 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
             run.log_metrics({f"{mode}_gain_over_protonet": gain, f"{mode}_gain_ci95": gain_ci95})
             print(f"  {mode} - protonet, paired over the same tasks: {gain:+.4f} ± {gain_ci95:.4f}", flush=True)
         run.log_dict(summary_json(result), "summary.json")
+        if "finetune" in config.modes:  # what classify --finetune uses for this model (finetune_choice)
+            import dataclasses
+
+            from metallo_core.fewshot.finetune_choice import record_chosen_settings
+
+            chosen_by = (f"evaluation {run_name!r}, lr and steps chosen on {config.select_tasks} meta-validation tasks"
+                         if result.selection else f"evaluation {run_name!r} (settings as configured, not selected)")
+            record_chosen_settings(run.run_id, model_uri, dataclasses.replace(config.finetune, lr=lr, steps=steps),
+                                   chosen_by, tag_model=bool(result.selection))
     return result
 
 

@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -248,8 +247,10 @@ def check_training_split(config: MetaTrainConfig) -> None:
 def with_absolute_uris(config: MetaTrainConfig) -> MetaTrainConfig:
     config = copy.deepcopy(config)
     config.data.uri = locate(config.data.uri).uri
-    if config.backbone.kind == "torchvision":
-        config.backbone.source = str(Path(config.backbone.source).resolve())
+    if config.backbone.kind == "file":
+        from metallo_core.fewshot.model_io import pin_backbone_source
+
+        config.backbone.source = pin_backbone_source(config.backbone)
     if config.run.storage:
         config.run.storage = locate(config.run.storage).uri
     return config
@@ -261,7 +262,7 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
 
     `parent_run_id`, `extra_tags` and `train_callbacks` are for searches (tuning/): the run becomes a
     child of the search's MLflow run, and Ray Train callbacks (Tune's report bridge) join the trainer."""
-    from metallo_core.fewshot.model_io import pin_backbone_source
+    from metallo_core.fewshot.model_io import check_backbone_source, pin_backbone_source
 
     config = with_absolute_uris(config)
     tracking.configure()
@@ -270,9 +271,8 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
         manifest.split(split)
     check_training_split(config)
     val_episodes = plan_validation_episodes(config)
-    if config.backbone.kind == "torchvision" and not Path(config.backbone.source).is_file():
-        raise MetalloError(f"backbone.source {config.backbone.source} does not exist (weights are never downloaded)")
     backbone_source = pin_backbone_source(config.backbone)
+    check_backbone_source(config.backbone, backbone_source)  # a file that does not fit fails here, named
     locate(ray_setup.storage_uri(config.run)).check_access()
     lineage = {
         "metallo.stage": "metatrain",

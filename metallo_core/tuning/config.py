@@ -26,7 +26,9 @@ class AshaSettings:
 @dataclass
 class SearchSettings:
     # The Tune experiment's name under `storage`: running the same name again resumes the search
-    # (finished trials are kept, unfinished ones go on, the searcher's state is restored).
+    # (finished trials are kept, unfinished ones go on, the searcher's state is restored). The search's
+    # settings are stored with it and compared on every resume: more samples extend it, anything that
+    # would change which trials count is refused (metallo_core/tuning/resume.py); a new name starts afresh.
     name: str = "search"
     experiment: str = "metallo-tune"  # MLflow experiment of the parent run and its child runs
     storage: str = ""  # local directory or s3://bucket/prefix; "" is $METALLO_HOME/tune

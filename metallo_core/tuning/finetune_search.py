@@ -17,10 +17,12 @@ from typing import Any
 from metallo_core import tracking
 from metallo_core.config import config_hash, from_dict, to_dict, to_yaml
 from metallo_core.data.manifest import manifest_sha256, read_manifest
+from metallo_core.fewshot.finetune_choice import record_chosen_settings
 from metallo_core.storage import locate
 from metallo_core.tuning import runner
 from metallo_core.tuning.config import FinetuneSearchConfig
 from metallo_core.tuning.final_test import Variant, logged_final_test, score_variants_on_test
+from metallo_core.tuning.resume import search_spec
 from metallo_core.tuning.space import apply_params, describe_params
 
 METRIC = "val_accuracy"
@@ -103,8 +105,12 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
     evaluate.model = model_uri
     _, val_json = plan_tasks(evaluate.data.uri, evaluate.data.val_split, evaluate, config.val_tasks,
                              seed=evaluate.seed + 7)
-    ray_setup.connect(config.search.ray_address)
     settings = config.search
+    # Compared with the stored search before anything runs (and before its MLflow run is reopened, so a
+    # refusal never marks a finished search failed); the model is pinned and the data URI absolute first.
+    stored_spec = search_spec(config)
+    runner.check_stored_spec(settings, stored_spec)
+    ray_setup.connect(config.search.ray_address)
     lineage = {
         "metallo.stage": "tune-finetune",
         "metallo.model_uri": model_uri,
@@ -135,7 +141,8 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
         from ray import tune
 
         spec = runner.SearchSpec.build(settings, tune.with_parameters(finetune_trial, context=context),
-                                       config.space, metric=METRIC, time_attr=TIME_ATTR, budget=config.val_tasks)
+                                       config.space, metric=METRIC, time_attr=TIME_ATTR, budget=config.val_tasks,
+                                       stored_spec=stored_spec)
         rows, resumed = runner.run_trials(spec, parent.run_id)
         best = runner.best_trial(rows)
         table = runner.log_search_summary(parent, rows, best, spec)
@@ -145,12 +152,16 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
         best_config.finetune = best_settings
         written = runner.write_best_config(settings, _best_yaml(best_config, best, settings.name), parent)
         parent.log_params(runner.flat_params(best.params))
+        # Whole, on the parent run and the model version: what classify --finetune uses for this model.
+        record_chosen_settings(parent.run_id, model_uri, best_settings,
+                               f"search {settings.name!r}, best of {len(rows)} trials on {config.val_tasks} "
+                               f"meta-validation tasks ({100 * best.objective:.2f}%)")
         print(f"search {settings.name!r}: best trial {best.trial_id} with meta-val accuracy "
               f"{100 * best.objective:.2f}% ({describe_params(best.params)})", flush=True)
 
         if not config.final_test:
             final = {}
-        elif runner.final_test_done(parent.run_id):
+        elif runner.final_test_done(parent.run_id, best.trial_id):
             final = logged_final_test(parent.run_id)
             print("the final test of this search already ran; its logged result:", flush=True)
         else:
@@ -162,6 +173,7 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
             final = score_variants_on_test(evaluate, variants, parent, gains=[
                 ("finetune_best", "finetune_default"), ("finetune_best", "protonet"),
                 ("finetune_default", "protonet")])
+            parent.set_tags({runner.FINAL_TEST_TRIAL_TAG: best.trial_id})
     return FinetuneSearchResult(parent_run_id=parent.run_id, resumed=resumed, best_trial=best.trial_id,
                                 best_settings=to_dict(best_settings), best_val_accuracy=best.objective,
                                 best_config=written, trials=table, final_test=final)

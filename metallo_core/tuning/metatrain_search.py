@@ -10,6 +10,7 @@ pinned by the search), so trials are comparable. The best trial's best epoch is 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from metallo_core.storage import locate
 from metallo_core.tuning import runner
 from metallo_core.tuning.config import MetaTrainSearchConfig
 from metallo_core.tuning.final_test import Variant, logged_final_test, score_variants_on_test
+from metallo_core.tuning.resume import search_spec
 from metallo_core.tuning.space import apply_params, describe_params
 
 METRIC = "best_val_accuracy"  # the best epoch so far: what the trial would register
@@ -87,6 +89,10 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
     plan_validation_episodes(base)  # too few classes fail here, before any trial starts
     settings = config.search
     location = runner.search_location(settings)
+    # Compared with the stored search before anything runs or its MLflow run is reopened (absolute URIs,
+    # pinned meta-val task shape: what the trials actually use).
+    stored_spec = search_spec(dataclasses.replace(config, base=base))
+    runner.check_stored_spec(settings, stored_spec)
     lineage = {
         "metallo.stage": "tune-metatrain",
         "metallo.backbone_source": base.backbone.source,
@@ -112,7 +118,8 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
         spec = runner.SearchSpec.build(settings, tune.with_parameters(metatrain_trial, context=context),
                                        config.space, metric=METRIC, time_attr=TIME_ATTR,
                                        budget=_epoch_budget(config),
-                                       trial_budget=lambda params: int(params.get("epochs", base.epochs)))
+                                       trial_budget=lambda params: int(params.get("epochs", base.epochs)),
+                                       stored_spec=stored_spec)
         rows, resumed = runner.run_trials(spec, parent.run_id)
         best = runner.best_trial(rows)
         table = runner.log_search_summary(parent, rows, best, spec)
@@ -129,13 +136,14 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
 
         final: dict[str, Any] = {}
         if config.final_test.enabled and model_uri:
-            if runner.final_test_done(parent.run_id):
+            if runner.final_test_done(parent.run_id, best.trial_id):
                 final = logged_final_test(parent.run_id)
                 print("the final test of this search already ran; its logged result is kept", flush=True)
             else:
                 final = score_variants_on_test(_final_test_config(config, base, model_uri, settings),
                                                {mode: Variant(mode, {}) for mode in config.final_test.modes},
                                                parent, gains=[("finetune", "protonet")])
+                parent.set_tags({runner.FINAL_TEST_TRIAL_TAG: best.trial_id})
     return MetaTrainSearchResult(parent_run_id=parent.run_id, resumed=resumed, best_trial=best.trial_id,
                                  best_params=best.params, best_val_accuracy=best.objective, model_uri=model_uri,
                                  best_config=written, trials=table, final_test=final)

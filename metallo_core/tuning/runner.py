@@ -2,27 +2,31 @@
 the trial table, the best configuration written and logged, and a final test that runs exactly once.
 
 The per-search modules (`metatrain_search`, `finetune_search`) supply the trainable, the metric and what
-"the best trial's config" and "the final test" mean for them.
+"the best trial's config" and "the final test" mean for them. A search run again under its name is first
+checked against its stored spec (`resume.py`): more samples extend it, other changes are refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from metallo_core import tracking
 from metallo_core.errors import MetalloError
 from metallo_core.storage import Location, locate, storage_for_ray
 from metallo_core.tuning.config import SearchSettings
+from metallo_core.tuning.resume import SPEC_FILE, ResumePlan, check_resume, describe_plan
 from metallo_core.tuning.space import decode_params, describe_params, encode_point, to_tune_space
 
 TRIAL_TAG = "metallo.tune.trial_id"
 SEARCH_TAG = "metallo.tune.search"
 FINAL_TEST_TAG = "metallo.tune.final_test"
+FINAL_TEST_TRIAL_TAG = "metallo.tune.final_test_trial"  # the best trial the final test scored
 BEST_CONFIG_ARTIFACT = "best_config.yaml"
 
 
@@ -66,15 +70,18 @@ class SearchSpec:
     resources: dict[str, float]
     # A trial's own budget when the space searches it (e.g. epochs); None: every trial gets `budget`.
     trial_budget: Callable[[dict[str, Any]], int] | None = None
+    # The search's stored spec (resume.search_spec), written next to Tune's state; None: not stored.
+    stored_spec: dict[str, Any] | None = None
 
     @classmethod
     def build(cls, settings: SearchSettings, trainable: Callable, space: dict[str, Any], *, metric: str,
-              time_attr: str, budget: int, trial_budget: Callable[[dict[str, Any]], int] | None = None) -> "SearchSpec":
+              time_attr: str, budget: int, trial_budget: Callable[[dict[str, Any]], int] | None = None,
+              stored_spec: dict[str, Any] | None = None) -> "SearchSpec":
         """The spec of a search over the YAML `space`, each trial holding the search's per-trial resources."""
         return cls(settings=settings, trainable=trainable, param_space=to_tune_space(space), space=space,
                    metric=metric, time_attr=time_attr, budget=budget,
                    resources={"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-                   trial_budget=trial_budget)
+                   trial_budget=trial_budget, stored_spec=stored_spec)
 
 
 def search_location(settings: SearchSettings) -> Location:
@@ -84,22 +91,90 @@ def search_location(settings: SearchSettings) -> Location:
     return root.join(settings.name)
 
 
+def _experiment_path(settings: SearchSettings) -> tuple[str, Any]:
+    """(the Tune experiment path, its pyarrow filesystem or None)."""
+    storage_root, filesystem = storage_for_ray(search_location(settings).parent().uri)
+    return f"{storage_root.rstrip('/')}/{settings.name}", filesystem
+
+
+def search_exists(settings: SearchSettings) -> bool:
+    """Whether Tune holds a state for this search (running it again resumes it)."""
+    from ray import tune
+
+    path, filesystem = _experiment_path(settings)
+    return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+
+
+def check_stored_spec(settings: SearchSettings, current: dict[str, Any]) -> ResumePlan | None:
+    """Before anything runs or any MLflow run is reopened: compare the stored search's spec with the current
+    one (resume.check_resume). Raises SearchChanged on a change that cannot be resumed; None for a new search
+    (or one started before specs were stored, which is resumed unchecked, with a warning)."""
+    if not search_exists(settings):
+        return None
+    location = search_location(settings)
+    stored_file = location.join(SPEC_FILE)
+    if not stored_file.exists():
+        print(f"[tune] warning: search {settings.name!r} at {location.uri} has no stored spec (started by an "
+              "older metallo): its settings cannot be checked against this config", file=sys.stderr, flush=True)
+        return None
+    plan = check_resume(json.loads(stored_file.read_bytes()), current, settings.name, location.uri)
+    for line in describe_plan(plan):
+        print(f"[tune] {line}", file=sys.stderr, flush=True)
+    return plan
+
+
+def _extendable_search_base():
+    from ray.tune.search import SearchGenerator
+
+    return SearchGenerator
+
+
+class ExtendableSearch(_extendable_search_base()):
+    """Ray Tune's SearchGenerator whose sample budget and concurrency can be raised when a stored search is
+    run again (Tune restores both from its saved state, as the search was first started).
+
+    The new values travel through `overrides[search name]`, set by `build_tuner` in the driver process
+    where Tune restores the searcher (a restored Tuner offers no public way to reach its search algorithm)."""
+
+    overrides: ClassVar[dict[str, dict[str, int]]] = {}
+
+    def __init__(self, searcher, search_name: str):
+        super().__init__(searcher)
+        self.search_name = search_name
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        wanted = self.overrides.get(self.search_name, {})
+        if wanted.get("num_samples", 0) > self._total_samples:
+            self._total_samples = wanted["num_samples"]
+            self._finished = False
+        if wanted.get("max_concurrent_trials") and hasattr(self.searcher, "max_concurrent"):
+            self.searcher.max_concurrent = wanted["max_concurrent_trials"]
+
+
 def build_tuner(spec: SearchSpec):
     """A new Tuner, or the one restored from the same name: finished trials are kept, unfinished and
-    errored ones go on, and the searcher (Optuna's study) and the scheduler continue where they were."""
+    errored ones go on, and the searcher (Optuna's study) and the scheduler continue where they were; a
+    raised `num_samples` (checked by `check_stored_spec`) extends the search."""
     from ray import tune
 
     settings = spec.settings
     points = [encode_point(point, spec.space) for point in settings.points_to_evaluate]
     location = search_location(settings)
     storage_root, filesystem = storage_for_ray(location.parent().uri)
-    experiment_path = f"{storage_root.rstrip('/')}/{settings.name}"
+    experiment_path, _ = _experiment_path(settings)
     trainable = tune.with_resources(spec.trainable, spec.resources)
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+    ExtendableSearch.overrides[settings.name] = {"num_samples": settings.num_samples,
+                                                 "max_concurrent_trials": settings.max_concurrent_trials}
+    resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+    if spec.stored_spec is not None:
+        location.join(SPEC_FILE).write_bytes(json.dumps(spec.stored_spec, indent=2, sort_keys=True).encode())
+    if resumed:
         print(f"[tune] resuming search {settings.name!r} from {location.uri}", file=sys.stderr, flush=True)
         return tune.Tuner.restore(experiment_path, trainable=trainable, param_space=spec.param_space,
                                   resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=filesystem), True
+    searcher = _searcher(settings, points)
     return tune.Tuner(
         trainable,
         param_space=spec.param_space,
@@ -107,9 +182,10 @@ def build_tuner(spec: SearchSpec):
             metric=spec.metric,
             mode="max",
             num_samples=settings.num_samples,
-            search_alg=_searcher(settings, points),
+            search_alg=searcher,
             scheduler=_scheduler(spec),
-            max_concurrent_trials=settings.max_concurrent_trials,
+            # ExtendableSearch carries its own ConcurrencyLimiter (Tune ignores this setting for it)
+            max_concurrent_trials=None if isinstance(searcher, ExtendableSearch) else settings.max_concurrent_trials,
             trial_name_creator=lambda trial: f"{settings.name}-{trial.trial_id}",
             trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
         ),
@@ -130,10 +206,12 @@ def _searcher(settings: SearchSettings, points: list[dict[str, Any]]):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=settings.seed, points_to_evaluate=points or None)
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     # TPE (Optuna's default) models good and bad regions of the space from the finished trials.
-    return OptunaSearch(points_to_evaluate=points or None, seed=settings.seed)
+    optuna = OptunaSearch(points_to_evaluate=points or None, seed=settings.seed)
+    return ExtendableSearch(ConcurrencyLimiter(optuna, max_concurrent=settings.max_concurrent_trials), settings.name)
 
 
 def _scheduler(spec: SearchSpec):
@@ -282,8 +360,13 @@ def write_best_config(settings: SearchSettings, text: str, parent) -> list[str]:
     return [target.uri for target in targets]
 
 
-def final_test_done(parent_run_id: str) -> bool:
-    return tracking.client().get_run(parent_run_id).data.tags.get(FINAL_TEST_TAG) == "done"
+def final_test_done(parent_run_id: str, best_trial_id: str | None = None) -> bool:
+    """Whether the final test ran (for `best_trial_id`: an extended search whose best trial changed tests
+    its new winner; a run without the trial tag predates it and counts as tested)."""
+    tags = tracking.client().get_run(parent_run_id).data.tags
+    if tags.get(FINAL_TEST_TAG) != "done":
+        return False
+    return best_trial_id is None or tags.get(FINAL_TEST_TRIAL_TAG, best_trial_id) == best_trial_id
 
 
 def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:

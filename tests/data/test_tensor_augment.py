@@ -355,10 +355,32 @@ def test_inputs_are_left_unchanged(device):
     assert torch.equal(images, saved)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to compare against")
-def test_cpu_and_cuda_agree_under_one_cpu_generator():
+def same_images_elsewhere(images: torch.Tensor, where: str) -> torch.Tensor:
+    if where == "cuda":
+        return images.cuda()
+    if where == "channels_last":
+        return images.contiguous(memory_format=torch.channels_last)
+    return torch.cat([images, images], dim=3)[..., : images.shape[-1]]  # a non-contiguous view, same pixels
+
+
+def assert_one_cpu_generator_decides(where: str) -> None:
+    """Every random draw comes from the one CPU generator, in the same order, wherever the pixels are: the
+    same seed gives the same images (to float rounding), and the generator ends in the same state."""
     images = random_images(batch=8, size=32)
-    for op in OPS_WITH_P.values():
-        on_cpu = op(images, 0.5, seeded(3))
-        on_cuda = op(images.cuda(), 0.5, seeded(3)).cpu()
-        assert torch.allclose(on_cpu, on_cuda, atol=1e-4)
+    for name, op in OPS_WITH_P.items():
+        reference_generator, other_generator = seeded(3), seeded(3)
+        reference = op(images, 0.5, reference_generator)
+        elsewhere = op(same_images_elsewhere(images, where), 0.5, other_generator).cpu()
+        assert torch.allclose(reference, elsewhere, atol=1e-4), name
+        assert torch.equal(reference_generator.get_state(), other_generator.get_state()), name
+
+
+@pytest.mark.parametrize("where", ["channels_last", "strided_view"])
+def test_one_cpu_generator_decides_whatever_the_memory_layout(where):
+    """The CUDA test's assertions on CPU, run everywhere (CI has no GPU): only the device differs there."""
+    assert_one_cpu_generator_decides(where)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; its CPU twin runs everywhere (above)")
+def test_cpu_and_cuda_agree_under_one_cpu_generator():
+    assert_one_cpu_generator_decides("cuda")

@@ -9,6 +9,7 @@ Runs alone with `uv run pytest tests/e2e`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,10 @@ from pathlib import Path
 import pytest
 
 from infra.local_stack import LOOPBACK_TEST_SECRET_ACCESS_KEY, LocalStack
+from metallo_core.train.checkpoint_commit import (
+    committed_epoch,
+    wait_for_committed_checkpoint,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -29,10 +34,11 @@ BIN = Path(sys.executable).parent
 DATA = "s3://metallo-data/e2e/fewshot"
 STORAGE = "s3://metallo-runs/ray"
 SUBMIT = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml"]
+TINY_DINO_EPOCHS = 6
 TINY_DINO = [
     f"data.uri={DATA}", "data.base_size=20", f"run.storage={STORAGE}", "run.name=e2e-dino", "registry.alias=e2e",
     "backbone.image_size=16", "multicrop.global_size=16", "multicrop.local_size=8", "optim.batch_size_per_worker=8",
-    "head.out_dim=128", "head.hidden_dim=64", "head.bottleneck_dim=32", "knn.every_epochs=0", "epochs=6",
+    "head.out_dim=128", "head.hidden_dim=64", "head.bottleneck_dim=32", "knn.every_epochs=0", f"epochs={TINY_DINO_EPOCHS}",
     "run.max_failures=2",
 ]
 
@@ -83,6 +89,22 @@ def logs(submission_id: str, env: dict[str, str]) -> str:
     return run([str(BIN / "ray"), "job", "logs", submission_id], env).stdout
 
 
+@contextlib.contextmanager
+def stack_credentials(env: dict[str, str]):
+    """This process's environment with the stack's S3 endpoint and keys, to read run storage directly."""
+    names = [name for name in env if name.startswith("AWS_")]
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: env[name] for name in names})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def mlflow_client(stack):
     from mlflow import MlflowClient
 
@@ -122,13 +144,18 @@ def test_stages_as_ray_jobs_with_a_killed_worker_and_registry_handoff(stack, env
     run(SUBMIT + ["--submission-id", "e2e-pretrain", "--no-wait", "--", "python", "-m", "jobs.pretrain_dino",
                   "--config", "configs/pretrain/tiny_cpu.yaml", *TINY_DINO], env)
     run_id = wait_for_metric(client, "metallo-pretrain", "e2e-dino", "epoch_loss")
-    # Ray Train V2 commits the epoch's checkpoint when its controller next polls the workers (every 2 s);
-    # kill after that, so the test is about resuming rather than about a crash inside that window.
-    time.sleep(5)
+    # Ray Train V2 commits the epoch's checkpoint when its controller next polls the workers (every 2 s):
+    # wait for that event itself, the run's checkpoint snapshot on S3 naming a checkpoint, then kill.
+    with stack_credentials(env):
+        wait_for_committed_checkpoint(STORAGE, "e2e-dino", 0, timeout_s=600, poll_s=0.2)
+        committed_before_kill = committed_epoch(STORAGE, "e2e-dino")
     kill_a_train_worker(env)
     assert wait_for("e2e-pretrain", env) == "SUCCEEDED", logs("e2e-pretrain", env)[-5000:]
-    resumed = client.get_metric_history(run_id, "resumed_at_step")
-    assert resumed and resumed[0].value > 0, "the run did not resume from a checkpoint after the worker died"
+    resumed = [m.value for m in client.get_metric_history(run_id, "resumed_at_epoch")]
+    # It resumed exactly once, after the checkpoint that was committed when the worker died (or a later
+    # one committed in the second it took to kill it), and before the end: not from scratch, not never.
+    assert len(resumed) == 1, resumed
+    assert committed_before_kill + 1 <= resumed[0] <= TINY_DINO_EPOCHS - 1, (committed_before_kill, resumed)
     backbone = client.get_model_version_by_alias("metallo-backbone", "e2e")
     assert backbone.tags["metallo.dataset_uri"] == DATA
     assert backbone.tags["metallo.run_id"] == run_id
@@ -145,8 +172,16 @@ def test_stages_as_ray_jobs_with_a_killed_worker_and_registry_handoff(stack, env
                   "tasks=20", "modes=[protonet]", "select_on_val=false", "run_name=e2e-eval"], env)
     evaluation = client.search_runs([client.get_experiment_by_name("metallo-evaluate").experiment_id],
                                     filter_string="attributes.run_name = 'e2e-eval'")[0]
-    assert 0.0 <= evaluation.data.metrics["protonet_accuracy"] <= 1.0
-    assert evaluation.data.metrics["protonet_ci95"] > 0
+    # Oracle: the 20 per-task accuracies the job logged; the reported mean and 95% interval must be theirs
+    # (mean +- 1.96 sd / sqrt(n), sd with ddof=1), and their lower bound above 5-way chance.
+    per_task_csv = Path(client.download_artifacts(evaluation.info.run_id, "per_task/protonet.csv")).read_text()
+    per_task = [float(line.split(",")[1]) for line in per_task_csv.splitlines()[1:]]
+    assert len(per_task) == 20
+    mean = sum(per_task) / len(per_task)
+    half_width = 1.96 * (sum((a - mean) ** 2 for a in per_task) / (len(per_task) - 1)) ** 0.5 / len(per_task) ** 0.5
+    assert evaluation.data.metrics["protonet_accuracy"] == pytest.approx(mean, abs=1e-5)
+    assert evaluation.data.metrics["protonet_ci95"] == pytest.approx(half_width, abs=1e-5)
+    assert mean - half_width > 0.2, (mean, half_width)
     assert evaluation.data.tags["metallo.model_uri"] == f"models:/metallo-protonet/{protonet.version}"
     assert "per_task/protonet.csv" in [a.path for a in client.list_artifacts(evaluation.info.run_id, "per_task")]
 

@@ -90,6 +90,16 @@ def test_one_query_image_tiles_and_finetuning(registered_protonet, folders, tmp_
     assert sum(prediction.tile_votes.values()) == 6 and result.finetuned
     assert result.shots == {"horizontal": 1, "speckle": 1, "vertical": 1}
 
+    # Fine-tuning ran: the same query scored by the same model without it gets other probabilities,
+    # while two runs without it agree exactly (so the difference is the adapted backbone, not noise).
+    plain = [classify(registered_protonet, support, big, tmp_path / f"plain{i}.csv", ClassifySettings(tile=32))
+             for i in range(2)]
+    assert not plain[0].finetuned and plain[0].finetune_settings is None
+    assert plain[0].predictions[0].probabilities == plain[1].predictions[0].probabilities
+    change = max(abs(prediction.probabilities[name] - plain[0].predictions[0].probabilities[name])
+                 for name in result.classes)
+    assert change > 1e-3, (prediction.probabilities, plain[0].predictions[0].probabilities)
+
 
 def test_tiling_policy():
     pixels = np.zeros((60, 100, 3), np.uint8)

@@ -188,13 +188,13 @@ def test_weights_restored_after_an_exception_midway():
 def test_only_the_chosen_layers_change_during_the_task(update):
     model = tiny_protonet()
     layer1, layer4 = state_copy(model.backbone.layer1), state_copy(model.backbone.layer4)
-    scale, bias = model.classifier.scale.item(), model.classifier.bias.item()
-    changed = {"layer1": False, "layer4": False, "scale_or_bias": False}
+    scale = model.classifier.scale.item()
+    changed = {"layer1": False, "layer4": False, "scale": False}
 
     def record_changes(module, inputs):
         changed["layer1"] |= not same_state(model.backbone.layer1, layer1)
         changed["layer4"] |= not same_state(model.backbone.layer4, layer4)
-        changed["scale_or_bias"] |= (model.classifier.scale.item(), model.classifier.bias.item()) != (scale, bias)
+        changed["scale"] |= model.classifier.scale.item() != scale
 
     handle = model.backbone.register_forward_pre_hook(record_changes)
     support, support_labels, query, _ = random_task()
@@ -203,7 +203,7 @@ def test_only_the_chosen_layers_change_during_the_task(update):
     handle.remove()
     assert changed["layer4"]  # weights and, in BN train mode, running statistics
     assert changed["layer1"] == (update == "all")  # last_stage: not even layer1's BN statistics move
-    assert not changed["scale_or_bias"]  # as in P>M>F, the meta-trained head stays
+    assert not changed["scale"]  # as in P>M>F, the meta-trained head stays
 
 
 def test_last_stage_needs_a_layer4():
@@ -331,7 +331,7 @@ def test_last_stage_fast_path_adapts_a_resnet_exactly_like_the_full_forward(bn_m
                              generator=torch.Generator().manual_seed(1))
 
     fast = adapted_logits()
-    monkeypatch.setattr(finetune, "is_feature_resnet", lambda backbone: False)
+    monkeypatch.setattr(finetune, "uses_frozen_trunk", lambda stage: False)
     full = adapted_logits()
     plain = protonet_task(model, support, labels, queries, 3, normalizer=NORMALIZER)
     assert torch.allclose(fast, full, atol=1e-5), (fast - full).abs().max()

@@ -1,5 +1,6 @@
-"""ProtoNet maths against hand computations: prototypes, cosine logits with scale and bias, euclidean
-logits, one-pass forward vs the easyfsl two-call contract, and the image normaliser."""
+"""ProtoNet maths against hand computations: prototypes, cosine logits with a learned scale (and why
+P>M>F's shared logit bias was dropped), euclidean logits, one-pass forward vs the easyfsl two-call
+contract, loading pre-change heads that still carry a bias, and the image normaliser."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot.protonet import (
@@ -37,13 +38,13 @@ def test_cosine_logits_by_hand():
     query = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     protos = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, -1.0]])
     classifier = CosineClassifier()
-    assert classifier.scale.item() == 10.0 and classifier.bias.item() == 0.0
+    assert classifier.scale.item() == 10.0
+    assert [name for name, _ in classifier.named_parameters()] == ["scale"]
     with torch.no_grad():
         classifier.scale.fill_(4.0)
-        classifier.bias.fill_(0.5)
     r = 1 / math.sqrt(2)
     cosines = torch.tensor([[1.0, 0.0, -r], [r, r, -1.0]])
-    torch.testing.assert_close(classifier(query, protos), 4.0 * (cosines + 0.5))
+    torch.testing.assert_close(classifier(query, protos), 4.0 * cosines)
 
 
 def test_euclidean_logits_by_hand():
@@ -53,16 +54,83 @@ def test_euclidean_logits_by_hand():
     torch.testing.assert_close(EuclideanClassifier()(query, protos), expected)
 
 
-def test_scale_and_bias_are_learnable():
-    model = ProtoNet(flat_backbone())
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert {"classifier.scale", "classifier.bias"} <= names
-    support, query = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 8, 8)
-    labels = torch.tensor([0, 0, 1, 1])
-    loss = nn.functional.cross_entropy(model(support, labels, query, 2), torch.tensor([0, 1, 0, 1, 0, 1]))
-    loss.backward()
-    assert model.classifier.scale.grad is not None and model.classifier.scale.grad.abs() > 0
-    assert model.classifier.bias.grad is not None
+def episode_loss(model: ProtoNet, shift: Tensor | float = 0.0) -> Tensor:
+    """Cross-entropy of a fixed 2-way episode, with `shift` added to the logits (P>M>F's `scale * bias`)."""
+    generator = torch.Generator().manual_seed(1)
+    support, query = torch.randn(4, 3, 8, 8, generator=generator), torch.randn(6, 3, 8, 8, generator=generator)
+    logits = model(support, torch.tensor([0, 0, 1, 1]), query, 2)
+    return nn.functional.cross_entropy(logits + shift, torch.tensor([0, 1, 0, 1, 0, 1]))
+
+
+def test_a_shared_logit_bias_is_inert_which_is_why_the_head_has_none():
+    """P>M>F's `scale * (cos + bias)` adds scale*bias to every logit. Oracle: softmax is shift-invariant,
+    so the loss and every other gradient are identical with and without it, and its own gradient is
+    zero up to rounding; a per-class shift (the guard) does change them, so the comparison can fail."""
+    plain_model, shifted_model = ProtoNet(flat_backbone()), ProtoNet(flat_backbone())
+    bias = torch.tensor(0.37, requires_grad=True)
+    plain, shifted = episode_loss(plain_model), episode_loss(shifted_model, plain_model.classifier.scale * bias)
+    plain.backward()
+    shifted.backward()
+    torch.testing.assert_close(shifted, plain)
+    for (name, with_shift), (_, without) in zip(shifted_model.named_parameters(), plain_model.named_parameters()):
+        torch.testing.assert_close(with_shift.grad, without.grad, msg=name)
+    assert abs(bias.grad.item()) < 1e-6 and abs(plain_model.classifier.scale.grad.item()) > 1e-3
+
+    guard_model = ProtoNet(flat_backbone())
+    per_class = episode_loss(guard_model, torch.tensor([0.0, 3.0]))
+    assert abs(per_class.item() - plain.item()) > 0.1
+    per_class.backward()
+    assert not torch.allclose(guard_model.classifier.scale.grad, plain_model.classifier.scale.grad)
+
+
+@pytest.mark.parametrize("separable, direction", [(True, 1.0), (False, -1.0)])
+def test_the_cosine_scale_learns_the_sharpness_the_data_supports(separable, direction):
+    """Training only the scale: on cleanly separated classes it grows (sharper softmax, lower loss); with
+    half the labels flipped it shrinks towards a flat softmax. Either way the loss at least halves."""
+    generator = torch.Generator().manual_seed(0)
+    prototypes_ = torch.eye(4)
+    labels = torch.arange(4).repeat(25)
+    query = prototypes_[labels] + 0.2 * torch.randn(100, 4, generator=generator)
+    targets = labels if separable else torch.where(torch.arange(100) % 2 == 0, labels, (labels + 1) % 4)
+    classifier = CosineClassifier(scale=10.0)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=0.5)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(classifier(query, prototypes_), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert direction * (classifier.scale.item() - 10.0) > 3.0
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_pre_change_heads_with_a_bias_still_load(monkeypatch):
+    """Meta-training checkpoints and registered models from before the bias was dropped carry it; it is
+    ignored (it never changed a prediction). Guard: any other unexpected key still fails the load."""
+    source = ProtoNet(flat_backbone(seed=3))
+    with torch.no_grad():
+        source.classifier.scale.fill_(7.5)
+    old_state = {**source.state_dict(), "classifier.bias": torch.tensor(0.25)}
+    loaded = ProtoNet(flat_backbone(seed=4))
+    loaded.load_state_dict(old_state)
+    query, support = torch.randn(5, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    labels = torch.tensor([0, 1, 0, 1])
+    torch.testing.assert_close(loaded(support, labels, query, 2), source(support, labels, query, 2))
+    with pytest.raises(RuntimeError, match="classifier.offset"):
+        ProtoNet(flat_backbone()).load_state_dict({**source.state_dict(), "classifier.offset": torch.tensor(1.0)})
+
+    from metallo_core.fewshot import model_io
+
+    old_metadata = {"kind": "protonet", "distance": "cosine", "classifier": {"scale": 6.0, "bias": 0.4}}
+    monkeypatch.setattr(model_io, "load_backbone_and_metadata",
+                        lambda uri: (flat_backbone(), BackboneSpec(), old_metadata))
+    model, _, metadata = model_io.load_protonet("models:/metallo-protonet/1")
+    assert model.classifier.scale.item() == 6.0 and metadata == old_metadata
+    assert model_io.protonet_metadata(model)["classifier"] == {"scale": 6.0}
+
+
+def test_euclidean_head_has_no_parameters():
     assert list(ProtoNet(flat_backbone(), distance="euclidean").classifier.parameters()) == []
 
 

@@ -4,11 +4,6 @@ failures that name the endpoint and the variable to fix without ever showing a c
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import boto3
 import pytest
@@ -95,31 +90,7 @@ def test_missing_credentials_say_which_variables_to_set(s3_server, monkeypatch, 
         bootstrap_storage.bootstrap(_locations("boot-nocreds"))
 
 
-@pytest.fixture
-def authenticating_s3_server(tmp_path):
-    """A moto server process that checks credentials (it accepts none but the ones it issued)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    with open(tmp_path / "moto.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"moto did not start: {(tmp_path / 'moto.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-        yield endpoint
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+# authenticating_s3_server: tests/conftest.py
 
 
 def test_refused_credentials_name_the_variables_and_never_the_secret(authenticating_s3_server, monkeypatch):

@@ -237,6 +237,104 @@ def test_rayjob_runs_the_pretraining_entrypoint_on_a_config_that_exists():
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
 
 
+# ------------------------------------------------------------------ KubeRay structure (not the CRD schema)
+
+# No installed package ships KubeRay's CRDs, and nothing is downloaded at test time, so the manifests are
+# NOT validated against the real CRD OpenAPI schema here (the test after this one does that only where
+# KUBERAY_CRD_DIR points at a KubeRay checkout). What runs everywhere is this MINIMAL schema, written by
+# hand from KubeRay's documented ray.io/v1 API reference (docs/reference/api.md, KubeRay 1.5-1.7): the
+# KubeRay-defined objects with their field names and types, unknown fields rejected (the API server would
+# prune them silently, so a typo such as `workerGroupSpec` would be lost); pod templates are Kubernetes
+# PodTemplateSpecs and only checked for having containers.
+_POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {
+    "metadata": {"type": "object"},
+    "spec": {"type": "object", "required": ["containers"],
+             "properties": {"containers": {"type": "array", "minItems": 1}}}}}
+_START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
+_RAY_CLUSTER_SPEC = {
+    "type": "object", "additionalProperties": False, "required": ["headGroupSpec"],
+    "properties": {
+        "rayVersion": {"type": "string"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": {"type": "object", "additionalProperties": False, "properties": {
+            name: {} for name in ("resources", "image", "imagePullPolicy", "securityContext", "env", "envFrom",
+                                  "volumeMounts", "upscalingMode", "version")} | {
+            "idleTimeoutSeconds": {"type": "integer", "minimum": 0}}},
+        "authOptions": {"type": "object", "additionalProperties": False,
+                        "properties": {"mode": {"enum": ["disabled", "token"]}}},
+        "headServiceAnnotations": {"type": "object"},
+        "gcsFaultToleranceOptions": {"type": "object"},
+        "managedBy": {"type": "string"},
+        "suspend": {"type": "boolean"},
+        "upgradeStrategy": {"type": "object"},
+        "headGroupSpec": {"type": "object", "additionalProperties": False, "required": ["template"], "properties": {
+            "rayStartParams": _START_PARAMS, "template": _POD_TEMPLATE, "serviceType": {"type": "string"},
+            "headService": {"type": "object"}, "enableIngress": {"type": "boolean"},
+            "resources": {"type": "object"}, "labels": {"type": "object"}}},
+        "workerGroupSpecs": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["groupName", "template"], "properties": {
+                "groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
+                "minReplicas": {"type": "integer", "minimum": 0}, "maxReplicas": {"type": "integer", "minimum": 0},
+                "idleTimeoutSeconds": {"type": "integer", "minimum": 0}, "numOfHosts": {"type": "integer"},
+                "rayStartParams": _START_PARAMS, "template": _POD_TEMPLATE, "scaleStrategy": {"type": "object"},
+                "suspend": {"type": "boolean"}, "resources": {"type": "object"}, "labels": {"type": "object"}}}},
+    },
+}
+_RAY_JOB_SPEC = {
+    "type": "object", "additionalProperties": False, "required": ["entrypoint"],
+    "properties": {
+        "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"}, "jobId": {"type": "string"},
+        "metadata": {"type": "object"},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "entrypointNumCpus": {"type": "number"}, "entrypointNumGpus": {"type": "number"},
+        "entrypointResources": {"type": "string"},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 0},
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "rayClusterSpec": _RAY_CLUSTER_SPEC, "clusterSelector": {"type": "object"},
+        "submitterPodTemplate": {"type": "object"}, "submitterConfig": {"type": "object"},
+        "deletionStrategy": {"type": "object"}, "managedBy": {"type": "string"}, "suspend": {"type": "boolean"},
+    },
+}
+
+
+def _kuberay_object_schema(kind: str, spec: dict) -> dict:
+    return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
+                           "metadata": {"type": "object", "required": ["name"]}, "spec": spec}}
+
+
+MINIMAL_KUBERAY_SCHEMAS = {"RayCluster": _kuberay_object_schema("RayCluster", _RAY_CLUSTER_SPEC),
+                           "RayJob": _kuberay_object_schema("RayJob", _RAY_JOB_SPEC)}
+
+
+def kuberay_structure_errors(manifest: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(MINIMAL_KUBERAY_SCHEMAS[manifest["kind"]])
+    return [f"{list(error.absolute_path)}: {error.message}" for error in validator.iter_errors(manifest)]
+
+
+def test_kuberay_manifests_match_the_documented_field_structure():
+    """Against the minimal hand-written schema above, NOT KubeRay's CRD (see its comment)."""
+    for path in (RAYCLUSTER, RAYJOB):
+        errors = kuberay_structure_errors(load(path))
+        assert not errors, f"{path.name}:\n" + "\n".join(errors)
+
+    # Guard: the mistakes this schema exists to catch are reported.
+    cluster = load(RAYCLUSTER)
+    cluster["spec"]["workerGroupSpec"] = cluster["spec"].pop("workerGroupSpecs")  # a typo the server would prune
+    cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    job = load(RAYJOB)
+    job["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "tokens"
+    del job["spec"]["entrypoint"]
+    cluster_errors, job_errors = kuberay_structure_errors(cluster), kuberay_structure_errors(job)
+    assert any("workerGroupSpec" in error for error in cluster_errors), cluster_errors
+    assert any("num-cpus" in error for error in cluster_errors), cluster_errors
+    assert any("'tokens'" in error for error in job_errors) and any("entrypoint" in error for error in job_errors)
+
+
 @pytest.mark.skipif(not os.environ.get("KUBERAY_CRD_DIR"), reason="set KUBERAY_CRD_DIR to KubeRay's "
                     "ray-operator/config/crd/bases to validate the manifests against its CRD schemas")
 def test_kuberay_manifests_validate_against_the_kuberay_crds():

@@ -171,11 +171,23 @@ def test_ray_job_submit_runs_the_uploaded_code_with_the_nodes_settings(stack, cl
 
 
 def test_job_submission_without_the_token_is_refused(stack, client_env):
-    env = {**client_env, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_AUTH_TOKEN_PATH")
-    listing = _run(_command(" ".join(JOB_LIST)), env=env, timeout=120)
+    """The dashboard refuses a client without the token (401) and one with a wrong token (403), with Ray's
+    own messages (ray/dashboard/http_server_head.py), and serves the same command given the right one."""
+    without_token = {**client_env, "RAY_AUTH_MODE": "disabled"}
+    without_token.pop("RAY_AUTH_TOKEN_PATH")
+    listing = _run(_command(" ".join(JOB_LIST)), env=without_token, timeout=120)
     assert listing.returncode != 0
-    assert "auth" in (listing.stdout + listing.stderr).lower()
+    assert "Missing authentication token" in listing.stdout + listing.stderr, listing.stderr[-2000:]
+
+    wrong = "0123456789abcdef" * 2
+    wrong_token = {**without_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": wrong}
+    listing = _run(_command(" ".join(JOB_LIST)), env=wrong_token, timeout=120)
+    assert listing.returncode != 0
+    assert "Invalid authentication token" in listing.stdout + listing.stderr, listing.stderr[-2000:]
+    assert wrong not in listing.stdout + listing.stderr
+
+    listing = _run(_command(" ".join(JOB_LIST)), env=client_env, timeout=120)
+    assert listing.returncode == 0, listing.stderr[-2000:]
 
 
 def _listening(port: int) -> bool:

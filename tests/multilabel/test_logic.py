@@ -7,7 +7,11 @@ import torch
 from metallo_core.config import from_dict, load_config
 from metallo_core.data.manifest import ColumnInfo, Manifest, SplitInfo
 from metallo_core.errors import ConfigError, DataError
-from metallo_core.multilabel.config import ExperimentsConfig, MultilabelConfig, PropertySettings
+from metallo_core.multilabel.config import (
+    ExperimentsConfig,
+    MultilabelConfig,
+    PropertySettings,
+)
 from metallo_core.multilabel.experiments import render_tables, trial_specs
 from metallo_core.multilabel.features import feature_cache_key
 from metallo_core.multilabel.properties import (
@@ -17,7 +21,11 @@ from metallo_core.multilabel.properties import (
     with_target_statistics,
 )
 from metallo_core.multilabel.split import stratified_split
-from metallo_core.multilabel.train import cumulative_error, epochs_to_saturation, error_rates
+from metallo_core.multilabel.train import (
+    cumulative_error,
+    epochs_to_saturation,
+    error_rates,
+)
 
 
 def nfurcated_manifest() -> Manifest:
@@ -123,9 +131,9 @@ def test_config_validation_names_the_setting():
         load_config(ExperimentsConfig, None, ["data.uri=x", "variants=[{name: v, properties: [nope]}]"])
 
 
-def test_shipped_configs_load_and_the_grid_covers_seed002():
-    load_config(MultilabelConfig, "configs/multilabel/seed002_bifurcated.yaml")
-    grid = load_config(ExperimentsConfig, "configs/multilabel/seed002_experiments.yaml")
+def test_shipped_configs_load_and_the_grid_covers_seed002(repo_root):
+    load_config(MultilabelConfig, repo_root / "configs/multilabel/seed002_bifurcated.yaml")
+    grid = load_config(ExperimentsConfig, repo_root / "configs/multilabel/seed002_experiments.yaml")
     specs = trial_specs(grid)
     by_variant = {}
     for spec in specs:

@@ -118,7 +118,11 @@ def test_exported_network_maps_images_to_probabilities_then_values():
 
 
 def test_model_files_rebuild_the_same_network_without_pickle(tmp_path):
-    from metallo_core.multilabel.model_store import MultilabelModelSpec, load_model_directory, save_model_files
+    from metallo_core.multilabel.model_store import (
+        MultilabelModelSpec,
+        load_model_directory,
+        save_model_files,
+    )
 
     props = seed002_properties()
     cnn = SmallCNN([4, 8], pooled_size=2)

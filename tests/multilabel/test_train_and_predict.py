@@ -10,13 +10,26 @@ from PIL import Image
 
 from metallo_core import cli, tracking
 from metallo_core.config import load_config
+from metallo_core.data.images import decode_resized
 from metallo_core.data.manifest import read_manifest
 from metallo_core.data.synth_dataset import write_nfurcated
 from metallo_core.errors import ConfigError
 from metallo_core.models.backbones import BackboneSpec, build_backbone
+from metallo_core.multilabel import pipeline
 from metallo_core.multilabel.config import BackboneSettings, MultilabelConfig
 from metallo_core.multilabel.features import load_feature_table, resolve_backbone
-from metallo_core.multilabel.pipeline import check_dataset, prepare_inputs, run_multilabel_training, train_model
+from metallo_core.multilabel.model import (
+    MultilabelNet,
+    NFurcatedHead,
+    decode_outputs,
+    images_to_unit_tensor,
+)
+from metallo_core.multilabel.pipeline import (
+    check_dataset,
+    prepare_inputs,
+    run_multilabel_training,
+    train_model,
+)
 
 # A random-init ResNet-18 with the small stem: no pretrained weights exist offline, and a test must not
 # depend on the local registry. Random conv features still separate these textures well enough to learn.
@@ -32,9 +45,25 @@ def nfurcated(tmp_path_factory):
     return path
 
 
-def test_heads_learn_model_is_registered_and_predict_writes_one_row_per_image(nfurcated, tmp_path, capsys):
+def in_process_predictions(network: MultilabelNet, properties, paths: list, size: int) -> dict[str, np.ndarray]:
+    """The trained network's own outputs on the image files, decoded as predict decodes them."""
+    images = np.stack([decode_resized(path.read_bytes(), size) for path in paths])
+    with torch.inference_mode():
+        decoded = decode_outputs(network.eval()(images_to_unit_tensor(torch.from_numpy(images))), properties)
+    return {name: value.numpy() for name, value in decoded.items()}
+
+
+def test_heads_learn_model_is_registered_and_predict_writes_one_row_per_image(nfurcated, tmp_path, monkeypatch):
     config = load_config(MultilabelConfig, None, [f"data.uri={nfurcated}", *SMALL_BACKBONE, "data.test_fraction=0.3",
                                                   "optim.max_epochs=40", "torch_threads=2"])
+    trained_in_process = {}
+
+    def keep_trained_network(*args, **kwargs):
+        trained = train_model(*args, **kwargs)
+        trained_in_process.update(trained=trained, encoder=kwargs["image_encoder"])
+        return trained
+
+    monkeypatch.setattr(pipeline, "train_model", keep_trained_network)
     result = run_multilabel_training(config)
 
     # Default properties: every label column of the dataset (two classification heads, one regression head).
@@ -76,8 +105,28 @@ def test_heads_learn_model_is_registered_and_predict_writes_one_row_per_image(nf
     for row in rows:
         assert row["morphology"] in manifest.extra_columns["morphology"].classes
         assert row["volume_fraction_class"] in manifest.extra_columns["volume_fraction_class"].classes
-        assert 0 < float(row["morphology_probability"]) <= 1
-        assert -1 < float(row["volume_fraction"]) < 2
+
+    # Oracle: the network as trained in this process, on the same files. A predict that loaded other
+    # weights (an untrained head, another version) would disagree; the guard below shows by how much.
+    trained = trained_in_process["trained"]
+    paths = [images / row["file"] for row in rows]
+    expected = in_process_predictions(MultilabelNet(trained_in_process["encoder"], trained.head),
+                                      trained.properties, paths, size=32)
+    by_name = {prop.name: prop for prop in trained.properties}
+    for name in ("morphology", "volume_fraction_class"):
+        classes = by_name[name].classes
+        assert [row[name] for row in rows] == [classes[i] for i in expected[name].argmax(-1)]
+        np.testing.assert_allclose([float(row[f"{name}_probability"]) for row in rows], expected[name].max(-1),
+                                   atol=2e-6)
+    np.testing.assert_allclose([float(row["volume_fraction"]) for row in rows], expected["volume_fraction"],
+                               atol=2e-6)
+
+    torch.manual_seed(1)
+    untrained_head = NFurcatedHead(trained.head.shared[0].in_features, config.head.fc_width, trained.properties)
+    untrained = in_process_predictions(MultilabelNet(trained_in_process["encoder"], untrained_head),
+                                       trained.properties, paths, size=32)
+    assert np.abs(untrained["morphology"].max(-1) - expected["morphology"].max(-1)).max() > 1e-2
+    assert np.abs(untrained["volume_fraction"] - expected["volume_fraction"]).max() > 1e-2
 
 
 def test_train_json_ends_with_errors_cumulative_error_and_model(nfurcated, capsys):

@@ -96,13 +96,33 @@ def test_dino_schedules():
 
 
 def test_ema_update():
-    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    teacher = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    student(torch.randn(8, 3))  # the student's BN running statistics move; the teacher's do not
+    student_state = {name: value.clone() for name, value in student.state_dict().items()}
     before = [p.clone() for p in teacher.parameters()]
     update_teacher(student, teacher, momentum=0.75)
     for old, new, source in zip(before, teacher.parameters(), student.parameters()):
         torch.testing.assert_close(new, 0.75 * old + 0.25 * source)
-    update_teacher(student, teacher, momentum=1.0)  # momentum 1 keeps the teacher
-    assert not any(p.requires_grad is False for p in student.parameters())
+
+    # Momentum 1 keeps the teacher exactly, although it still differs from the student (so a teacher
+    # overwritten by the student would fail here).
+    kept = [p.clone() for p in teacher.parameters()]
+    update_teacher(student, teacher, momentum=1.0)
+    for old, new in zip(kept, teacher.parameters()):
+        assert torch.equal(new, old)
+    assert not torch.equal(teacher[0].weight, student[0].weight)
+    # Momentum 0 copies the student; buffers (BN statistics) are never averaged.
+    update_teacher(student, teacher, momentum=0.0)
+    for new, source in zip(teacher.parameters(), student.parameters()):
+        assert torch.equal(new, source)
+    assert torch.equal(teacher[1].running_mean, torch.zeros(2)) and not torch.equal(
+        student[1].running_mean, torch.zeros(2))
+    # The student is read, never written.
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, student_state[name]), name
+    assert all(p.requires_grad for p in student.parameters())
 
 
 def test_head_shapes_normalisation_and_frozen_gain():

@@ -55,6 +55,16 @@ def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewsh
         "final_test.query=5",
     ])
     assert config.search.num_samples == 4 and config.base.epochs == 2  # 2 ASHA rungs: epoch 1 and epoch 2
+    # Four fixed trials, good and destructive in turn (two at a time), so that ASHA's decisions do not
+    # hang on chance: Adam at lr 0.1 wrecks a scratch ResNet within an epoch, SGD at 0.05 learns. At the
+    # first rung (reduction factor 2) a trial goes on only if it is not below the median of those that
+    # reached it: both SGD trials always go on (>= 2 finish), and an Adam trial that reaches the rung
+    # after an SGD one (the 4th always does, the 2nd nearly always) is stopped.
+    config.space = {"optim.name": {"choice": ["sgd", "adamw"]}, "optim.lr": {"choice": [0.05, 0.1]},
+                    "episodes.shot": {"choice": [1, 5]}}
+    learns, destroys = ({"optim.name": "sgd", "optim.lr": 0.05, "episodes.shot": 5},
+                        {"optim.name": "adamw", "optim.lr": 0.1, "episodes.shot": 5})
+    config.search.points_to_evaluate = [learns, destroys, learns, destroys]
     result = run_metatrain_search(config)
 
     parents, children = search_runs("metallo-tune")
@@ -75,7 +85,10 @@ def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewsh
             assert child.data.tags["metallo.tune.status"] == "stopped early" and child.info.status == "KILLED"
         best_by_trial[child.data.tags[TRIAL_TAG]] = (max(point.value for point in curve), completed)
     finished = {trial: value for trial, (value, completed) in best_by_trial.items() if completed}
+    # "Picks the best" means something only if ASHA chose: it stopped a trial and >= 2 ran to the end.
+    assert len(finished) >= 2 and len(best_by_trial) - len(finished) >= 1, best_by_trial
     assert result.best_trial == max(finished, key=finished.get)
+    assert result.best_params["optim.name"] == "sgd"
     assert result.best_val_accuracy == pytest.approx(finished[result.best_trial], abs=1e-6)
 
     best = load_config(MetaTrainConfig, tmp_path / "best.yaml")
@@ -158,3 +171,40 @@ def test_finetune_search_resumes_after_an_interruption_without_rerunning_trials(
     assert again.best_trial == result.best_trial and again.final_test == result.final_test
     assert len(client.get_metric_history(result.parent_run_id, "test/finetune_best_accuracy")) == 1
     assert len(search_runs("metallo-tune")[1]) == 4
+
+
+def test_a_search_run_again_with_changed_settings_extends_or_is_refused(fewshot_data, registered_protonet,
+                                                                       ray_cluster):
+    """(a) more samples extend a finished search to the new count; (b) a new lr range and (c) a new key in
+    space are refused before any trial runs, naming the setting, and the finished parent run stays FINISHED."""
+    import copy
+
+    from metallo_core.tuning.resume import SearchChanged
+
+    config = load_config(FinetuneSearchConfig, REPO / "tuning/configs/finetune_tiny_cpu.yaml", [
+        f"evaluate.data.uri={fewshot_data}", "evaluate.episodes.query=5", "evaluate.finetune.steps=1",
+        "val_tasks=4", "report_every_tasks=4", "search.name=ft-change", "search.num_samples=2", "final_test=false"])
+    config.space["finetune.steps"] = {"choice": [1, 2]}
+    first = run_finetune_search(config)
+    client = tracking.client()
+    assert len(search_runs("metallo-tune")[1]) == 2
+
+    new_range = copy.deepcopy(config)
+    new_range.space["finetune.lr"] = {"loguniform": [1.0e-3, 1.0e-2]}
+    with pytest.raises(SearchChanged, match=r"space: finetune.lr: was .*search.name=ft-change-2"):
+        run_finetune_search(new_range)
+    new_key = copy.deepcopy(config)
+    new_key.space["finetune.bn_mode"] = {"choice": ["train", "eval"]}
+    with pytest.raises(SearchChanged, match=r"space: finetune.bn_mode: was \(absent\)"):
+        run_finetune_search(new_key)
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+    assert len(search_runs("metallo-tune")[1]) == 2  # no trial ran
+
+    more = copy.deepcopy(config)
+    more.search.num_samples = 3
+    extended = run_finetune_search(more)
+    assert extended.resumed and extended.parent_run_id == first.parent_run_id
+    parents, children = search_runs("metallo-tune")
+    assert len(parents) == 1 and len(children) == 3
+    assert {child.data.tags["metallo.tune.status"] for child in children} == {"completed"}
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"

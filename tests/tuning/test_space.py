@@ -82,21 +82,21 @@ def test_points_to_evaluate_must_cover_the_space():
         encode_point({"finetune.lr": 0.003}, space)
 
 
-def test_repository_search_configs_load_and_validate():
+def test_repository_search_configs_load_and_validate(repo_root):
     for name in ("metatrain_tiny_cpu", "metatrain_synthetic"):
-        config = load_config(MetaTrainSearchConfig, f"tuning/configs/{name}.yaml")
+        config = load_config(MetaTrainSearchConfig, repo_root / f"tuning/configs/{name}.yaml")
         to_tune_space(config.space)
     for name in ("finetune_tiny_cpu", "finetune_synthetic"):
-        config = load_config(FinetuneSearchConfig, f"tuning/configs/{name}.yaml")
+        config = load_config(FinetuneSearchConfig, repo_root / f"tuning/configs/{name}.yaml")
         to_tune_space(config.space)
         for point in config.search.points_to_evaluate:
             encode_point(point, config.space)
     with pytest.raises(ConfigError, match="finetune.\\* keys only"):
-        load_config(FinetuneSearchConfig, "tuning/configs/finetune_tiny_cpu.yaml", ["space={optim.lr: 0.1}"])
+        load_config(FinetuneSearchConfig, repo_root / "tuning/configs/finetune_tiny_cpu.yaml", ["space={optim.lr: 0.1}"])
 
 
-def test_asha_budget_is_the_longest_trial():
-    config = load_config(MetaTrainSearchConfig, "tuning/configs/metatrain_synthetic.yaml")
+def test_asha_budget_is_the_longest_trial(repo_root):
+    config = load_config(MetaTrainSearchConfig, repo_root / "tuning/configs/metatrain_synthetic.yaml")
     assert _epoch_budget(config) == 8  # epochs: {choice: [4, 8]}
     config.space["epochs"] = {"randint": [2, 6]}
     assert _epoch_budget(config) == 6

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from metallo_core.data.images import IMAGE_SUFFIXES, ImageInfo, probe_image, resize_encoded
+from metallo_core.data.crop import EdgeCrop
+from metallo_core.data.images import IMAGE_SUFFIXES, PreparedBytes, prepare_bytes
 from metallo_core.errors import DataError
 
 OnError = Literal["fail", "skip"]
@@ -18,6 +19,7 @@ class IngestOptions:
     overwrite: bool = False
     seed: int = 0
     name: str | None = None
+    crop: EdgeCrop = field(default_factory=EdgeCrop)  # edges (a data bar) cut before storing; recorded in the manifest
 
     def __post_init__(self) -> None:
         if self.size is not None and self.size < 8:
@@ -26,10 +28,7 @@ class IngestOptions:
             raise DataError(f"--on-error must be fail or skip, got {self.on_error!r}")
 
 
-@dataclass
-class PreparedImage:
-    data: bytes
-    info: ImageInfo
+PreparedImage = PreparedBytes  # data, info (height, width, encoding), decode notes, bottom rows cropped
 
 
 @dataclass
@@ -42,12 +41,13 @@ class SkipLog:
         self.entries.append({"source": source, "reason": reason})
 
 
-def prepare_image(data: bytes, source: str, size: int | None) -> PreparedImage:
-    """Validate the image (a full decode) and, only if a size was asked for, re-encode it."""
-    if size is None:
-        return PreparedImage(data, probe_image(data, source))
-    resized, info = resize_encoded(data, size, source)
-    return PreparedImage(resized, info)
+def prepare_image(data: bytes, source: str, size: int | None, crop: EdgeCrop | None = None) -> PreparedImage:
+    """Validate the image (a full decode under the decode policy) and, only if a size or a crop was asked
+    for, re-encode it."""
+    try:
+        return prepare_bytes(data, source, size, crop)
+    except DataError as exc:
+        raise DataError(f"{exc}; replace the file or ingest with --on-error skip") from exc
 
 
 def check_suffix(source: str) -> None:

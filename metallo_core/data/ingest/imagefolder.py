@@ -8,6 +8,8 @@ seeded class-disjoint train/val/test split (few-shot); `split_rows=(0.8, 0.2)` a
 from __future__ import annotations
 
 import posixpath
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,40 +21,72 @@ from metallo_core.data.ingest.common import (
     prepare_image,
     split_names,
 )
+from metallo_core.data.listing import FolderListing, filter_keys, list_folder
 from metallo_core.data.manifest import Manifest
 from metallo_core.data.shards import DatasetWriter
 from metallo_core.errors import DataError, StorageError
 from metallo_core.storage import Location, locate
 
+UNLABELLED_CLASS = "unlabelled"
+MAX_NOTES_KEPT = 200  # decode notes kept in the manifest (all are counted)
 
-def scan_class_folders(root: Location) -> dict[str, list[str]]:
-    """Class name -> sorted image paths (relative to root); hidden files are ignored."""
+
+@dataclass
+class FolderScan:
+    """Class name -> sorted image paths (relative to the root), and the listing they came from."""
+
+    images_by_class: dict[str, list[str]]
+    listing: FolderListing
+    unlabelled: bool
+
+
+def list_source(root: Location) -> FolderListing:
+    """The listing policy of `metallo_core.data.listing`, on a local folder or an s3:// prefix."""
     if not root.exists():
         raise DataError(f"--src {root.uri} does not exist")
-    files = [f for f in root.list_files() if not any(part.startswith(".") for part in f.split("/"))]
-    by_class: dict[str, list[str]] = {}
-    for relative in files:
-        if "/" not in relative:
-            raise DataError(
-                f"{root.join(relative).uri} lies directly under --src; imagefolder expects <src>/<class>/<image>"
-            )
-        by_class.setdefault(relative.split("/", 1)[0], []).append(relative)
-    # A class folder with no file at all is invisible to a file listing; find it among the directories.
-    if not root.is_s3:
-        import os
+    if root.is_s3:
+        return filter_keys(root.uri, root.list_files())
+    return list_folder(root.path)
 
-        for entry in sorted(os.listdir(root.path)):
-            if not entry.startswith(".") and os.path.isdir(os.path.join(root.path, entry)):
-                by_class.setdefault(entry, [])
-    empty = sorted(name for name, paths in by_class.items() if not paths)
+
+def scan_class_folders(root: Location, unlabelled: bool | None = None) -> FolderScan:
+    """Group the source's images by class folder (`<src>/<class>/...`, sub-folders included).
+
+    `unlabelled=True` makes every image one class (`unlabelled`) whatever the folders; `None` does so
+    only for a flat folder (images directly under --src and no class folder), as for DINO on a user's own
+    images. Images beside class folders are an error: the layout is ambiguous.
+    """
+    listing = list_source(root)
+    groups, loose = listing.by_top_folder()
+    non_images = [f for f in listing.other_files if "/" not in f]
+    if unlabelled or (unlabelled is None and loose and not any(groups.values())):
+        if not listing.images:
+            raise DataError(f"--src {root.uri} holds no image" + _ignored_suffix(listing))
+        # Non-image files stay bad inputs of the one class (--on-error), as in class folders.
+        return FolderScan({UNLABELLED_CLASS: sorted(listing.images + listing.other_files)}, listing, True)
+    if loose or non_images:
+        first = (loose or non_images)[0]
+        raise DataError(
+            f"{root.join(first).uri} lies directly under --src beside class folders; imagefolder expects "
+            "<src>/<class>/<image> (or a flat folder of images only, ingested as one unlabelled class)"
+        )
+    for relative in listing.other_files:
+        groups[relative.split("/", 1)[0]].append(relative)  # bad inputs of their class (--on-error)
+    empty = sorted(name for name, paths in groups.items() if not paths)
     if empty:
         raise DataError(
             f"class folder(s) {', '.join(repr(posixpath.join(root.uri, e)) for e in empty)} hold no image; "
-            "add images or remove the folder"
+            "add images or remove the folder" + _ignored_suffix(listing)
         )
-    if not by_class:
-        raise DataError(f"--src {root.uri} holds no class folder; expected <src>/<class>/<image>")
-    return {name: sorted(by_class[name]) for name in sorted(by_class)}
+    if not groups:
+        raise DataError(f"--src {root.uri} holds no class folder; expected <src>/<class>/<image>"
+                        + _ignored_suffix(listing))
+    return FolderScan({name: sorted(groups[name]) for name in sorted(groups)}, listing, False)
+
+
+def _ignored_suffix(listing: FolderListing) -> str:
+    line = listing.describe_ignored(include_other_files=False)
+    return f" ({line})" if line else ""
 
 
 def assign_class_splits(class_names: list[str], sizes: tuple[int, ...], seed: int) -> dict[str, list[str]]:
@@ -100,11 +134,22 @@ def ingest_imagefolder(
     *,
     split_classes: tuple[int, ...] | None = None,
     split_rows: tuple[float, ...] | None = None,
+    unlabelled: bool | None = None,
 ) -> Manifest:
+    """Ingest `<src>/<class>/<image>` (or a flat folder of unlabelled images, see `scan_class_folders`)."""
     if split_classes and split_rows:
         raise DataError("--split-classes and --split-rows exclude each other; pick one")
     root = locate(src)
-    images_by_class = scan_class_folders(root)
+    scan = scan_class_folders(root, unlabelled)
+    images_by_class = scan.images_by_class
+    if scan.unlabelled and split_classes:
+        raise DataError("--split-classes needs class folders; unlabelled images form one class (use --split-rows)")
+    ignored = scan.listing.describe_ignored(include_other_files=False)
+    if scan.unlabelled:
+        print(f"metallo: --src {root.uri}: {len(scan.listing.images)} unlabelled image(s), ingested as one class "
+              f"{UNLABELLED_CLASS!r}", file=sys.stderr)
+    if ignored:
+        print(f"metallo: --src {root.uri}: {ignored}", file=sys.stderr)
     class_names = list(images_by_class)
     if split_classes:
         classes_of_split = assign_class_splits(class_names, split_classes, options.seed)
@@ -118,6 +163,17 @@ def ingest_imagefolder(
         split_of_image = {p: "train" for paths in images_by_class.values() for p in paths}
 
     skipped = SkipLog()
+    source = {
+        "ingester": "imagefolder",
+        "src": root.uri,
+        "unlabelled": scan.unlabelled,
+        "split_classes": list(split_classes) if split_classes else None,
+        "split_rows": list(split_rows) if split_rows else None,
+        "size": options.size,
+        "crop": options.crop.describe(),
+        "seed": options.seed,
+        "ignored": scan.listing.ignored_counts(),
+    }
     writer = DatasetWriter(
         out,
         options.name or posixpath.basename(root.uri.rstrip("/")),
@@ -125,26 +181,24 @@ def ingest_imagefolder(
         split_kind="classes" if split_classes else "rows",
         split_classes=classes_of_split,
         overwrite=options.overwrite,
-        source={
-            "ingester": "imagefolder",
-            "src": root.uri,
-            "split_classes": list(split_classes) if split_classes else None,
-            "split_rows": list(split_rows) if split_rows else None,
-            "size": options.size,
-            "seed": options.seed,
-        },
+        source=source,
     )
+    decode_notes: dict[str, str] = {}
+    bar_rows: list[int] = []
     with writer:
         for class_name, paths in images_by_class.items():
             for relative in paths:
                 try:
                     check_suffix(relative)
                     data = root.join(relative).read_bytes()
-                    image = prepare_image(data, relative, options.size)
+                    image = prepare_image(data, relative, options.size, options.crop)
                 except (DataError, StorageError) as exc:
                     error = exc if isinstance(exc, DataError) else DataError(str(exc))
                     handle_bad_image(error, relative, options, skipped)
                     continue
+                if image.notes:
+                    decode_notes[relative] = "; ".join(image.notes)
+                bar_rows.append(image.bottom_cropped)
                 writer.write(
                     split_of_image[relative],
                     image=image.data,
@@ -155,4 +209,11 @@ def ingest_imagefolder(
                     encoding=image.info.encoding,
                 )
         writer.skipped = skipped.entries
+        # What the decoder changed or guessed, per file (also warned as it happened), kept with the data.
+        source["decode_notes_count"] = len(decode_notes)
+        source["decode_notes"] = dict(list(decode_notes.items())[:MAX_NOTES_KEPT])
+        if options.crop.auto_bottom:
+            found = [rows for rows in bar_rows if rows]
+            source["crop_auto_bars"] = {"images": len(bar_rows), "with_bar": len(found),
+                                        "rows_min": min(found, default=0), "rows_max": max(found, default=0)}
     return writer.manifest

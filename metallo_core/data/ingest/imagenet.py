@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from metallo_core.data.ingest.common import IngestOptions, SkipLog, check_suffix, handle_bad_image, prepare_image
+from metallo_core.data.listing import is_metadata_name
 from metallo_core.data.manifest import Manifest, ShardInfo, build_manifest
 from metallo_core.data.shards import ImageRow, ShardWriter, commit_manifest, prepare_destination
 from metallo_core.errors import DataError, MetalloError, StorageError
@@ -65,8 +66,8 @@ def list_synsets(root: Location) -> list[str]:
         raise DataError(f"--src {root.uri} does not exist or is not a directory")
     synsets = []
     for entry in sorted(os.scandir(root.path), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            continue
+        if entry.name.startswith(".") or is_metadata_name(entry.name, entry.is_dir()):
+            continue  # the listing policy of `metallo_core.data.listing` (hidden, OS/NAS metadata)
         if entry.is_dir():
             synsets.append(entry.name)
         elif entry.name.lower().endswith((".jpeg", ".jpg", ".png")):
@@ -86,7 +87,7 @@ def iter_chunks(root: Location, synsets: list[str], chunk_size: int) -> Iterator
         folder = os.path.join(root.path, synset)
         names = []
         for entry in os.scandir(folder):
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or is_metadata_name(entry.name, entry.is_dir()):
                 continue
             if not entry.is_file():
                 raise DataError(
