@@ -99,3 +99,14 @@ def test_short_run_warning_reports_how_much_of_the_initial_teacher_is_left():
     assert short_run_warnings(fast, epochs=2, warmup_epochs=1, warmup_teacher_temperature_epochs=0) == []
     long_warmup = short_run_warnings(fast, epochs=2, warmup_epochs=2, warmup_teacher_temperature_epochs=3)
     assert [m.split(" ")[0] for m in long_warmup] == ["optim.warmup_epochs", "loss.warmup_teacher_temperature_epochs"]
+
+
+def test_a_pretrained_start_is_not_told_to_move_its_teacher():
+    # Domain-adaptive DINO keeps its teacher close to the pretrained weights on purpose; the other warnings stay.
+    schedules = dino_schedules(**OLD_QUICKSTART_SCHEDULES)
+    scratch = short_run_warnings(schedules, epochs=2, warmup_epochs=2, warmup_teacher_temperature_epochs=0)
+    pretrained = short_run_warnings(schedules, epochs=2, warmup_epochs=2, warmup_teacher_temperature_epochs=0,
+                                    pretrained_start=True)
+    assert any("initial weights" in message for message in scratch)
+    assert [message for message in scratch if "initial weights" not in message] == pretrained
+    assert pretrained and pretrained[0].startswith("optim.warmup_epochs")
