@@ -117,7 +117,7 @@ class EvaluateConfig:
     parallelism: int = 2  # Ray actors scoring tasks in parallel
     gpus_per_actor: float = 0.0  # fractional GPUs (e.g. 0.25) when the cluster has GPUs
     cpus_per_actor: float = 1.0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: see metallo_core/precision.py
     experiment: str = "metallo-evaluate"
     run_name: str = ""
     ray_address: str | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Sequence
 
 import numpy as np
@@ -13,23 +12,18 @@ from metallo_core.data.tensor_augment import to_float
 from metallo_core.fewshot.episodes import Episode
 from metallo_core.fewshot.finetune import FinetuneSettings, classify_task
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
-
-
-def autocast_for(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+from metallo_core.precision import autocast
 
 
 @torch.no_grad()
 def embed_images(model: ProtoNet, images: np.ndarray, normalizer: ImageNormalizer, device: torch.device,
-                 precision: str = "bf16", batch_size: int = 128) -> torch.Tensor:
+                 precision: str = "auto", batch_size: int = 128) -> torch.Tensor:
     """Backbone features of (N, S, S, 3) uint8 images, in eval mode."""
     model.eval()
     features = []
     for start in range(0, len(images), batch_size):
         batch = normalizer(images[start:start + batch_size])
-        with autocast_for(device, precision):
+        with autocast(device, precision):
             features.append(model.backbone(batch).float())
     return torch.cat(features)
 
@@ -61,7 +55,7 @@ def protonet_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Seque
 
 def finetuned_predictions(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
                           settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
-                          *, seed: int, lr: float | None = None, precision: str = "bf16") -> list[np.ndarray]:
+                          *, seed: int, lr: float | None = None, precision: str = "auto") -> list[np.ndarray]:
     """Per-task fine-tuning (restoring the backbone before every task), then the episode-local label
     predicted for each query."""
     predictions = []
@@ -70,7 +64,7 @@ def finetuned_predictions(model: ProtoNet, images: ClassIndexedImages, episodes:
         support = to_float(torch.from_numpy(images.images[episode.support]).to(device).permute(0, 3, 1, 2))
         query = to_float(torch.from_numpy(images.images[episode.query]).to(device).permute(0, 3, 1, 2))
         support_labels = torch.tensor(episode.support_labels, device=device)
-        with autocast_for(device, precision):
+        with autocast(device, precision):
             logits = classify_task(model, mode, support, support_labels, query, len(episode.classes), settings,
                                    normalizer=normalizer, generator=generator, lr=lr)
         predictions.append(logits.argmax(1).cpu().numpy())
@@ -79,7 +73,7 @@ def finetuned_predictions(model: ProtoNet, images: ClassIndexedImages, episodes:
 
 def finetuned_accuracies(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
                          settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
-                         *, seed: int, lr: float | None = None, precision: str = "bf16") -> list[float]:
+                         *, seed: int, lr: float | None = None, precision: str = "auto") -> list[float]:
     """Per-task accuracies under a fine-tuning mode (see `finetuned_predictions`)."""
     predictions = finetuned_predictions(model, images, episodes, mode, settings, normalizer, device, seed=seed,
                                         lr=lr, precision=precision)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from metallo_core.models.backbones import build_backbone, convert_sync_batchnorm
 from metallo_core.models.sources import SCRATCH, backbone_from_source
+from metallo_core.precision import autocast, resolve_precision
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.ssl.ema import update_teacher
 from metallo_core.ssl.head import DINOHead
@@ -26,8 +26,6 @@ from metallo_core.ssl.loss import TeacherCenter, dino_loss
 from metallo_core.ssl.multicrop import MultiCropAugment
 from metallo_core.ssl.optim import build_optimizer, clip_gradients, parameter_groups
 from metallo_core.ssl.schedules import DinoSchedules, dino_schedules, short_run_warnings
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MultiCropNetwork(nn.Module):
@@ -75,11 +73,9 @@ class DinoTrainer:
         self.steps_per_epoch = steps_per_epoch
         self.distributed = dist.is_available() and dist.is_initialized() and world_size > 1
         self.channels_last = config.compute.channels_last
-        precision = config.compute.precision
-        self.autocast = (
-            (lambda: torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision]))
-            if precision in AUTOCAST_DTYPES else nullcontext
-        )
+        precision = resolve_precision(config.compute.precision, device)
+        self.precision = precision
+        self.autocast = lambda: autocast(device, precision)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         student = build_network(config)
         if config.init_weights and config.init_weights != SCRATCH:

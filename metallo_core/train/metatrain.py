@@ -23,7 +23,12 @@ from metallo_core.data.class_index import indices_by_class, load_split_labels
 from metallo_core.data.manifest import manifest_sha256, read_manifest
 from metallo_core.errors import DataError, MetalloError
 from metallo_core.fewshot.config import MetaTrainConfig
-from metallo_core.fewshot.episodes import episode_meta, episodes_from_json, episodes_to_json, fixed_episodes
+from metallo_core.fewshot.episodes import (
+    episode_meta,
+    episodes_from_json,
+    episodes_to_json,
+    fixed_episodes,
+)
 from metallo_core.storage import locate
 from metallo_core.train import ray_setup
 from metallo_core.train.checkpoints import (
@@ -60,6 +65,8 @@ def metatrain_worker(loop_config: dict) -> None:
     from metallo_core.fewshot.metrics import mean_and_ci95
     from metallo_core.fewshot.model_io import initial_backbone
     from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+    from metallo_core.precision import autocast as precision_autocast
+    from metallo_core.precision import resolve_precision
     from metallo_core.ssl.schedules import cosine_schedule
 
     os.environ[tracking.ENV_TRACKING_URI] = loop_config["tracking_uri"]
@@ -88,8 +95,8 @@ def metatrain_worker(loop_config: dict) -> None:
     steps = config.episodes_per_epoch // world_size
     schedule = cosine_schedule(config.optim.lr, config.optim.min_lr, config.epochs, steps,
                                warmup_epochs=config.optim.warmup_epochs)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.compute.precision)
-    scaler = torch.amp.GradScaler("cuda") if config.compute.precision == "fp16" else None
+    precision = resolve_precision(config.compute.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     run_log = tracking.logger_for(loop_config["run_id"] if rank == 0 else None)
 
@@ -106,8 +113,7 @@ def metatrain_worker(loop_config: dict) -> None:
         run_log.log_metrics({"resumed_at_epoch": start_epoch}, step=start_epoch * steps)
 
     def autocast():
-        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(
-            device.type, enabled=False)
+        return precision_autocast(device, precision)
 
     def episode_tensors(images: ClassIndexedImages, episode, augment: bool):
         support = tensor_augment.to_float(torch.from_numpy(images.images[episode.support]).to(device).permute(0, 3, 1, 2))

@@ -15,9 +15,10 @@ class ComputeSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    # Mixed precision is part of the recipe on every device: bf16 autocast ran 2.6x faster than fp32
-    # on AVX512-bf16 CPUs. fp16 uses a gradient scaler (GPU only).
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # auto: bf16 wherever the device computes it natively (GPUs; CPUs with AVX512-BF16/AMX, where it ran
+    # 2.6x faster than fp32), fp32 on CPUs that would emulate it (13x slower there): see precision.py.
+    # fp16 uses a gradient scaler (GPU only).
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
     torch_threads: int = 0  # 0: as many as the worker's CPUs
     prefetch_batches: int = 4
@@ -27,7 +28,7 @@ class ComputeSettings:
         require(self.num_workers >= 1, f"compute.num_workers must be >= 1, got {self.num_workers}")
         require(self.cpus_per_worker > 0, "compute.cpus_per_worker must be positive")
         require(not (self.precision == "fp16" and not self.use_gpu),
-                "compute.precision fp16 needs a GPU (use_gpu: true); use bf16 on CPU")
+                "compute.precision fp16 needs a GPU (use_gpu: true); use auto, bf16 or fp32 on CPU")
 
 
 @dataclass

@@ -14,7 +14,12 @@ from metallo_core.config import from_dict
 from metallo_core.errors import ConfigError, MetalloError
 from metallo_core.fewshot.config import MetaTrainConfig
 from metallo_core.models.backbones import BackboneSpec, build_backbone
-from metallo_core.models.registry import SPEC_FILE, download_model, load_backbone, log_backbone
+from metallo_core.models.registry import (
+    SPEC_FILE,
+    download_model,
+    load_backbone,
+    log_backbone,
+)
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.ssl.trainer import DinoTrainer
 from metallo_core.train.dino import check_init_weights
@@ -97,8 +102,19 @@ def test_dino_with_weights_of_another_network_fails_on_the_driver(tmp_path):
         from_dict(DinoConfig, {**DINO_TINY, "multicrop": {**DINO_TINY["multicrop"], "mean": [0.4, 0.4, 0.4]}})
 
 
-def test_metatraining_from_a_mismatched_file_fails_before_ray_starts(tmp_path):
+def test_metatraining_from_a_mismatched_file_fails_before_ray_starts(tmp_path, monkeypatch):
     import ray
+
+    from metallo_core.train import metatrain
+
+    def must_not_be_reached(*args, **kwargs):
+        raise AssertionError("metatraining went past the weights check")
+
+    # Another test may have started this session's Ray already, so "before Ray starts" is checked as:
+    # no MLflow run is opened, no trainer is built, and Ray's state is what it was.
+    monkeypatch.setattr(metatrain.tracking, "open_run", must_not_be_reached)
+    monkeypatch.setattr(metatrain, "_fit", must_not_be_reached)
+    ray_was_running = ray.is_initialized()
 
     path = tmp_path / "dino_resnet50_pretrain.pth"
     torch.save(build_backbone(BackboneSpec(arch="resnet34")).state_dict(), path)
@@ -108,11 +124,9 @@ def test_metatraining_from_a_mismatched_file_fails_before_ray_starts(tmp_path):
         "episodes": {"way": 3, "shot": 1, "query": 2}, "val_episodes": 2, "episodes_per_epoch": 2, "epochs": 1,
         "run": {"storage": str(tmp_path / "runs")},
     })
-    from metallo_core.train.metatrain import run_metatraining
-
     with pytest.raises(MetalloError, match=r"dino_resnet50_pretrain\.pth does not fit a resnet18.*unexpected keys"):
-        run_metatraining(config)
-    assert not ray.is_initialized()
+        metatrain.run_metatraining(config)
+    assert ray.is_initialized() == ray_was_running
 
 
 def test_shipped_configs_that_start_from_pretrained_weights_validate():

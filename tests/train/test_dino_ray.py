@@ -25,7 +25,7 @@ def test_pretraining_resumes_after_a_worker_dies_and_registers_the_backbone(tmp_
         "multicrop": {"global_size": 16, "local_size": 8, "local_crops": 2, "micrograph": True},
         "optim": {"batch_size_per_worker": 8, "warmup_epochs": 1},
         "knn": {"every_epochs": 1, "split": "val"},
-        "compute": {"num_workers": 2, "precision": "bf16"},
+        "compute": {"num_workers": 2},
         "run": {"name": "dino-test", "max_failures": 1, "log_every_steps": 1},
         "debug": {"fail_at_step": steps + 2, "fail_rank": 1},  # mid-way through epoch 1
         "epochs": 2,
