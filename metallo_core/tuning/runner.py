@@ -326,9 +326,11 @@ def close_trial_runs(parent_run_id: str, rows: list[TrialRow]) -> dict[str, str]
         client.set_tag(run.info.run_id, "metallo.tune.status", row.status)
         if row.objective is not None:
             client.set_tag(run.info.run_id, "metallo.tune.objective", f"{row.objective:.6f}")
-        if run.info.status == "RUNNING" or (row.status in ("stopped early", "interrupted")
-                                            and run.info.status == "FAILED"):
-            client.set_terminated(run.info.run_id, status="KILLED" if row.status != "completed" else "FINISHED")
+        # A trial without an error whose run reads FAILED was stopped by Tune, not broken: the scheduler
+        # kills early-stopped trials mid-epoch, and also stops a trial right after it reports its last
+        # epoch (max_t), before its run could close itself.
+        if run.info.status == "RUNNING" or (not row.error and run.info.status == "FAILED"):
+            client.set_terminated(run.info.run_id, status="FINISHED" if row.status == "completed" else "KILLED")
     return {trial: run.info.run_id for trial, run in by_trial.items()}
 
 
