@@ -6,7 +6,7 @@ Effect sizes, measured with the same data, model and settings in-process (40 tes
 meta-trained - untrained ProtoNet +16.9 +- 2.2 points; fine-tuning 15 steps at lr 5e-3 - ProtoNet
 +9.2 +- 2.1 (at lr 1e-3, the setting this test used before, only +1.9 +- 1.6: inside the noise), with
 BatchNorm in train mode while fine-tuning: in eval mode (the default since) the running statistics of this
-small scratch-trained network made fine-tuning at lr 5e-3 lose 45 points.
+small scratch-trained network made fine-tuning at lr 5e-3 lose 45 points."""
 
 import json
 from pathlib import Path
