@@ -13,11 +13,9 @@ from __future__ import annotations
 import warnings
 from contextlib import nullcontext
 from functools import cache
-from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -74,7 +74,6 @@ class DinoTrainer:
         self.distributed = dist.is_available() and dist.is_initialized() and world_size > 1
         self.channels_last = config.compute.channels_last
         precision = resolve_precision(config.compute.precision, device)
-        self.precision = precision
         self.autocast = lambda: autocast(device, precision)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         student = build_network(config)
