@@ -117,3 +117,31 @@ def _last_downsampling(stages: list[nn.Module]) -> int:
         if any(max(conv.stride) > 1 for conv in convolutions):
             return index
     raise ConfigError("cannot find the last downsampling stage of this network; use finetune.update: all")
+
+
+def stage_names(backbone: nn.Module) -> tuple[str, ...]:
+    """Attribute paths of a convolutional backbone's stages in forward order, from the first block group
+    after the stem to the last (ResNet `layer1`..`layer4`; EfficientNet block groups; ConvNeXt stages).
+
+    Their outputs are (B, C_i, H_i, W_i) maps; `metallo_core.models.pooling` averages them. ConfigError for
+    families without such a list (ViT, Swin).
+    """
+    import torchvision
+
+    module = getattr(backbone, "_orig_mod", getattr(backbone, "module", backbone))
+    if isinstance(getattr(module, "layer4", None), nn.Module):  # torchvision and timm ResNets
+        return tuple(f"layer{i}" for i in range(1, 5))
+    if isinstance(module, torchvision.models.EfficientNet):
+        # features[0] is the stem and features[-1] the 1x1 head convolution.
+        return tuple(f"features.{i}" for i in range(1, len(module.features) - 1))
+    if isinstance(module, torchvision.models.ConvNeXt):
+        return tuple(f"features.{i}" for i in range(1, len(module.features), 2))  # stem, stage, downsample, ...
+    from timm.models.convnext import ConvNeXt
+    from timm.models.efficientnet import EfficientNet
+
+    if isinstance(module, EfficientNet):
+        return tuple(f"blocks.{i}" for i in range(len(module.blocks)))
+    if isinstance(module, ConvNeXt):
+        return tuple(f"stages.{i}" for i in range(len(module.stages)))
+    raise ConfigError(f"pooling early stages is defined for ResNets, EfficientNets and ConvNeXts; this backbone "
+                      f"({type(module).__name__}) has no stage list: set backbone.pooled_early_stages: 0")

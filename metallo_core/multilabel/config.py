@@ -80,6 +80,13 @@ class BackboneSettings:
     # Features then change every step, so the feature cache cannot be used: each epoch runs the whole
     # backbone on the images.
     unfreeze_last_stage: bool = False
+    # Also average the outputs of the first N stages (ResNet layer1.., EfficientNet block groups) and put
+    # them before the final pooled features. Deep features ignore how much of the image is bright, which is
+    # what a volume fraction is; the early stages keep it (see metallo_core/models/pooling.py). 0: off.
+    pooled_early_stages: int = 0
+    # Keep the backbone's final pooled features (with pooled_early_stages >= 1, false uses only the early
+    # stages' averages: on seed 002's binary phase images they read both labels better; see pooling.py).
+    final_features: bool = True
     extract_batch_size: int = 64
     cache: bool = True  # reuse features computed before for the same backbone, image size and dataset
     cache_dir: str = ""  # "": $METALLO_HOME/cache/features
@@ -93,6 +100,9 @@ class BackboneSettings:
                 "backbone.weights_path applies to torchvision backbones only (source auto or torchvision); "
                 "drop it, or give the file as backbone.source")
         require(self.extract_batch_size >= 1, "backbone.extract_batch_size must be >= 1")
+        require(self.pooled_early_stages >= 0, "backbone.pooled_early_stages must be >= 0")
+        require(self.final_features or self.pooled_early_stages >= 1,
+                "backbone.final_features: false needs backbone.pooled_early_stages >= 1 (no features otherwise)")
 
 
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")

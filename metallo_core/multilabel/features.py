@@ -42,7 +42,7 @@ from metallo_core.models.sources import (
     split_file_source,
 )
 from metallo_core.multilabel.config import BackboneSettings
-from metallo_core.multilabel.model import ImageEncoder, images_to_unit_tensor
+from metallo_core.multilabel.model import backbone_image_encoder, images_to_unit_tensor
 from metallo_core.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -184,11 +184,16 @@ def extract_features(encoder: nn.Module, images: np.ndarray, *, batch_size: int 
 
 
 def feature_cache_key(*, backbone_identity: str, image_size: int, manifest_digest: str, split: str,
-                      max_images: int) -> str:
-    canonical = json.dumps({
+                      max_images: int, pooled_stages: tuple[str, ...] = (), final_features: bool = True) -> str:
+    fields = {
         "format": CACHE_FORMAT, "backbone": backbone_identity, "image_size": image_size,
         "manifest_sha256": manifest_digest, "split": split, "max_images": max_images,
-    }, sort_keys=True)
+    }
+    if pooled_stages:  # absent rather than empty, so entries written before early-stage pooling still match
+        fields["pooled_stages"] = list(pooled_stages)
+    if not final_features:
+        fields["final_features"] = False
+    canonical = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -206,10 +211,13 @@ def load_image_table(uri: str, split: str, *, image_size: int, manifest: Manifes
 def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, image_size: int, manifest: Manifest,
                        settings: BackboneSettings, max_images: int = 0) -> InputTable:
     """Features of every image of `split` from the cache, or extracted once and cached."""
+    encoder = backbone_image_encoder(backbone.module, backbone.spec.mean, backbone.spec.std,
+                                     settings.pooled_early_stages, settings.final_features)
     cache_file = None
     if settings.cache:
         key = feature_cache_key(backbone_identity=backbone.identity, image_size=image_size,
-                                manifest_digest=manifest_sha256(uri), split=split, max_images=max_images)
+                                manifest_digest=manifest_sha256(uri), split=split, max_images=max_images,
+                                pooled_stages=encoder.pooled_stages, final_features=encoder.final_features)
         cache_file = Path(settings.cache_dir or default_cache_dir()).expanduser().resolve() / f"{key}.npz"
         cached = _read_cache(cache_file)
         if cached is not None:
@@ -217,7 +225,6 @@ def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, imag
             return cached
     started = time.perf_counter()
     table = load_image_table(uri, split, image_size=image_size, manifest=manifest, max_images=max_images)
-    encoder = ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std)
     features = extract_features(encoder, table.inputs, batch_size=settings.extract_batch_size,
                                 label=f"features {split} @ {image_size}px")
     extract_seconds = round(time.perf_counter() - started, 2)
@@ -228,6 +235,7 @@ def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, imag
             "backbone": backbone.identity, "backbone_description": backbone.description, "dataset_uri": uri,
             "manifest_sha256": manifest_sha256(uri), "split": split, "image_size": image_size,
             "max_images": max_images, "num_images": len(result), "feature_dim": int(features.shape[1]),
+            "pooled_stages": list(encoder.pooled_stages), "final_features": encoder.final_features,
             "extract_seconds": extract_seconds, "format": CACHE_FORMAT,
         })
         result.cache_path = str(cache_file)

@@ -6,11 +6,14 @@ them with standardised targets; `decode_outputs` maps them back to the property'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metallo_core.errors import ConfigError
+from metallo_core.models.pooling import StageAverages, early_stage_names, pooled_with_early_stages
 from metallo_core.multilabel.properties import PropertyInfo
 
 
@@ -58,16 +61,47 @@ class NFurcatedHead(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """float images (B, 3, H, W) in [0, 1] -> normalised -> backbone -> pooled features."""
+    """float images (B, 3, H, W) in [0, 1] -> normalised -> backbone -> pooled features (B, D), preceded by
+    the spatial means of the `pooled_stages` outputs when any are named (`metallo_core.models.pooling`);
+    `final_features=False` keeps only those means."""
 
-    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 pooled_stages: Sequence[str] = (), final_features: bool = True):
         super().__init__()
+        if not final_features and not pooled_stages:
+            raise ConfigError("an encoder without the final features needs early stages to pool "
+                              "(backbone.pooled_early_stages >= 1 with backbone.final_features false)")
         self.backbone = backbone
+        self.pooled_stages = tuple(pooled_stages)
+        self.final_features = final_features
+        self._stage_averages = StageAverages(backbone, self.pooled_stages) if self.pooled_stages else None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone((images - self.mean) / self.std)
+        normalised = (images - self.mean) / self.std
+        if self._stage_averages is None:
+            return self.backbone(normalised)
+        return pooled_with_early_stages(self.backbone, self._stage_averages, normalised,
+                                        include_final=self.final_features)
+
+    def output_dim(self, image_size: int) -> int:
+        """D of `forward` at `image_size` px (one probe forward in eval mode, without gradients)."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            dim = self(torch.zeros(1, 3, image_size, image_size, device=self.mean.device)).shape[1]
+        self.train(was_training)
+        return int(dim)
+
+
+def backbone_image_encoder(backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                           pooled_early_stages: int, final_features: bool = True) -> ImageEncoder:
+    """`ImageEncoder` over a pretrained backbone, with its first `pooled_early_stages` stages averaged in
+    (`backbone.pooled_early_stages`, `backbone.final_features`; ConfigError if the backbone has no such
+    stages)."""
+    stages = early_stage_names(backbone, pooled_early_stages) if pooled_early_stages else ()
+    return ImageEncoder(backbone, mean, std, stages, final_features)
 
 
 def last_stage_prefixes(backbone: nn.Module) -> tuple[str, ...]:

@@ -51,6 +51,8 @@ class MultilabelModelSpec:
     # backbone: its BackboneSpec (library, arch, weights source, normalisation) at `image_size`
     backbone_spec: dict | None = None
     cnn: dict | None = None  # small_cnn: channels, pooled_size
+    pooled_stages: list[str] = field(default_factory=list)  # backbone stages averaged into the features
+    final_features: bool = True  # the backbone's own pooled features follow those averages
     lineage: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -88,7 +90,7 @@ def build_network(spec: MultilabelModelSpec) -> tuple[MultilabelNet, list[Proper
         backbone = SmallCNN(list(spec.cnn["channels"]), int(spec.cnn["pooled_size"]))
     else:
         backbone = build_backbone(BackboneSpec.from_json(json.dumps(spec.backbone_spec)))
-    encoder = ImageEncoder(backbone, tuple(spec.mean), tuple(spec.std))
+    encoder = ImageEncoder(backbone, tuple(spec.mean), tuple(spec.std), tuple(spec.pooled_stages), spec.final_features)
     head = NFurcatedHead(spec.in_dim, spec.fc_width, properties, activation=spec.activation, dropout=spec.dropout)
     return MultilabelNet(encoder, head), properties
 

@@ -33,6 +33,7 @@ from metallo_core.multilabel.model import (
     ImageEncoder,
     MultilabelNet,
     NFurcatedHead,
+    backbone_image_encoder,
     freeze_backbone,
 )
 from metallo_core.multilabel.properties import (
@@ -185,7 +186,11 @@ def make_image_encoder(config: MultilabelConfig, backbone: ResolvedBackbone | No
     if backbone is None:
         raise ValueError("a pretrained encoder needs a resolved backbone")
     freeze_backbone(backbone.module, train_last_stage=config.backbone.unfreeze_last_stage)
-    return ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std), backbone.spec.feature_dim
+    encoder = backbone_image_encoder(backbone.module, backbone.spec.mean, backbone.spec.std,
+                                     config.backbone.pooled_early_stages, config.backbone.final_features)
+    if not encoder.pooled_stages:
+        return encoder, backbone.spec.feature_dim
+    return encoder, encoder.output_dim(effective_image_size(config, backbone))
 
 
 def train_model(
@@ -291,7 +296,7 @@ def lineage_tags(config: MultilabelConfig, prepared: PreparedInputs) -> dict[str
 
 
 def model_spec(config: MultilabelConfig, trained: TrainedModel, prepared: PreparedInputs, feature_dim: int,
-               lineage: dict[str, str]):
+               lineage: dict[str, str], image_encoder: ImageEncoder | None = None):
     from metallo_core.multilabel.model_store import MultilabelModelSpec
 
     backbone = prepared.backbone
@@ -309,6 +314,8 @@ def model_spec(config: MultilabelConfig, trained: TrainedModel, prepared: Prepar
         backbone_spec=(dataclasses.asdict(dataclasses.replace(backbone.spec, image_size=prepared.image_size))
                        if backbone is not None else None),
         cnn=dataclasses.asdict(config.cnn) if config.encoder == "small_cnn" else None,
+        pooled_stages=list(image_encoder.pooled_stages) if image_encoder is not None else [],
+        final_features=image_encoder.final_features if image_encoder is not None else True,
         lineage=lineage,
     )
 
@@ -346,7 +353,7 @@ def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
             from metallo_core.multilabel.model_store import log_multilabel_model
 
             export_network = MultilabelNet(image_encoder, trained.head)
-            spec = model_spec(config, trained, prepared, feature_dim, lineage)
+            spec = model_spec(config, trained, prepared, feature_dim, lineage, image_encoder)
             tags = {**lineage, "metallo.run_id": run.run_id,
                     f"metallo.{CUMULATIVE}": f"{trained.cumulative_error:.6f}",
                     **{f"metallo.test_error.{name}": f"{value:.6f}" for name, value in trained.errors.items()}}
