@@ -6,11 +6,16 @@ tasks and FT - PN paired per task; plus the cost of a fine-tuning step (--cost).
         --methods pn,ft --out results/real_fewshot.json --markdown results/real_fewshot.md
     uv run --frozen python benchmarks/real_fewshot.py --data ../shared/data/x-sdd --select   # the choice
     uv run --frozen python benchmarks/real_fewshot.py --cost --cost-backbones efficientnet_lite0,resnet50
+    uv run --frozen python benchmarks/real_fewshot.py --data ../shared/data/x-sdd --adapt --adapt-epochs 10 \
+        --adapt-out results/xsdd_adapted.pth --tasks 600 --methods pn   # row (d), paired vs row (a)
 
 Protocol (metallo_core/fewshot/folder_benchmark.py): each class's images are split once (seeded) into a
 selection pool (--selection-fraction) and a test pool. `--select` scores fine-tuning settings on tasks
 of the selection pool; the reported tasks come from the test pool only. Fine-tuning updates the last
 stages on cached trunk features (metallo_core/fewshot/tail_finetune.py); defaults are the selected ones.
+`--adapt` runs domain-adaptive DINO (configs/pretrain/domain_adapt_efficientnet_lite0.yaml at the benchmark's
+image size, Ray-free) on the selection pool's images without their labels, and scores the adapted teacher
+on the same test tasks as the ImageNet backbone, paired per task.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cost-backbones", default="efficientnet_lite0,resnet18,resnet50")
     parser.add_argument("--cost-supports", default="1,5,10,25")
     parser.add_argument("--cost-steps", type=int, default=3)
+    parser.add_argument("--backbone", default="imagenet-offline",
+                        help="backbone source: imagenet-offline, or an EfficientNet-Lite0 weights file (a DINO "
+                             "checkpoint's teacher, e.g. one --adapt-out wrote, or a metallo pretrain export)")
+    parser.add_argument("--adapt", action="store_true",
+                        help="row (d): domain-adaptive DINO from --backbone on the selection pool's images (labels "
+                             "unused), then score the adapted backbone, paired against the ImageNet one")
+    parser.add_argument("--adapt-config", default=str(REPO / "configs/pretrain/domain_adapt_efficientnet_lite0.yaml"))
+    parser.add_argument("--adapt-epochs", type=int, default=10)
+    parser.add_argument("--adapt-out", help="write the adapted teacher backbone's state dict here")
+    parser.add_argument("--adapt-set", nargs="*", default=[], metavar="key=value",
+                        help="DinoConfig overrides for --adapt, e.g. optim.head_lr_scale=10")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--markdown", help="write the tables as markdown here")
@@ -68,14 +86,23 @@ def percent(summary: dict) -> str:
 
 
 def accuracy_table(results: list[dict], title: str) -> str:
-    lines = [f"| {title} | method | accuracy (95% interval) | FT - PN, paired (points) | wall s |", "|---|---|---|---|---|"]
+    def points(gain: dict | None) -> str:
+        return f"{100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f}" if gain else ""
+
+    versus_imagenet = any(name.endswith("- imagenet_pn") for result in results for name in result["gains"])
+    lines = [f"| {title} | method | accuracy (95% interval) | FT - PN, paired (points) | wall s |"
+             + (" vs ImageNet PN, paired (points) |" if versus_imagenet else ""),
+             "|---|---|---|---|---|" + ("---|" if versus_imagenet else "")]
     for result in results:
         task = f"{result['way']}-way {result['shot']}-shot, {result['tasks']} tasks"
         for name, summary in result["methods"].items():
-            gain = result["gains"].get(f"{name} - pn")
-            gain_text = f"{100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f}" if gain else ""
-            label = {"pn": "ProtoNet (frozen)", "ft": "PN + fine-tuning"}.get(name, name)
-            lines.append(f"| {task} | {label} | {percent(summary)} | {gain_text} | {summary['seconds']:.0f} |")
+            label = {"pn": "ProtoNet (frozen)", "ft": "PN + fine-tuning",
+                     "imagenet_pn": "ProtoNet, ImageNet backbone (a)"}.get(name, name)
+            line = f"| {task} | {label} | {percent(summary)} | {points(result['gains'].get(f'{name} - pn'))} | " \
+                   f"{summary['seconds']:.0f} |"
+            if versus_imagenet:
+                line += f" {points(result['gains'].get(f'{name} - imagenet_pn'))} |"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -87,35 +114,99 @@ def load(args: argparse.Namespace, cache_stage: int):
     )
     from metallo_core.fewshot.protonet import ImageNormalizer
     from metallo_core.fewshot.tail_finetune import split_backbone
-    from metallo_core.models.sources import offline_imagenet_backbone
+    from metallo_core.models.sources import backbone_from_source, offline_imagenet_spec
 
     started = time.perf_counter()
     folder = read_labelled_folder(args.data, args.size)
-    backbone, spec = offline_imagenet_backbone(args.size)
-    staged = split_backbone(backbone)
-    trunk = folder_trunk(folder, staged, ImageNormalizer.for_backbone(spec), cache_stage)
     selection, test = split_pools(folder.labels, args.selection_fraction, args.split_seed)
+    backbone, spec = backbone_from_source(args.backbone, offline_imagenet_spec(args.size))
+    if args.adapt:
+        backbone = domain_adapted(args, folder, selection)
+    staged = split_backbone(backbone.eval())
+    trunk = folder_trunk(folder, staged, ImageNormalizer.for_backbone(spec), cache_stage)
     print(f"{len(folder.images)} images of {len(folder.classes)} classes from {folder.root} at {args.size} px; "
           f"trunk features in {time.perf_counter() - started:.0f} s; selection pool {sum(map(len, selection))}, "
           f"test pool {sum(map(len, test))} images", flush=True)
     return folder, staged, trunk, selection, test
 
 
+def domain_adapted(args: argparse.Namespace, folder, selection):
+    """Continue DINO from `--backbone` (teacher and student both start from it) on the selection pool's
+    images, labels unused, with the domain-adaptive recipe at the benchmark's image size; returns the
+    teacher backbone. The k-NN probe printed per epoch uses the selection pool's labels (monitoring only:
+    nothing is chosen on it)."""
+    import numpy as np
+
+    from metallo_core.config import apply_overrides, from_dict, read_yaml
+    from metallo_core.ssl.config import DinoConfig
+    from metallo_core.ssl.learning_curve import dino_learning_curve
+
+    local = max(32, round(args.size * 96 / 224 / 8) * 8)  # DINO's 96/224 local-to-global ratio
+    raw = apply_overrides(read_yaml(args.adapt_config), [
+        f"epochs={args.adapt_epochs}", f"seed={args.seed}", f"data.base_size={args.size}",
+        f"backbone.image_size={args.size}", f"multicrop.global_size={args.size}", f"multicrop.local_size={local}",
+        *args.adapt_set])
+    raw.setdefault("data", {})["uri"] = "memory:x-sdd-selection-pool"
+    raw["init_weights"] = args.backbone  # student and teacher both start from it
+    config = from_dict(DinoConfig, raw)
+    config.validate()
+    rows = np.concatenate(selection)
+    images, labels = folder.images[rows], folder.labels[rows]
+    print(f"domain-adaptive DINO: {len(rows)} selection-pool images at {args.size} px (labels unused), "
+          f"{args.adapt_epochs} epochs, config {args.adapt_config}", flush=True)
+    print(f"{'epoch':>5} {'loss':>8} {'knn_acc':>8} {'seconds':>8}", flush=True)
+
+    def show(point):
+        loss = "-" if point.loss is None else f"{point.loss:.4f}"
+        print(f"{point.epoch:>5} {loss:>8} {point.knn_accuracy:>8.3f} {point.seconds:>8.0f}", flush=True)
+
+    curve = dino_learning_curve(config, images, images, labels, probe_every=1, on_point=show)
+    adapted = curve.teacher_backbone
+    if args.adapt_out:
+        Path(args.adapt_out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({key: value.detach().cpu() for key, value in adapted.state_dict().items()}, args.adapt_out)
+        print(f"wrote the adapted teacher backbone to {args.adapt_out}", flush=True)
+    return adapted
+
+
+def imagenet_features(args: argparse.Namespace, folder, settings) -> torch.Tensor:
+    """(N, 1280) pooled features of every image with the offline ImageNet backbone: the (a) baseline."""
+    from metallo_core.fewshot.folder_benchmark import folder_trunk
+    from metallo_core.fewshot.protonet import ImageNormalizer
+    from metallo_core.fewshot.tail_finetune import TailFinetuner, split_backbone
+    from metallo_core.models.sources import offline_imagenet_backbone
+
+    backbone, spec = offline_imagenet_backbone(args.size)
+    staged = split_backbone(backbone)
+    trunk = folder_trunk(folder, staged, ImageNormalizer.for_backbone(spec), settings.cache_stage)
+    return TailFinetuner(staged, settings).embed(trunk)
+
+
 def run_tasks(args: argparse.Namespace, settings) -> list[dict]:
     from metallo_core.fewshot.folder_benchmark import (
+        MethodScores,
         as_dict,
+        cosine_accuracies,
         draw_tasks,
         score_task_set,
     )
+    from metallo_core.fewshot.metrics import paired_gain
 
     folder, staged, trunk, _, test = load(args, settings.cache_stage)
     methods = [m for m in args.methods.split(",") if m]
+    reference = imagenet_features(args, folder, settings) if args.adapt or args.backbone != "imagenet-offline" else None
     results = []
     for shot in [int(s) for s in args.shots.split(",")]:
         episodes = draw_tasks(test, args.way, shot, args.query, args.tasks, args.seed, folder.classes)
-        result, _ = score_task_set(staged, trunk, episodes, methods, settings, args.seed,
-                                   on_task=lambda i, shot=shot: (i + 1) % 100 == 0 and print(
-                                       f"  {shot}-shot: {i + 1} tasks fine-tuned", flush=True))
+        result, scores = score_task_set(staged, trunk, episodes, methods, settings, args.seed,
+                                        on_task=lambda i, shot=shot: (i + 1) % 100 == 0 and print(
+                                            f"  {shot}-shot: {i + 1} tasks fine-tuned", flush=True))
+        if reference is not None:  # the same tasks with the ImageNet backbone's ProtoNet, paired per task
+            baseline = cosine_accuracies(reference, episodes)
+            result.methods["imagenet_pn"] = MethodScores("imagenet_pn", baseline, 0.0).summary()
+            for name, score in scores.items():
+                mean, ci95 = paired_gain(baseline, score.accuracies)
+                result.gains[f"{name} - imagenet_pn"] = {"mean": mean, "ci95": ci95}
         results.append(as_dict(result))
         print(accuracy_table([results[-1]], "X-SDD test pool"), flush=True)
     return results

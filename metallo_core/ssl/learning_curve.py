@@ -39,6 +39,7 @@ class LearningCurve:
     points: list[CurvePoint] = field(default_factory=list)
     # k-NN accuracy of the untrained network with BatchNorm statistics of the training images
     untrained_calibrated_accuracy: float = float("nan")
+    teacher_backbone: nn.Module | None = field(default=None, repr=False)  # the trained teacher's backbone
 
     @property
     def untrained_accuracy(self) -> float:
@@ -140,4 +141,5 @@ def dino_learning_curve(
         ]
         if (epoch + 1) % probe_every == 0 or epoch == config.epochs - 1:
             record(epoch + 1, float(np.mean(losses)))
+    curve.teacher_backbone = trainer.teacher.backbone
     return curve
