@@ -42,7 +42,8 @@ from metallo_core.models.sources import (
     split_file_source,
 )
 from metallo_core.multilabel.config import BackboneSettings
-from metallo_core.multilabel.model import backbone_image_encoder, images_to_unit_tensor
+from metallo_core.models.pooling import early_stage_names
+from metallo_core.multilabel.model import ImageEncoder, images_to_unit_tensor
 from metallo_core.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -211,13 +212,12 @@ def load_image_table(uri: str, split: str, *, image_size: int, manifest: Manifes
 def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, image_size: int, manifest: Manifest,
                        settings: BackboneSettings, max_images: int = 0) -> InputTable:
     """Features of every image of `split` from the cache, or extracted once and cached."""
-    encoder = backbone_image_encoder(backbone.module, backbone.spec.mean, backbone.spec.std,
-                                     settings.pooled_early_stages, settings.final_features)
+    stages = early_stage_names(backbone.module, settings.pooled_early_stages) if settings.pooled_early_stages else ()
     cache_file = None
     if settings.cache:
         key = feature_cache_key(backbone_identity=backbone.identity, image_size=image_size,
                                 manifest_digest=manifest_sha256(uri), split=split, max_images=max_images,
-                                pooled_stages=encoder.pooled_stages, final_features=encoder.final_features)
+                                pooled_stages=stages, final_features=settings.final_features)
         cache_file = Path(settings.cache_dir or default_cache_dir()).expanduser().resolve() / f"{key}.npz"
         cached = _read_cache(cache_file)
         if cached is not None:
@@ -225,8 +225,12 @@ def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, imag
             return cached
     started = time.perf_counter()
     table = load_image_table(uri, split, image_size=image_size, manifest=manifest, max_images=max_images)
-    features = extract_features(encoder, table.inputs, batch_size=settings.extract_batch_size,
-                                label=f"features {split} @ {image_size}px")
+    encoder = ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std, stages, settings.final_features)
+    try:
+        features = extract_features(encoder, table.inputs, batch_size=settings.extract_batch_size,
+                                    label=f"features {split} @ {image_size}px")
+    finally:
+        encoder.remove_hooks()  # the backbone is used again (training, export) through its own encoder
     extract_seconds = round(time.perf_counter() - started, 2)
     result = InputTable(features, table.dataset_labels, table.extras, table.sources, "features",
                         extras_order=table.extras_order, extract_seconds=extract_seconds)
@@ -235,7 +239,7 @@ def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, imag
             "backbone": backbone.identity, "backbone_description": backbone.description, "dataset_uri": uri,
             "manifest_sha256": manifest_sha256(uri), "split": split, "image_size": image_size,
             "max_images": max_images, "num_images": len(result), "feature_dim": int(features.shape[1]),
-            "pooled_stages": list(encoder.pooled_stages), "final_features": encoder.final_features,
+            "pooled_stages": list(stages), "final_features": settings.final_features,
             "extract_seconds": extract_seconds, "format": CACHE_FORMAT,
         })
         result.cache_path = str(cache_file)

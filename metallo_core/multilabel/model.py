@@ -85,6 +85,12 @@ class ImageEncoder(nn.Module):
         return pooled_with_early_stages(self.backbone, self._stage_averages, normalised,
                                         include_final=self.final_features)
 
+    def remove_hooks(self) -> None:
+        """Detach the stage hooks from the backbone (an encoder used once, e.g. to extract features)."""
+        if self._stage_averages is not None:
+            self._stage_averages.remove()
+            self._stage_averages = None
+
     def output_dim(self, image_size: int) -> int:
         """D of `forward` at `image_size` px (one probe forward in eval mode, without gradients)."""
         was_training = self.training

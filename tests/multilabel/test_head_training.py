@@ -105,6 +105,17 @@ def test_heads_on_offline_imagenet_features_learn_both_properties(offline_featur
     assert trained.num_validation == 20 and trained.history.epochs_trained < 300  # stopped on validation
 
 
+def assert_model_files_round_trip(network: MultilabelNet, spec, directory) -> None:
+    """Saved and loaded back, the network gives the same outputs on 32-px images."""
+    save_model_files(directory, spec, network)
+    loaded = load_model_directory(directory, "test model")
+    images = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected, again = network(images), loaded.network(images)
+    for name in expected:
+        torch.testing.assert_close(again[name], expected[name])
+
+
 @pytest.fixture(scope="module")
 def early_stage_features(offline_features):
     """The same images through the first two block groups' averages only (seed002_bifurcated.yaml's setting)."""
@@ -143,14 +154,7 @@ def test_early_stage_pooling_travels_with_the_model_files(early_stage_features, 
     trained = train_model(config, prepared)
     spec = model_spec(config, trained, prepared, dim, {}, encoder)
     assert spec.pooled_stages == ["blocks.0", "blocks.1"] and spec.final_features is False
-    network = MultilabelNet(encoder, trained.head).eval()
-    save_model_files(tmp_path, spec, network)
-    loaded = load_model_directory(tmp_path, "test model")
-    images = torch.rand(3, 3, 32, 32)
-    with torch.inference_mode():
-        expected, again = network(images), loaded.network(images)
-    for name in expected:
-        torch.testing.assert_close(again[name], expected[name])
+    assert_model_files_round_trip(MultilabelNet(encoder, trained.head).eval(), spec, tmp_path)
 
 
 def test_the_offline_backbone_spec_travels_with_the_model_files(offline_features, tmp_path):
@@ -162,14 +166,7 @@ def test_the_offline_backbone_spec_travels_with_the_model_files(offline_features
     assert spec.backbone_spec["arch"] == OFFLINE_ARCH and spec.backbone_spec["weights"] == OFFLINE_IMAGENET
     assert spec.image_size == spec.backbone_spec["image_size"] == 32
     assert spec.mean == list(offline_imagenet_spec().mean) == [0.5] * 3  # TF-ported weights: [-1, 1] inputs
-    network = MultilabelNet(encoder, trained.head).eval()
-    save_model_files(tmp_path, spec, network)
-    loaded = load_model_directory(tmp_path, "test model")
-    images = torch.rand(3, 3, 32, 32)
-    with torch.inference_mode():
-        expected, again = network(images), loaded.network(images)
-    for name in expected:
-        torch.testing.assert_close(again[name], expected[name])
+    assert_model_files_round_trip(MultilabelNet(encoder, trained.head).eval(), spec, tmp_path)
 
 
 def test_auto_source_is_the_offline_imagenet_backbone_and_only_random_weights_warn(capsys):
