@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--select", action="store_true", help="score a grid of fine-tuning settings on selection tasks")
     parser.add_argument("--select-tasks", type=int, default=100)
     parser.add_argument("--select-query", type=int, default=10)
+    parser.add_argument("--grid", nargs="*", default=[], metavar="key=v1,v2",
+                        help="the --select grid, e.g. lr=0.003,0.01 steps=10,25 (default: SELECTION_GRID)")
     parser.add_argument("--cost", action="store_true", help="time fine-tuning steps per backbone at 224 px")
     parser.add_argument("--cost-backbones", default="efficientnet_lite0,resnet18,resnet50")
     parser.add_argument("--cost-supports", default="1,5,10,25")
@@ -213,22 +215,37 @@ def run_tasks(args: argparse.Namespace, settings) -> list[dict]:
 
 
 # Grid scored by --select: every combination, on the same selection tasks, FT - PN paired.
-SELECTION_GRID = {"lr": [1e-4, 1e-3, 3e-3], "tune_stage": [5, 6], "bn_mode": ["eval", "train"]}
+SELECTION_GRID = {"lr": [1e-3, 3e-3, 1e-2], "steps": [10, 25], "crop_scale": [0.35, 0.6]}
+
+
+def selection_grid(entries: list[str]) -> dict[str, list]:
+    """{field: values} from key=v1,v2 entries (values parsed as YAML scalars), or SELECTION_GRID."""
+    import yaml
+
+    grid = {}
+    for entry in entries:
+        key, _, values = entry.partition("=")
+        if not values:
+            raise SystemExit(f"--grid {entry!r}: expected key=v1,v2")
+        grid[key] = [yaml.safe_load(value) for value in values.split(",")]
+    return grid or SELECTION_GRID
 
 
 def run_selection(args: argparse.Namespace, base) -> list[dict]:
     from metallo_core.fewshot.folder_benchmark import draw_tasks, score_task_set
 
     folder, staged, trunk, selection, _ = load(args, base.cache_stage)
+    grid = selection_grid(args.grid)
     rows = []
     for shot in [int(s) for s in args.shots.split(",")]:
         episodes = draw_tasks(selection, args.way, shot, args.select_query, args.select_tasks, args.seed + 1000,
                               folder.classes)
-        for values in itertools.product(*SELECTION_GRID.values()):
-            settings = dataclasses.replace(base, **dict(zip(SELECTION_GRID, values)))
+        for values in itertools.product(*grid.values()):
+            settings = dataclasses.replace(base, **dict(zip(grid, values)))
+            settings.validate()
             result, _ = score_task_set(staged, trunk, episodes, ["pn", "ft"], settings, args.seed)
             gain = result.gains["ft - pn"]
-            rows.append({"shot": shot, **dict(zip(SELECTION_GRID, values)), "pn": result.methods["pn"]["mean"],
+            rows.append({"shot": shot, **dict(zip(grid, values)), "pn": result.methods["pn"]["mean"],
                          "ft": result.methods["ft"]["mean"], "gain": gain["mean"], "gain_ci95": gain["ci95"]})
             print(json.dumps(rows[-1]), flush=True)
     return rows

@@ -54,6 +54,15 @@ def build_network(config: DinoConfig) -> MultiCropNetwork:
     return MultiCropNetwork(build_backbone(config.backbone), head)
 
 
+def hold_batchnorm_in_eval(*networks: nn.Module) -> None:
+    """Put every BatchNorm layer of `networks` in eval mode: forward passes normalise with the running
+    statistics and leave them unchanged; the affine weight and bias still receive gradients."""
+    for network in networks:
+        for module in network.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def steps_per_epoch(num_images: int, batch_size_per_worker: int, world_size: int) -> int:
     """Steps every worker takes per epoch: its equal share of the split, in whole batches (drop_last)."""
     steps = (num_images // world_size) // batch_size_per_worker
@@ -117,7 +126,7 @@ class DinoTrainer:
         for message in short_run_warnings(
             self.schedules, epochs=config.epochs, warmup_epochs=config.optim.warmup_epochs,
             warmup_teacher_temperature_epochs=config.loss.warmup_teacher_temperature_epochs,
-            pretrained_start=config.init_weights not in (None, "", "scratch"),
+            pretrained_start=config.pretrained_start,
         ):
             warnings.warn(f"DINO schedules: {message}", stacklevel=2)
         self.augment = MultiCropAugment(config.multicrop)
@@ -128,6 +137,8 @@ class DinoTrainer:
     def train_step(self, base_images: torch.Tensor, step: int, epoch: int, *, with_health: bool = False) -> dict[str, float]:
         """One optimisation step on a batch of uint8 base images, (B, S, S, 3) or (B, 3, S, S)."""
         scheduled = self.schedules.at(step)
+        if self.config.freezes_backbone_batchnorm:  # again every step: probes and workers toggle train/eval
+            hold_batchnorm_in_eval(self.student_module.backbone, self.teacher.backbone)
         for index, group in enumerate(self.optimizer.param_groups):
             group["lr"] = scheduled["lr"]
             if index == 0:  # only the regularised group decays

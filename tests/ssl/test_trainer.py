@@ -53,6 +53,43 @@ def test_step_updates_student_and_teacher_but_not_frozen_last_layer():
     assert trainer.center.center.abs().sum() > 0
 
 
+def batchnorm_buffers(network):
+    return {name: value.clone() for name, value in network.state_dict().items()
+            if "running_" in name or "num_batches_tracked" in name}
+
+
+@pytest.mark.parametrize("setting, init_weights, frozen", [
+    ("auto", None, False), ("auto", "scratch", False), ("batch", None, False), ("frozen", None, True),
+])
+def test_backbone_batchnorm_frozen_keeps_running_statistics_and_batch_moves_them(setting, init_weights, frozen):
+    trainer = make_trainer(backbone_batchnorm=setting, init_weights=init_weights)
+    assert trainer.config.freezes_backbone_batchnorm is frozen
+    student_before = batchnorm_buffers(trainer.student_module.backbone)
+    teacher_before = batchnorm_buffers(trainer.teacher.backbone)
+    affine_before = trainer.student_module.backbone.bn1.weight.clone()
+    trainer.train_step(batches(1)[0], step=0, epoch=0)
+    for network, before in ((trainer.student_module.backbone, student_before), (trainer.teacher.backbone, teacher_before)):
+        after = batchnorm_buffers(network)
+        unchanged = [name for name in before if torch.equal(before[name], after[name])]
+        if frozen:
+            assert len(unchanged) == len(before)
+        else:  # the guard: train-mode BatchNorm does move them, so the frozen check can fail
+            assert not unchanged
+    # The affine weights train either way (lr 0.005, no warm-up).
+    assert not torch.equal(affine_before, trainer.student_module.backbone.bn1.weight)
+
+
+def test_backbone_batchnorm_auto_freezes_for_a_pretrained_start(tmp_path):
+    from metallo_core.models.backbones import build_backbone
+
+    spec = from_dict(DinoConfig, TINY).backbone
+    weights = tmp_path / "pretrained.pth"
+    torch.save(build_backbone(spec).state_dict(), weights)
+    assert from_dict(DinoConfig, {**TINY, "init_weights": str(weights)}).freezes_backbone_batchnorm
+    assert not from_dict(DinoConfig, {**TINY, "init_weights": str(weights),
+                                      "backbone_batchnorm": "batch"}).freezes_backbone_batchnorm
+
+
 def test_resume_from_a_checkpoint_is_exact(tmp_path):
     data = batches(4)
     straight = make_trainer()
