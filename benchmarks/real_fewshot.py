@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapt-epochs", type=int, default=10)
     parser.add_argument("--adapt-out", help="write the adapted teacher backbone's state dict here")
     parser.add_argument("--adapt-set", nargs="*", default=[], metavar="key=value",
-                        help="DinoConfig overrides for --adapt, e.g. optim.head_lr_scale=10")
+                        help="DinoConfig overrides for --adapt, e.g. head.use_bn=true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--markdown", help="write the tables as markdown here")

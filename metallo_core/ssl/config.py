@@ -137,6 +137,7 @@ class DinoConfig:
 
     @property
     def pretrained_start(self) -> bool:
+        """Whether student and teacher start from pretrained weights (init_weights names a source, not scratch)."""
         return self.init_weights not in (None, "", SCRATCH)
 
     @property
@@ -164,7 +165,5 @@ class DinoConfig:
                     f"init_weights {OFFLINE_IMAGENET} is a {offline.library} {offline.arch} with mean/std "
                     f"{offline.mean}/{offline.std}: set backbone.library, backbone.arch, backbone.mean, backbone.std "
                     "(and multicrop.mean/std) to those")
-        require(self.backbone_batchnorm in ("auto", "batch", "frozen"),
-                f"backbone_batchnorm must be auto, batch or frozen, got {self.backbone_batchnorm!r}")
         require(self.optim.freeze_last_layer_epochs < self.epochs or self.epochs == 1,
                 "optim.freeze_last_layer_epochs must be smaller than epochs, or the head's last layer never trains")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from metallo_core.models.backbones import build_backbone, convert_sync_batchnorm
-from metallo_core.models.sources import SCRATCH, backbone_from_source
+from metallo_core.models.sources import backbone_from_source
 from metallo_core.precision import autocast, resolve_precision
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.ssl.ema import update_teacher
@@ -86,7 +86,7 @@ class DinoTrainer:
         self.autocast = lambda: autocast(device, precision)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         student = build_network(config)
-        if config.init_weights and config.init_weights != SCRATCH:
+        if config.pretrained_start:
             # The teacher copies the student below: both start from the same pretrained weights.
             pretrained, _ = backbone_from_source(config.init_weights, config.backbone)
             student.backbone.load_state_dict(pretrained.state_dict())

@@ -191,9 +191,9 @@ def validate_inputs(config: DinoConfig) -> int:
 def check_init_weights(config: DinoConfig) -> None:
     """Build the starting backbone once on the driver: a weights file that does not fit `config.backbone`
     (or a registry backbone of another architecture) fails here, named, before any cluster time is spent."""
-    from metallo_core.models.sources import SCRATCH, backbone_from_source
+    from metallo_core.models.sources import backbone_from_source
 
-    if not config.init_weights or config.init_weights == SCRATCH:
+    if not config.pretrained_start:
         return
     _, spec = backbone_from_source(config.init_weights, config.backbone)
     mine, theirs = config.backbone, spec
