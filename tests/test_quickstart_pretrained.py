@@ -102,6 +102,23 @@ def test_tail_finetuning_restores_weights_and_zero_steps_is_plain_protonet():
     assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
 
 
+def test_pseudo_query_maps_are_view_major_copies_of_the_support():
+    # Oracle: a crop or flip of a constant map is the same constant, so row v * S + i of the pseudo-queries
+    # must hold support image i's constant: the order the loss's `support_labels.repeat(views)` assumes.
+    staged = split_backbone(small_resnet())
+    support = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 8, 6, 6).half()
+    tuner = TailFinetuner(staged, TailFinetuneSettings(cache_stage=2, tune_stage=3))
+    queries = tuner.pseudo_queries(support, 3, torch.Generator().manual_seed(0))
+    assert queries.shape == (12, 8, 6, 6)
+    torch.testing.assert_close(queries.mean(dim=(1, 2, 3)), torch.arange(4.0).repeat(3))
+    # On real maps each view is its own draw: no two copies of an image are the same crop.
+    textured = torch.rand(4, 8, 6, 6).half()
+    views = tuner.pseudo_queries(textured, 3, torch.Generator().manual_seed(0)).view(3, 4, 8, 6, 6)
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[1], views[2])
+    with pytest.raises(ConfigError, match="pseudo_queries_per_class must be >= 1"):
+        TailFinetuneSettings(pseudo_queries_per_class=0).validate()
+
+
 def test_score_task_set_pairs_ft_with_pn_over_the_same_tasks():
     network = small_resnet()
     staged = split_backbone(network)

@@ -21,6 +21,8 @@ from metallo_core.fewshot.finetune import (
     classify_task,
     finetune_task,
     protonet_task,
+    pseudo_query_set,
+    pseudo_query_views,
 )
 from metallo_core.fewshot.metrics import accuracy
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
@@ -114,6 +116,7 @@ def test_settings_validate_with_clear_messages():
         ({"bn_mode": "frozen"}, "finetune.bn_mode"),
         ({"update": "head"}, "finetune.update"),
         ({"autolr_steps": 0}, "finetune.autolr_steps"),
+        ({"pseudo_queries_per_class": 0}, "finetune.pseudo_queries_per_class"),
     ]:
         with pytest.raises(ConfigError, match=message):
             FinetuneSettings(**bad).validate()
@@ -241,6 +244,27 @@ def test_augment_support_is_per_sample_seeded_and_in_range():
     assert int((everything == images).flatten(1).all(dim=1).sum()) <= 2  # brightness alone changes nearly all
 
 
+def test_pseudo_query_set_stacks_views_view_major():
+    # Oracle: crops and flips of a constant image are that constant, so row v * S + i must hold image i's
+    # value: the order adapt_to_support's `support_labels.repeat(views)` assumes.
+    settings = FinetuneSettings(augment_p=1.0)
+    constants = torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1, 1).expand(3, 3, 8, 8).contiguous()
+    stacked = pseudo_query_set(constants, settings, 4, seeded(1))
+    assert stacked.shape == (12, 3, 8, 8)
+    torch.testing.assert_close(stacked.mean(dim=(1, 2, 3)), torch.tensor([0.1, 0.5, 0.9]).repeat(4))
+    images = torch.rand(3, 3, 8, 8, generator=seeded(5))
+    views = pseudo_query_set(images, settings, 4, seeded(1)).view(4, 3, 3, 8, 8)
+    assert not torch.allclose(views[0], views[1])  # each view its own draws
+    assert torch.equal(pseudo_query_set(images, settings, 1, seeded(1)), augment_support(images, settings, seeded(1)))
+
+
+@pytest.mark.parametrize("per_class,support_count,way,views", [
+    (1, 5, 5, 1), (8, 5, 5, 8), (8, 25, 5, 2), (10, 25, 5, 2), (3, 7, 3, 2), (1, 25, 5, 1)])
+def test_pseudo_query_views_give_at_least_per_class_pseudo_queries(per_class, support_count, way, views):
+    assert pseudo_query_views(per_class, support_count, way) == views
+    assert views * support_count >= per_class * way > (views - 1) * support_count or views == 1
+
+
 # ------------------------------------------------------------------------------------------- modes
 
 
@@ -312,8 +336,8 @@ def test_auto_lr_picks_a_learning_rate_that_helps():
     assert scores[chosen] >= scores[0.0] + 0.2, scores  # observed 0.2 -> 0.65 on held-out support shots
 
 
-@pytest.mark.parametrize("bn_mode", ["eval", "train"])
-def test_last_stage_fast_path_adapts_a_resnet_exactly_like_the_full_forward(bn_mode, monkeypatch):
+@pytest.mark.parametrize("bn_mode,per_class", [("eval", 1), ("train", 1), ("eval", 4)])
+def test_last_stage_fast_path_adapts_a_resnet_exactly_like_the_full_forward(bn_mode, per_class, monkeypatch):
     # The fast path embeds the frozen trunk once per task; switching it off must not change the result.
     import metallo_core.fewshot.finetune as finetune
     from metallo_core.models.backbones import BackboneSpec, build_backbone
@@ -324,7 +348,8 @@ def test_last_stage_fast_path_adapts_a_resnet_exactly_like_the_full_forward(bn_m
     support = torch.rand(6, 3, 16, 16)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     queries = torch.rand(5, 3, 16, 16)
-    settings = FinetuneSettings(steps=3, lr=1e-2, update="last_stage", bn_mode=bn_mode)
+    settings = FinetuneSettings(steps=3, lr=1e-2, update="last_stage", bn_mode=bn_mode,
+                                pseudo_queries_per_class=per_class)
 
     def adapted_logits() -> torch.Tensor:
         return finetune_task(model, support, labels, queries, 3, settings, normalizer=NORMALIZER,
