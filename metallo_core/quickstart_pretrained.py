@@ -1,7 +1,7 @@
 """`metallo quickstart --pretrained`: a real start from the offline ImageNet EfficientNet-Lite0.
 
 Registers the pretrained backbone (`models:/metallo-backbone@pretrained`) and a ProtoNet on it
-(`models:/metallo-protonet@pretrained`, cosine head, scale 10) together with the fine-tuning settings
+(`models:/metallo-protonet@pretrained`, cosine head at the fine-tuning's chosen scale) together with the fine-tuning settings
 chosen on held-apart X-SDD selection tasks (so `metallo classify --finetune` uses them), then scores PN and
 PN+FT on real images: X-SDD's test pool when the folder is there (`--eval-images`, default
 `../shared/data/x-sdd`), else the synthetic benchmark's test classes (said plainly). Offline, no Ray,
@@ -94,7 +94,9 @@ def run_pretrained_quickstart(overrides: list[str] = (), eval_images: str | None
         lineage = {"metallo.source": spec.weights, "metallo.arch": spec.arch}
         registered_backbone = log_backbone(run.run_id, backbone, spec, registered_name=BACKBONE_NAME, alias=ALIAS,
                                            tags=lineage)
-        protonet = ProtoNet(backbone)
+        # No meta-training: the head's scale only shapes the fine-tuning loss (ranking prototypes ignores it),
+        # so it is the one chosen for fine-tuning on the selection tasks.
+        protonet = ProtoNet(backbone, cosine_scale=tail_settings(settings).cosine_scale)
         registered_protonet = log_backbone(
             run.run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=ALIAS, artifact_name="protonet",
             tags={**lineage, "metallo.backbone_model": registered_backbone.uri, "metallo.meta_training": "none"},
@@ -116,9 +118,16 @@ def run_pretrained_quickstart(overrides: list[str] = (), eval_images: str | None
         evaluated_on=evaluated_on, results=results, run_id=run_id, minutes=(time.perf_counter() - started) / 60)
 
 
+def tail_settings(settings: dict[str, Any]):
+    """The cached-trunk fine-tuning settings (TailFinetuneSettings defaults + `tail_finetune` overrides)."""
+    from metallo_core.config import from_dict
+    from metallo_core.fewshot.tail_finetune import TailFinetuneSettings
+
+    return from_dict(TailFinetuneSettings, {**asdict(TailFinetuneSettings()), **settings["tail_finetune"]})
+
+
 def evaluate(settings: dict[str, Any], folder_path: Path | None) -> tuple[list[dict], str]:
     """PN and PN+FT on the test pool of a labelled folder, or on synthetic test classes."""
-    from metallo_core.config import from_dict
     from metallo_core.fewshot.folder_benchmark import (
         as_dict,
         draw_tasks,
@@ -128,11 +137,11 @@ def evaluate(settings: dict[str, Any], folder_path: Path | None) -> tuple[list[d
         split_pools,
     )
     from metallo_core.fewshot.protonet import ImageNormalizer
-    from metallo_core.fewshot.tail_finetune import TailFinetuneSettings, split_backbone
+    from metallo_core.fewshot.tail_finetune import split_backbone
     from metallo_core.models.sources import offline_imagenet_backbone
 
     evaluation = settings["evaluate"]
-    tail = from_dict(TailFinetuneSettings, {**asdict(TailFinetuneSettings()), **settings["tail_finetune"]})
+    tail = tail_settings(settings)
     if folder_path is not None:
         folder = read_labelled_folder(folder_path, evaluation["size"])
         _, pools = split_pools(folder.labels, evaluation["selection_fraction"], evaluation["split_seed"])

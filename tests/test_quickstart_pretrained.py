@@ -136,3 +136,29 @@ def test_score_task_set_pairs_ft_with_pn_over_the_same_tasks():
     result, scores = score_task_set(staged, trunk, episodes, ["pn", "ft"], adapted, seed=0)
     expected = paired_gain(scores["pn"].accuracies, scores["ft"].accuracies)
     assert (result.gains["ft - pn"]["mean"], result.gains["ft - pn"]["ci95"]) == pytest.approx(expected)
+
+
+def test_pretrained_quickstart_registers_what_classify_finetune_will_use(monkeypatch, tmp_path):
+    """The whole offline path on a few synthetic tasks (no X-SDD folder): both models registered under
+    @pretrained, the ProtoNet's head at the fine-tuning scale chosen for the tail (not the meta-training
+    init of 10), and the fine-tuning settings recorded on it for `classify --finetune`."""
+    from metallo_core.fewshot.finetune_choice import recorded_for_model
+    from metallo_core.fewshot.model_io import load_protonet
+    from metallo_core.models.registry import resolve_version
+    from metallo_core.quickstart_pretrained import PRETRAINED_DEFAULTS, run_pretrained_quickstart
+
+    monkeypatch.setattr("metallo_core.quickstart_pretrained.DEFAULT_EVAL_IMAGES", str(tmp_path / "no-x-sdd"))
+    result = run_pretrained_quickstart([
+        "image_size=64", "evaluate.size=64", "evaluate.shots=[1]", "evaluate.tasks=3", "evaluate.query=2",
+        "evaluate.synthetic.classes=20", "evaluate.synthetic.images_per_class=4", "evaluate.synthetic.size=64"])
+
+    assert "synthetic benchmark" in result.evaluated_on
+    assert str(resolve_version(result.models["protonet_alias"]).version) == result.models["protonet"].rsplit("/", 1)[1]
+    model, spec, _ = load_protonet(result.models["protonet_alias"])
+    assert spec.image_size == 64 and spec.arch == "tf_efficientnet_lite0"
+    assert model.classifier.scale.item() == TailFinetuneSettings().cosine_scale != 10.0
+    recorded = recorded_for_model(result.models["protonet_alias"])
+    for key, value in PRETRAINED_DEFAULTS["finetune"].items():
+        assert getattr(recorded.settings, key) == value, key
+    [scores] = result.results
+    assert (scores["shot"], scores["tasks"]) == (1, 3) and set(scores["methods"]) == {"pn", "ft"}

@@ -41,7 +41,8 @@ class TailFinetuneSettings:
     gained ~1 point less, lr 1e-2 lost up to 1.1 points, tuning stages 5-6 at lr 1e-3 (30 steps) gained +3.2.
     10 steps: within the noise of the best, at a third of its cost. Then, on 300 selection tasks, more
     pseudo-queries per step: 1 / 4 / 8 per class gained +4.3 / +5.0 / +5.1 points in 10 steps (+4.6 / +5.1
-    in 30 steps for 1 and 4)."""
+    in 30 steps for 1 and 4). Then, with 8 per class, the scale of the cosine logits in the fine-tuning loss:
+    2.5 / 3.5 / 5 / 10 / 20 gained +5.5 / +5.6 / +5.6 / +5.1 / +4.2 (5: the middle of the plateau)."""
 
     steps: int = 10
     lr: float = 3e-3
@@ -51,7 +52,7 @@ class TailFinetuneSettings:
     pseudo_queries_per_class: int = 8  # per step, at least one crop of each support map (finetune.pseudo_query_views)
     vflip: bool = True  # vertical flips as well as horizontal (no up/down in a micrograph or steel surface)
     bn_mode: Literal["train", "eval"] = "eval"  # BatchNorm of the tuned tail while adapting
-    cosine_scale: float = 10.0  # the ProtoNet head's scale (the registered model's, when it has one)
+    cosine_scale: float = 5.0  # logits = scale * cosine in the fine-tuning loss (prototype ranking does not use it)
 
     def validate(self) -> None:
         require(self.steps >= 0, f"finetune steps must be >= 0, got {self.steps}")
