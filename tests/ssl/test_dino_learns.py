@@ -13,7 +13,11 @@ from metallo_core.config import from_dict
 from metallo_core.data.images import square_resized
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.ssl.ema import update_teacher
-from metallo_core.ssl.learning_curve import calibrated_copy, dino_learning_curve, probe_accuracy
+from metallo_core.ssl.learning_curve import (
+    calibrated_copy,
+    dino_learning_curve,
+    probe_accuracy,
+)
 from metallo_core.ssl.schedules import dino_schedules, short_run_warnings
 
 TINY = {
