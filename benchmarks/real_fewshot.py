@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--select-query", type=int, default=10)
     parser.add_argument("--grid", nargs="*", default=[], metavar="key=v1,v2",
                         help="the --select grid, e.g. lr=0.003,0.01 steps=10,25 (default: SELECTION_GRID)")
+    parser.add_argument("--classify-path", action="store_true",
+                        help="score PN and PN+FT the way `metallo classify --finetune` runs them with "
+                             "models:/metallo-protonet@pretrained: whole images at --size, pixel crops, the "
+                             "quickstart's recorded FinetuneSettings (+ --classify-finetune overrides)")
+    parser.add_argument("--classify-finetune", nargs="*", default=[], metavar="key=value",
+                        help="FinetuneSettings overrides for --classify-path, e.g. update=last_stage")
     parser.add_argument("--cost", action="store_true", help="time fine-tuning steps per backbone at 224 px")
     parser.add_argument("--cost-backbones", default="efficientnet_lite0,resnet18,resnet50")
     parser.add_argument("--cost-supports", default="1,5,10,25")
@@ -300,6 +306,65 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_classify_path(args: argparse.Namespace, tail_settings) -> list[dict]:
+    """PN and PN+FT on the test pool as `metallo classify --finetune` computes them for the pretrained
+    quickstart's model (ProtoNet head at the tail's cosine scale, its recorded FinetuneSettings): every
+    step runs the frozen trunk on freshly cropped pixels, so it costs far more than the cached-trunk tail."""
+    from metallo_core.config import apply_overrides, from_dict
+    from metallo_core.fewshot.finetune import (
+        FinetuneSettings,
+        finetune_task,
+        protonet_task,
+    )
+    from metallo_core.fewshot.folder_benchmark import (
+        MethodScores,
+        TaskSetResult,
+        as_dict,
+        draw_tasks,
+        read_labelled_folder,
+        split_pools,
+    )
+    from metallo_core.fewshot.metrics import paired_gain
+    from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+    from metallo_core.models.sources import backbone_from_source, offline_imagenet_spec
+    from metallo_core.quickstart_pretrained import PRETRAINED_DEFAULTS
+
+    values = apply_overrides(dict(PRETRAINED_DEFAULTS["finetune"]), args.classify_finetune)
+    settings = from_dict(FinetuneSettings, {**dataclasses.asdict(FinetuneSettings()), **values})
+    folder = read_labelled_folder(args.data, args.size)
+    _, test = split_pools(folder.labels, args.selection_fraction, args.split_seed)
+    backbone, spec = backbone_from_source(args.backbone, offline_imagenet_spec(args.size))
+    model = ProtoNet(backbone.eval(), cosine_scale=tail_settings.cosine_scale)
+    normalizer = ImageNormalizer.for_backbone(spec)
+    images = torch.from_numpy(folder.images).permute(0, 3, 1, 2).float().div(255)
+    print(f"classify path: {len(folder.images)} images at {args.size} px, fine-tuning {settings}", flush=True)
+    results = []
+    for shot in [int(s) for s in args.shots.split(",")]:
+        episodes = draw_tasks(test, args.way, shot, args.query, args.tasks, args.seed, folder.classes)
+        scores = {"pn": MethodScores("pn", [], 0.0), "ft": MethodScores("ft", [], 0.0)}
+        for index, episode in enumerate(episodes):
+            support, query = images[torch.tensor(episode.support)], images[torch.tensor(episode.query)]
+            labels = torch.tensor(episode.support_labels)
+            for name, score in scores.items():
+                started = time.perf_counter()
+                logits = (protonet_task(model, support, labels, query, episode.way, normalizer=normalizer)
+                          if name == "pn" else
+                          finetune_task(model, support, labels, query, episode.way, settings, normalizer=normalizer,
+                                        generator=torch.Generator().manual_seed(args.seed * 1_000_003 + index)))
+                score.accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
+                score.seconds += time.perf_counter() - started
+            if (index + 1) % 25 == 0:
+                print(f"  {shot}-shot: {index + 1} tasks", flush=True)
+        first = episodes[0]
+        result = TaskSetResult(first.way, first.shot, first.query_n, len(episodes), args.seed,
+                               {name: score.summary() for name, score in scores.items()})
+        mean, ci95 = paired_gain(scores["pn"].accuracies, scores["ft"].accuracies)
+        result.gains["ft - pn"] = {"mean": mean, "ci95": ci95}
+        results.append(as_dict(result))
+        print(accuracy_table([results[-1]], "X-SDD test pool, classify path"), flush=True)
+    return results
+
+
 def cost_table(rows: list[dict]) -> str:
     lines = ["| backbone (224 px) | support images | whole backbone s/step | last stages s/step | trunk once s |",
              "|---|---|---|---|---|"]
@@ -318,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.select:
         report["selection"] = run_selection(args, settings)
+    elif args.classify_path:
+        report["results"] = run_classify_path(args, settings)
+        markdown.append(accuracy_table(report["results"], "X-SDD test pool, classify path"))
     elif args.cost:
         report["cost"] = run_cost(args)
         markdown.append(cost_table(report["cost"]))

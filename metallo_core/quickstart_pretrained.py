@@ -39,9 +39,10 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
         "synthetic": {"classes": 40, "images_per_class": 30, "size": 128, "seed": 0},
     },
     # Fine-tuning as metallo classify --finetune will run it (finetune.FinetuneSettings), recorded on the
-    # registered ProtoNet version: the last stride-32 stages on frozen-trunk features, with the steps, lr, BN
-    # mode and pseudo-queries per class chosen on X-SDD selection tasks for the tail (TailFinetuneSettings).
-    "finetune": {"steps": 10, "lr": 0.003, "update": "last_stage", "bn_mode": "eval",
+    # registered ProtoNet version: the last block and the head conv on frozen-trunk features (the part the
+    # tail below tunes), with the steps, lr, BN mode and pseudo-queries per class chosen on X-SDD selection
+    # tasks for the tail (TailFinetuneSettings).
+    "finetune": {"steps": 10, "lr": 0.003, "update": "last_block", "bn_mode": "eval",
                  "pseudo_queries_per_class": 8},
     # The cached-trunk fine-tuning used to score many tasks (tail_finetune.TailFinetuneSettings).
     "tail_finetune": {},

@@ -28,7 +28,9 @@ from metallo_core.data.tensor_augment import (
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot.metrics import accuracy
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
-from metallo_core.models.stages import LastStage, last_stage
+from metallo_core.models.stages import LastStage, last_block, last_stage
+
+PARTIAL_UPDATES = {"last_stage": last_stage, "last_block": last_block}
 
 MetaTestMode = Literal["protonet", "finetune", "finetune_autolr"]
 META_TEST_MODES: tuple[str, ...] = get_args(MetaTestMode)
@@ -62,7 +64,8 @@ class FinetuneSettings:
     # BatchNorm layers use batch statistics while adapting (their running statistics then move to the
     # support set and are used to classify the queries); "eval" keeps the meta-trained statistics.
     bn_mode: Literal["train", "eval"] = "eval"
-    update: Literal["all", "last_stage"] = "all"  # last_stage: see models.stages (a ResNet's layer4, ...)
+    # last_stage / last_block: see models.stages (a ResNet's layer4 / its last residual block, ...)
+    update: Literal["all", "last_stage", "last_block"] = "all"
     autolr_steps: int = 20  # fine-tuning steps per lr candidate in finetune_autolr
 
     def validate(self) -> None:
@@ -76,8 +79,8 @@ class FinetuneSettings:
         require(self.pseudo_queries_per_class >= 1,
                 f"finetune.pseudo_queries_per_class must be >= 1, got {self.pseudo_queries_per_class}")
         require(self.bn_mode in ("train", "eval"), f"finetune.bn_mode must be 'train' or 'eval', got {self.bn_mode!r}")
-        require(self.update in ("all", "last_stage"),
-                f"finetune.update must be 'all' or 'last_stage', got {self.update!r}")
+        require(self.update in ("all", *PARTIAL_UPDATES),
+                f"finetune.update must be 'all', 'last_stage' or 'last_block', got {self.update!r}")
         require(self.autolr_steps >= 1, f"finetune.autolr_steps must be >= 1, got {self.autolr_steps}")
 
 
@@ -239,7 +242,7 @@ def adapt_to_support(
     """`settings.steps` Adam steps on the updated backbone part (the cosine scale stays as meta-trained, as in
     P>M>F): augmented support copies are the queries of the un-augmented support's prototypes, which are
     recomputed with the current backbone every step so gradients flow through them as well."""
-    stage = last_stage(model.backbone) if settings.update == "last_stage" else None
+    stage = PARTIAL_UPDATES[settings.update](model.backbone) if settings.update != "all" else None
     updated = stage.modules if stage is not None else model.backbone
     parameters = list(updated.parameters())
     for parameter in model.parameters():  # restored_afterwards puts the flags back
@@ -295,8 +298,8 @@ def frozen_trunk_embedder(stage: LastStage, support: Tensor) -> Callable[[Tensor
 
 
 def updated_part(backbone: nn.Module, update: str) -> nn.Module:
-    """The part of `backbone` that fine-tuning updates: all of it, or its last stage (models.stages)."""
-    return backbone if update == "all" else last_stage(backbone).modules
+    """The part of `backbone` that fine-tuning updates: all of it, or its last stage / block (models.stages)."""
+    return backbone if update == "all" else PARTIAL_UPDATES[update](backbone).modules
 
 
 def set_bn_mode(model: ProtoNet, updated: nn.Module, bn_mode: str) -> None:

@@ -1,4 +1,5 @@
-"""The last stage per architecture family: the right modules, and trunk -> tail == the full forward."""
+"""The last stage and the last block per architecture family: the right modules, and trunk -> tail == the
+full forward."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from metallo_core.errors import ConfigError
 from metallo_core.fewshot.finetune import FinetuneSettings, finetune_task, protonet_task
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.models.backbones import BackboneSpec, build_backbone
-from metallo_core.models.stages import last_stage
+from metallo_core.models.stages import last_block, last_stage
 
 NORMALIZER = ImageNormalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 FAMILIES = [  # spec, expected last-stage names, whether it splits into trunk and tail
@@ -38,13 +39,55 @@ def test_last_stage_names_and_split_match_the_full_forward(spec, names, splits):
             assert torch.allclose(stage.tail(stage.trunk(images)), backbone(images), atol=1e-5)
 
 
+LAST_BLOCKS = [  # spec, expected last-block names, whether it splits into trunk and tail
+    (BackboneSpec(arch="resnet18", small_input=True, image_size=32), ("layer4.1",), True),
+    (BackboneSpec(arch="tf_efficientnet_lite0", library="timm", image_size=64), ("blocks.6.0", "conv_head", "bn2"), True),
+    (BackboneSpec(arch="test_resnet", library="timm", image_size=32), ("layer4.0",), False),
+]
+
+
+@pytest.mark.parametrize(("spec", "names", "splits"), LAST_BLOCKS, ids=lambda v: getattr(v, "arch", None))
+def test_last_block_names_and_split_match_the_full_forward(spec, names, splits):
+    torch.manual_seed(0)
+    backbone = build_backbone(spec).eval()
+    block = last_block(backbone)
+    assert block.names == names
+    owned = {id(p) for p in block.modules.parameters()}
+    assert owned and owned <= {id(p) for p in last_stage(backbone).modules.parameters()}  # a part of the stage
+    assert (block.trunk is not None) == splits
+    if splits:
+        images = torch.randn(2, 3, spec.image_size, spec.image_size)
+        with torch.no_grad():
+            assert torch.allclose(block.tail(block.trunk(images)), backbone(images), atol=1e-5)
+
+
+def test_last_block_of_efficientnet_lite0_is_what_the_tail_benchmark_tunes():
+    """`classify --finetune` (update last_block) adapts the very parameters that the X-SDD selection chose
+    for the cached-trunk benchmark (TailFinetuneSettings: the last block group and the head)."""
+    from metallo_core.fewshot.tail_finetune import (
+        TailFinetuner,
+        TailFinetuneSettings,
+        split_backbone,
+    )
+
+    backbone = build_backbone(BackboneSpec(arch="tf_efficientnet_lite0", library="timm", image_size=64))
+    tail = TailFinetuner(split_backbone(backbone), TailFinetuneSettings()).tail
+    assert {id(p) for p in last_block(backbone).modules.parameters()} == {id(p) for p in tail.parameters()}
+
+
+def test_last_block_of_an_unknown_network_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"not Sequential; use update: last_stage or all"):
+        last_block(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
+
+
 def test_last_stage_of_an_unknown_network_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"this backbone \(Sequential\) has none; use update: all"):
         last_stage(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
 
 
+@pytest.mark.parametrize("update", ["last_stage", "last_block"])
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
-def test_last_stage_fast_path_adapts_an_efficientnet_lite_exactly_like_the_full_forward(bn_mode, monkeypatch):
+def test_partial_fast_path_adapts_an_efficientnet_lite_exactly_like_the_full_forward(bn_mode, update, monkeypatch):
     import metallo_core.fewshot.finetune as finetune
 
     torch.manual_seed(0)
@@ -52,7 +95,7 @@ def test_last_stage_fast_path_adapts_an_efficientnet_lite_exactly_like_the_full_
     model = ProtoNet(build_backbone(spec))
     support, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
     queries = torch.rand(5, 3, 32, 32)
-    settings = FinetuneSettings(steps=3, lr=1e-2, update="last_stage", bn_mode=bn_mode)
+    settings = FinetuneSettings(steps=3, lr=1e-2, update=update, bn_mode=bn_mode)
     before = model.backbone.blocks[0][0].conv_dw.weight.clone()
 
     def adapted_logits() -> torch.Tensor:
