@@ -272,13 +272,13 @@ def adapt_to_support(
 
 
 def uses_frozen_trunk(stage: LastStage | None) -> bool:
-    """update "last_stage" on a network that splits cleanly before its last stage (models.stages): the
+    """update "last_stage" / "last_block" on a network that splits cleanly before that part (models.stages): the
     frozen trunk then runs once per task, without autograd."""
     return stage is not None and stage.trunk is not None and stage.tail is not None
 
 
 def frozen_trunk_embedder(stage: LastStage, support: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    """For update "last_stage": everything before the last stage is frozen (weights and BatchNorm
+    """For update "last_stage" (or "last_block"): everything before that part is frozen (weights and BatchNorm
     statistics), so the support's trunk features are computed once per task and the pseudo-queries'
     without autograd; only the last stage runs with gradients. Same result as the full forward, at
     about a sixth of the cost per step for a ResNet. Support and pseudo-queries still share one pass

@@ -1,5 +1,5 @@
 """The "last stage" of a feature backbone, per architecture family: what `finetune.update: last_stage`
-adapts and what the multi-label encoder can unfreeze.
+adapts and what the multi-label encoder can unfreeze; and its "last block" (`finetune.update: last_block`).
 
 The last stage is everything from the network's last downsampling onwards (the blocks at its coarsest
 resolution, plus the layers between them and the pooled features): a ResNet's `layer4`, an EfficientNet's
@@ -108,8 +108,7 @@ def last_block(backbone: nn.Module) -> LastStage:
     module = getattr(backbone, "_orig_mod", getattr(backbone, "module", backbone))
     if isinstance(module, torchvision.models.ResNet) and isinstance(module.fc, nn.Identity):
         last = len(module.layer4) - 1
-        resnet_trunk = _resnet_trunk(module, layer4_blocks=last)
-        return _stage(module, (f"layer4.{last}",), resnet_trunk,
+        return _stage(module, (f"layer4.{last}",), _resnet_trunk(module, layer4_blocks=last),
                       lambda x: torch.flatten(module.avgpool(module.layer4[last](x)), 1))
     if isinstance(module, EfficientNet):
         group, last = len(module.blocks) - 1, len(module.blocks[-1]) - 1

@@ -41,7 +41,8 @@ def test_last_stage_names_and_split_match_the_full_forward(spec, names, splits):
 
 LAST_BLOCKS = [  # spec, expected last-block names, whether it splits into trunk and tail
     (BackboneSpec(arch="resnet18", small_input=True, image_size=32), ("layer4.1",), True),
-    (BackboneSpec(arch="tf_efficientnet_lite0", library="timm", image_size=64), ("blocks.6.0", "conv_head", "bn2"), True),
+    (BackboneSpec(arch="tf_efficientnet_lite0", library="timm", image_size=64),
+     ("blocks.6.0", "conv_head", "bn2"), True),
     (BackboneSpec(arch="test_resnet", library="timm", image_size=32), ("layer4.0",), False),
 ]
 

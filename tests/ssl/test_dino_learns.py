@@ -77,7 +77,8 @@ def morphology_textures(images_per_class: int, size: int, seed: int) -> tuple[np
         for _ in range(images_per_class):
             length = rng.uniform(1.0, 2.2)
             sigma_y, sigma_x = (length * 0.5, length * 3) if label == 1 else (length, length)
-            kernel = np.exp(-2 * np.pi ** 2 * ((frequencies[:, None] * sigma_y) ** 2 + (frequencies[None] * sigma_x) ** 2))
+            squared = (frequencies[:, None] * sigma_y) ** 2 + (frequencies[None] * sigma_x) ** 2
+            kernel = np.exp(-2 * np.pi ** 2 * squared)  # a Gaussian filter of std (sigma_y, sigma_x) px
             field = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * kernel))
             field /= field.std()
             phase = [field > 0, field > 0, np.abs(field) > 0.35, field < 1.1][label]
