@@ -1,9 +1,9 @@
 """`metallo quickstart --pretrained`: a real start from the offline ImageNet EfficientNet-Lite0.
 
 Registers the pretrained backbone (`models:/metallo-backbone@pretrained`) and a ProtoNet on it
-(`models:/metallo-protonet@pretrained`, cosine head at the fine-tuning's chosen scale) together with the fine-tuning settings
-chosen on held-apart X-SDD selection tasks (so `metallo classify --finetune` uses them), then scores PN and
-PN+FT on real images: X-SDD's test pool when the folder is there (`--eval-images`, default
+(`models:/metallo-protonet@pretrained`, cosine head at the fine-tuning's chosen scale) together with the
+fine-tuning settings chosen on held-apart X-SDD selection tasks (so `metallo classify --finetune` uses them),
+then scores PN and PN+FT on real images: X-SDD's test pool when the folder is there (`--eval-images`, default
 `../shared/data/x-sdd`), else the synthetic benchmark's test classes (said plainly). Offline, no Ray,
 no meta-training: the numbers are the pretrained network's, measured honestly
 (metallo_core/fewshot/folder_benchmark.py explains the selection/test split).
@@ -14,9 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metallo_core import tracking
+
+if TYPE_CHECKING:
+    from metallo_core.fewshot.tail_finetune import TailFinetuneSettings
 from metallo_core.config import apply_overrides
 
 DEFAULT_EVAL_IMAGES = "../shared/data/x-sdd"
@@ -119,7 +122,7 @@ def run_pretrained_quickstart(overrides: list[str] = (), eval_images: str | None
         evaluated_on=evaluated_on, results=results, run_id=run_id, minutes=(time.perf_counter() - started) / 60)
 
 
-def tail_settings(settings: dict[str, Any]):
+def tail_settings(settings: dict[str, Any]) -> TailFinetuneSettings:
     """The cached-trunk fine-tuning settings (TailFinetuneSettings defaults + `tail_finetune` overrides)."""
     from metallo_core.config import from_dict
     from metallo_core.fewshot.tail_finetune import TailFinetuneSettings

@@ -29,14 +29,19 @@ def test_last_stage_names_and_split_match_the_full_forward(spec, names, splits):
     torch.manual_seed(0)
     backbone = build_backbone(spec).eval()
     stage = last_stage(backbone)
-    assert stage.names == names
     owned = {id(p) for p in stage.modules.parameters()}
     assert owned and owned < {id(p) for p in backbone.parameters()}  # a proper part, sharing parameters
-    assert (stage.trunk is not None) == splits
+    assert_part_is_named_and_splits(stage, backbone, spec, names, splits)
+
+
+def assert_part_is_named_and_splits(part, backbone, spec, names, splits) -> None:
+    """The part's attribute names, and (where it splits) tail(trunk(x)) == the full forward."""
+    assert part.names == names
+    assert (part.trunk is not None) == splits
     if splits:
         images = torch.randn(2, 3, spec.image_size, spec.image_size)
         with torch.no_grad():
-            assert torch.allclose(stage.tail(stage.trunk(images)), backbone(images), atol=1e-5)
+            assert torch.allclose(part.tail(part.trunk(images)), backbone(images), atol=1e-5)
 
 
 LAST_BLOCKS = [  # spec, expected last-block names, whether it splits into trunk and tail
@@ -52,14 +57,9 @@ def test_last_block_names_and_split_match_the_full_forward(spec, names, splits):
     torch.manual_seed(0)
     backbone = build_backbone(spec).eval()
     block = last_block(backbone)
-    assert block.names == names
     owned = {id(p) for p in block.modules.parameters()}
     assert owned and owned <= {id(p) for p in last_stage(backbone).modules.parameters()}  # a part of the stage
-    assert (block.trunk is not None) == splits
-    if splits:
-        images = torch.randn(2, 3, spec.image_size, spec.image_size)
-        with torch.no_grad():
-            assert torch.allclose(block.tail(block.trunk(images)), backbone(images), atol=1e-5)
+    assert_part_is_named_and_splits(block, backbone, spec, names, splits)
 
 
 def test_last_block_of_efficientnet_lite0_is_what_the_tail_benchmark_tunes():
