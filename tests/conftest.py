@@ -28,6 +28,17 @@ os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny convolutions run fastest on one thread; on shared, busy cores extra threads mostly wait."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (absolute)."""

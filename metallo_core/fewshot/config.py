@@ -9,7 +9,7 @@ from metallo_core.config import require
 from metallo_core.fewshot.finetune import FinetuneSettings, MetaTestMode
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.sources import SourceKind, source_kind
-from metallo_core.train.settings import ComputeSettings, RegistrySettings, RunSettings
+from metallo_core.settings import ComputeSettings, RegistrySettings, RunSettings
 
 @dataclass
 class EpisodeSettings:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from metallo_core.config import require
-from metallo_core.train.settings import RegistrySettings
+from metallo_core.settings import RegistrySettings
 
 PROPERTY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 

@@ -7,31 +7,21 @@ A rerun with the same run name resumes from the latest checkpoint; a finished ru
 
 from __future__ import annotations
 
-import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from metallo_core import tracking
-from metallo_core.config import config_hash, from_dict, to_dict
+from metallo_core.config import config_hash, to_dict
 from metallo_core.data.manifest import manifest_sha256, read_manifest
 from metallo_core.data.stream import DecodeImages, read_split
 from metallo_core.errors import MetalloError
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.storage import locate
-from metallo_core.train import ray_setup
+from metallo_core.train import ray_setup, skeleton
 from metallo_core.train.checkpoint_commit import wait_for_committed_checkpoint
-from metallo_core.train.checkpoints import (
-    latest_checkpoint_record,
-    load_checkpoint,
-    load_checkpoint_from,
-    save_checkpoint,
-)
 
-logger = logging.getLogger(__name__)
 FAILURE_MARKER = "_injected_failure"
 
 
@@ -45,37 +35,28 @@ class PretrainResult:
 
 
 def dino_train_worker(loop_config: dict) -> None:
-    """What every Ray Train worker runs."""
+    """What every Ray Train worker runs: a `DinoTrainer` on this worker's split of the shards."""
     import numpy as np
     import ray.train
     import torch
-    from ray.train import Checkpoint
 
     from metallo_core.data.class_index import ClassIndexedImages
     from metallo_core.ssl.health import collapse_warning
     from metallo_core.ssl.knn import knn_accuracy, split_bank_and_queries
     from metallo_core.ssl.trainer import DinoTrainer, steps_per_epoch
 
-    os.environ[tracking.ENV_TRACKING_URI] = loop_config["tracking_uri"]
-    config = from_dict(DinoConfig, loop_config["config"])
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(ray_setup.torch_threads(config.compute))
-    device = ray.train.torch.get_device()
+    worker = skeleton.start_worker(loop_config, DinoConfig)
+    config: DinoConfig = worker.config
+    rank, world_size, run_log = worker.rank, worker.world_size, worker.run_log
     steps = steps_per_epoch(loop_config["num_images"], config.optim.batch_size_per_worker, world_size)
-    trainer = DinoTrainer(config, steps_per_epoch=steps, world_size=world_size, rank=rank, device=device)
-    run_log = tracking.logger_for(loop_config["run_id"] if rank == 0 else None)
+    trainer = DinoTrainer(config, steps_per_epoch=steps, world_size=world_size, rank=rank, device=worker.device)
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state, record = load_checkpoint(directory)
+    restored = skeleton.restore(worker, steps)
+    if restored is not None:
+        state, record = restored
         trainer.load_state_dict(state)
         start_epoch = record["epoch"] + 1
-        run_log.log_metrics({"resumed_at_step": start_epoch * steps, "resumed_at_epoch": start_epoch},
-                            step=start_epoch * steps)
-        print(f"[rank {rank}] resumed from checkpoint of epoch {record['epoch']} at step {start_epoch * steps}")
 
     probe = None
     if rank == 0 and config.knn.every_epochs:
@@ -95,7 +76,7 @@ def dino_train_worker(loop_config: dict) -> None:
             if index >= steps:
                 continue  # every rank drains its share, so the next epoch's split starts cleanly
             step = epoch * steps + index
-            _maybe_inject_failure(config, step, rank, loop_config["storage"], steps)
+            _maybe_inject_failure(config, step, rank, worker.storage, steps)
             log_now = step % config.run.log_every_steps == 0 or index == steps - 1
             metrics = trainer.train_step(batch["image"], step, epoch, with_health=log_now)
             epoch_losses.append(metrics["loss"])
@@ -127,17 +108,12 @@ def dino_train_worker(loop_config: dict) -> None:
                 summary["knn_accuracy"] = _knn_probe(trainer, probe, config, knn_accuracy, split_bank_and_queries)
             run_log.log_metrics(summary, step=(epoch + 1) * steps)
         is_checkpoint_epoch = (epoch + 1) % config.run.checkpoint_every_epochs == 0 or epoch == config.epochs - 1
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if is_checkpoint_epoch and rank == 0:
-                save_checkpoint(directory, trainer.state_dict(), {
-                    "epoch": epoch,
-                    "global_step": (epoch + 1) * steps,
-                    "config_hash": config_hash(config),
-                    "backbone_spec": to_dict(config.backbone),
-                })
-                checkpoint = Checkpoint.from_directory(directory)
-            ray.train.report(summary, checkpoint=checkpoint)
+        skeleton.end_epoch(worker, summary, (lambda: (trainer.state_dict(), {
+            "epoch": epoch,
+            "global_step": (epoch + 1) * steps,
+            "config_hash": config_hash(config),
+            "backbone_spec": to_dict(config.backbone),
+        })) if is_checkpoint_epoch else None)
 
 
 def _knn_probe(trainer, probe, config: DinoConfig, knn_accuracy, split_bank_and_queries) -> float:
@@ -254,81 +230,49 @@ def run_dino_pretraining(config: DinoConfig) -> PretrainResult:
         "metallo.backbone_source": config.init_weights or "scratch",  # where DINO started
     }
     with tracking.open_run(config.run.experiment, config.run.name, config=config, tags=lineage) as run:
-        finished = latest_checkpoint_record(locate(ray_setup.storage_uri(config.run)).join(config.run.name))
-        if finished is not None and finished[1]["epoch"] + 1 >= config.epochs:
-            # Submitted again after it finished: no cluster resources, no training, same registered model.
-            print(f"run {config.run.name!r} already finished {config.epochs} epoch(s); nothing to train")
-            checkpoint_location, _ = finished
-            state, record = load_checkpoint_from(checkpoint_location)
-            final_metrics: dict[str, Any] = {}
-        else:
-            state, record, final_metrics, checkpoint_location = _fit(config, num_images, run.run_id)
+        outcome = skeleton.fit_or_reuse(config.run, config.epochs, lambda: _fit(config, num_images, run.run_id))
         model_uri = None
         if config.registry.register:
-            model_uri = register_teacher_backbone(config, state, record, run.run_id, lineage)
+            model_uri = register_teacher_backbone(config, outcome.state, outcome.record, run.run_id, lineage)
         return PretrainResult(
             run_id=run.run_id,
-            epochs_done=record["epoch"] + 1,
-            final_metrics=final_metrics,
+            epochs_done=outcome.epochs_done,
+            final_metrics=outcome.metrics,
             model_uri=model_uri,
-            checkpoint_path=checkpoint_location.uri,
+            checkpoint_path=outcome.checkpoint.uri,
         )
 
 
-def _fit(config: DinoConfig, num_images: int, run_id: str):
-    ray_setup.connect(config.compute.ray_address)
+def _fit(config: DinoConfig, num_images: int, run_id: str) -> skeleton.FitOutcome:
+    ray_setup.connect(config.compute.ray_address)  # Ray Data plans the dataset on the cluster it joins
     from ray.train import DataConfig
-    from ray.train.torch import TorchTrainer
 
     dataset = read_split(config.data.uri, config.data.split, columns=("image",)).map_batches(
         DecodeImages(config.base_size), batch_size=config.optim.batch_size_per_worker
     )
-    storage = ray_setup.storage_uri(config.run)
-    trainer = TorchTrainer(
-        dino_train_worker,
-        train_loop_config={
-            "config": to_dict(config),
-            "run_id": run_id,
-            "tracking_uri": tracking.tracking_uri(),
-            "num_images": num_images,
-            "storage": storage,
-        },
-        scaling_config=ray_setup.scaling_config(config.compute),
-        run_config=ray_setup.run_config(config.run),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split="all"),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise MetalloError(f"DINO run {config.run.name!r} finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        state, record = load_checkpoint(directory)
-    checkpoint_location = locate(storage).join(config.run.name, Path(result.checkpoint.path).name)
-    return state, record, dict(result.metrics or {}), checkpoint_location
+    return skeleton.fit_on_ray(dino_train_worker, {"num_images": num_images}, config=config,
+                               compute=config.compute, run=config.run, run_id=run_id, stage="DINO",
+                               datasets={"train": dataset}, dataset_config=DataConfig(datasets_to_split="all"))
 
 
 def register_teacher_backbone(config: DinoConfig, state: dict, record: dict, run_id: str,
                               lineage: dict[str, str]) -> str:
     """Register the final teacher backbone once per (run, epoch); a rerun of a finished run reuses it."""
-    from metallo_core.models.backbones import build_backbone
-    from metallo_core.models.registry import find_versions, log_backbone
+    def register(identity: dict[str, str]) -> str:
+        from metallo_core.models.backbones import build_backbone
+        from metallo_core.models.registry import log_backbone
 
-    identity = {"metallo.run_id": run_id, "metallo.epochs_done": str(record["epoch"] + 1)}
-    existing = find_versions(config.registry.name, identity)
-    if existing:
-        version = max(existing, key=lambda v: int(v.version))
-        logger.info("backbone already registered as %s v%s", config.registry.name, version.version)
-        return f"models:/{config.registry.name}/{version.version}"
-    backbone = build_backbone(config.backbone)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)})
-    registered = log_backbone(
-        run_id,
-        backbone,
-        replace(config.backbone, weights=config.init_weights or "scratch"),  # where DINO started
-        registered_name=config.registry.name,
-        tags={**lineage, **identity, "metallo.arch": config.backbone.arch},
-        alias=config.registry.alias,
-        artifact_name="teacher_backbone",
-    )
-    return registered.uri
+        backbone = build_backbone(config.backbone)
+        prefix = "backbone."
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)})
+        return log_backbone(
+            run_id,
+            backbone,
+            replace(config.backbone, weights=config.init_weights or "scratch"),  # where DINO started
+            registered_name=config.registry.name,
+            tags={**lineage, **identity, "metallo.arch": config.backbone.arch},
+            alias=config.registry.alias,
+            artifact_name="teacher_backbone",
+        ).uri
+
+    return skeleton.register_once(config.registry, run_id, record["epoch"] + 1, register)

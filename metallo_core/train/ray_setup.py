@@ -8,7 +8,7 @@ import os
 from metallo_core import tracking
 from metallo_core.errors import MetalloError
 from metallo_core.storage import locate, storage_for_ray
-from metallo_core.train.settings import ComputeSettings, RunSettings
+from metallo_core.settings import ComputeSettings, RunSettings
 
 logger = logging.getLogger(__name__)
 

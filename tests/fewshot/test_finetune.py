@@ -79,13 +79,7 @@ def texture_task(seed: int, way: int = 5, shot: int = 5, query: int = 10):
     return support, torch.arange(way).repeat_interleave(shot), query_images, torch.arange(way).repeat_interleave(query)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run fastest on one thread; on shared, busy cores extra threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -38,12 +38,7 @@ OLD_QUICKSTART_SCHEDULES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_learning_curve_probes_the_untrained_teacher_then_every_epoch():
