@@ -157,6 +157,15 @@ def validate_types(cls: type[T], data: Any, where: str = "") -> T:
     return instance
 
 
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON schema (draft 2020-12) of the config dataclass `cls` as `from_dict` accepts it: types,
+    defaults, Literal choices, and no settings beyond the declared ones (additionalProperties: false)."""
+    schema = _wrapper_model(cls, strict=False).model_json_schema()
+    definitions = schema.get("$defs", {})
+    top = definitions.pop(schema["properties"]["config"]["$ref"].rsplit("/", 1)[-1])
+    return {**top, "$defs": definitions} if definitions else top
+
+
 def join_errors(messages: Sequence[str]) -> str:
     """One message for one error; a count and one indented line per error for several."""
     if len(messages) == 1:

@@ -1,5 +1,7 @@
 """pydantic-backed config validation: every error at once with its dotted path, the old strictness kept."""
 
+from pathlib import Path
+
 import pytest
 
 from metallo_core.config import from_dict, load_config
@@ -7,7 +9,7 @@ from metallo_core.errors import ConfigError
 from metallo_core.ssl.config import DinoConfig
 from tests.test_config import Job, Optimizer
 
-TINY_DINO = "configs/pretrain/tiny_cpu.yaml"
+TINY_DINO = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml"
 
 
 def test_several_errors_at_once_each_with_its_path():
