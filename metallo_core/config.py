@@ -15,7 +15,7 @@ import json
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 import pydantic
 import yaml
@@ -145,9 +145,9 @@ def validate_types(cls: type[T], data: Any, where: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'config'} must be a mapping of settings, got {data!r}")
     data = _overlay_section_defaults(cls, data)
+    errors: list[Any] = []
     try:
-        instance = _wrapper_model(cls, strict=False).model_validate({"config": data}).config
-        errors = []
+        instance = _wrapper_model(cast(type, cls), strict=False).model_validate({"config": data}).config
     except pydantic.ValidationError as exc:
         instance, errors = None, exc.errors()
     seen = {error["loc"] for error in errors}
@@ -174,13 +174,14 @@ def join_errors(messages: Sequence[str]) -> str:
 
 
 @functools.cache
-def _wrapper_model(cls: type, strict: bool) -> type[pydantic.BaseModel]:
+def _wrapper_model(cls: Any, strict: bool) -> Any:
+    """A pydantic model with one field, `config: cls`, that forbids unknown keys at every depth."""
     # pydantic takes no config for a stdlib dataclass itself; nested ones use their enclosing model's.
     config = pydantic.ConfigDict(extra="forbid", coerce_numbers_to_str=True, strict=strict)
     return pydantic.create_model(f"{cls.__name__}Settings", __config__=config, config=(cls, ...))
 
 
-def _strict_errors(cls: type, data: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _strict_errors(cls: type, data: Mapping[str, Any]) -> list[Any]:
     """The errors of pydantic's strict mode that lax mode lets through and the old hand-written
     conversion refused: a bool for an int or float, anything but a bool for a bool, a string for an int.
 
@@ -235,7 +236,7 @@ def _message(cls: type, error: Mapping[str, Any], where: str) -> str:
         names = ", ".join(_path(path, (name,)) for name in error["names"])
         section = _annotation_at(cls, loc)
         accepts = (f"; {path or 'the top level'} accepts: {', '.join(sorted(_field_names(section)))}"
-                   if dataclasses.is_dataclass(section) else "")
+                   if isinstance(section, type) and dataclasses.is_dataclass(section) else "")
         return f"unknown setting(s) {names}{accepts}"
     if kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length tuple given too few items
         return f"{_path(where, loc[:-1])} must have {_tuple_length(cls, loc[:-1])} items, got {len(error['input'])}"
@@ -303,7 +304,7 @@ def _overlay_section_defaults(cls: type, data: Mapping[str, Any]) -> dict[str, A
     result = dict(data)
     for field in dataclasses.fields(cls):
         value, section = data.get(field.name), hints.get(field.name)
-        if not (isinstance(value, Mapping) and dataclasses.is_dataclass(section)):
+        if not (isinstance(value, Mapping) and isinstance(section, type) and dataclasses.is_dataclass(section)):
             continue
         if field.default_factory is not dataclasses.MISSING:
             value = deep_merge(to_dict(field.default_factory()), value)

@@ -33,8 +33,11 @@ def field_docs(cls: type) -> dict[str, str]:
     lines = source.splitlines()
     comments = {token.start[0]: token.string.lstrip("#").strip()
                 for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    class_node = ast.parse(source).body[0]
+    if not isinstance(class_node, ast.ClassDef):
+        return {}
     docs = {}
-    for node in ast.parse(source).body[0].body:
+    for node in class_node.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         above: list[str] = []

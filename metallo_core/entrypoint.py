@@ -11,7 +11,8 @@ import dataclasses
 import json
 import logging
 import sys
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from metallo_core.config import load_config, to_yaml
 from metallo_core.errors import MetalloError

@@ -2,8 +2,8 @@
 
 import importlib
 import json
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
