@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "metallo_core.commands.quickstart",
     "metallo_core.commands.tune",
     "metallo_core.commands.report",
+    "metallo_core.commands.config",
 )
 
 

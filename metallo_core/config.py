@@ -1,20 +1,23 @@
 """Typed configuration: dataclasses loaded from YAML, overridden by `key.sub=value`, validated early.
 
-Every stage describes its settings as (nested) dataclasses. `load_config` reads a YAML file, applies
-command-line overrides, converts every value to its declared type, rejects unknown keys and calls
+Every stage describes its settings as (nested) stdlib dataclasses. `load_config` reads a YAML file,
+applies command-line overrides, lets pydantic convert every value to its declared type (unknown keys,
+wrong types and choices outside a Literal are all reported at once, each with its dotted path) and calls
 each dataclass's `validate()` so mistakes surface before any cluster resource is requested.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
-import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
+import pydantic
 import yaml
 
 from metallo_core.errors import ConfigError
@@ -78,9 +81,16 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
-    """Convert a plain mapping into the dataclass `cls`, strictly, and validate the result."""
-    instance = _build_dataclass(cls, data, where)
-    _validate_tree(instance, where)
+    """Convert a plain mapping into the dataclass `cls`, strictly, and validate the result.
+
+    Every type error, unknown and missing setting is reported at once, each with its dotted path
+    (prefixed by `where`); then each dataclass's `validate()` checks relations between fields.
+    Raises ConfigError.
+    """
+    instance = validate_types(cls, data, where)
+    errors = _validate_tree(instance)
+    if errors:
+        raise ConfigError(join_errors(errors))
     return instance
 
 
@@ -121,117 +131,200 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _build_dataclass(cls: type[T], data: Any, where: str) -> T:
+def validate_types(cls: type[T], data: Any, where: str = "") -> T:
+    """`cls` built from `data` by pydantic, with every unknown, missing or mistyped setting reported at
+    once (ConfigError, one line per setting, each with its dotted path); `validate()` is not called.
+
+    pydantic's lax mode does the conversions YAML needs (an int where a float is declared, "1e-4" read as a
+    string by YAML 1.1, a number where a string is declared, 3.0 for an int, a list for a tuple); its strict
+    mode then refuses the ones that hide mistakes (true for an int or a float, 1 or "yes" for a bool, "3"
+    for an int). A partial section starts from its field's own default, not from its class's.
+    """
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'config'} must be a mapping of settings, got {data!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown setting(s) {', '.join(_join(where, k) for k in unknown)}; "
-            f"{where or 'the top level'} accepts: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, field in fields.items():
-        if name in data:
-            value = data[name]
-            if (isinstance(value, Mapping) and field.default_factory is not dataclasses.MISSING
-                    and dataclasses.is_dataclass(hints[name])):
-                # A partial section overlays the field's own default (e.g. MetaTrainConfig's registry named
-                # metallo-protonet), not the section class's defaults.
-                value = deep_merge(to_dict(field.default_factory()), value)
-            kwargs[name] = _convert(hints[name], value, _join(where, name))
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"setting {_join(where, name)} is required")
-    return cls(**kwargs)
+    data = _overlay_section_defaults(cls, data)
+    errors: list[Any] = []
+    try:
+        instance = _wrapper_model(cast(type, cls), strict=False).model_validate({"config": data}).config
+    except pydantic.ValidationError as exc:
+        instance, errors = None, exc.errors()
+    seen = {error["loc"] for error in errors}
+    errors += [error for error in _strict_errors(cls, data) if error["loc"] not in seen]
+    if errors:
+        raise ConfigError(join_errors([_message(cls, error, where) for error in _group_unknown(errors)]))
+    return instance
 
 
-def _convert(annotation: Any, value: Any, where: str) -> Any:
-    origin = get_origin(annotation)
-    args = get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(option, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return _build_dataclass(annotation, value, where)
-    if origin in (list, Sequence, typing.Sequence) or annotation is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        item_type = args[0] if args else Any
-        return [_convert(item_type, item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
-        if args and len(args) != len(value):
-            raise ConfigError(f"{where} must have {len(args)} items, got {len(value)}")
-        return tuple(_convert(a, item, f"{where}[{i}]") for i, (a, item) in enumerate(zip(args, value)))
-    if origin in (dict, Mapping) or annotation is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        key_type, value_type = args if args else (Any, Any)
-        return {
-            _convert(key_type, key, where): _convert(value_type, item, f"{where}.{key}") for key, item in value.items()
-        }
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-4" as a string
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    if isinstance(annotation, type) and isinstance(value, annotation):
-        return value
-    raise ConfigError(f"{where}: cannot use {value!r} as {annotation}")
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON schema (draft 2020-12) of the config dataclass `cls` as `from_dict` accepts it: types,
+    defaults, Literal choices, and no settings beyond the declared ones (additionalProperties: false)."""
+    schema = _wrapper_model(cls, strict=False).model_json_schema()
+    definitions = schema.get("$defs", {})
+    top = definitions.pop(schema["properties"]["config"]["$ref"].rsplit("/", 1)[-1])
+    return {**top, "$defs": definitions} if definitions else top
 
 
-def _validate_tree(node: Any, where: str) -> None:
-    if not (dataclasses.is_dataclass(node) and not isinstance(node, type)):
-        return
-    for field in dataclasses.fields(node):
-        _validate_tree(getattr(node, field.name), _join(where, field.name))
-    validate = getattr(node, "validate", None)
-    if callable(validate):
-        validate()
+def join_errors(messages: Sequence[str]) -> str:
+    """One message for one error; a count and one indented line per error for several."""
+    if len(messages) == 1:
+        return messages[0]
+    return f"{len(messages)} settings are invalid:\n" + "\n".join(f"  - {message}" for message in messages)
+
+
+@functools.cache
+def _wrapper_model(cls: Any, strict: bool) -> Any:
+    """A pydantic model with one field, `config: cls`, that forbids unknown keys at every depth."""
+    # pydantic takes no config for a stdlib dataclass itself; nested ones use their enclosing model's.
+    config = pydantic.ConfigDict(extra="forbid", coerce_numbers_to_str=True, strict=strict)
+    return pydantic.create_model(f"{cls.__name__}Settings", __config__=config, config=(cls, ...))
+
+
+def _strict_errors(cls: type, data: Mapping[str, Any]) -> list[Any]:
+    """The errors of pydantic's strict mode that lax mode lets through and the old hand-written
+    conversion refused: a bool for an int or float, anything but a bool for a bool, a string for an int.
+
+    Strict mode runs on JSON because in Python it accepts only dataclass instances, not mappings."""
+    text = json.dumps({"config": to_dict(data)}, default=str)
+    try:
+        _wrapper_model(cls, strict=True).model_validate_json(text)
+    except pydantic.ValidationError as exc:
+        return [error for error in exc.errors() if _hides_a_mistake(error)]
+    return []
+
+
+def _hides_a_mistake(error: Mapping[str, Any]) -> bool:
+    kind, value = error["type"], error["input"]
+    return (kind == "bool_type" or (kind == "int_type" and isinstance(value, (bool, str)))
+            or (kind == "float_type" and isinstance(value, bool)))
+
+
+def _group_unknown(errors: list[Any]) -> list[Any]:
+    """`errors` with the unknown settings of one section merged into one entry (loc: the section,
+    names: the unknown keys), so the message lists what the section accepts once."""
+    grouped: dict[tuple, dict[str, Any]] = {}
+    result: list[Any] = []
+    for error in errors:
+        if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            section = tuple(error["loc"][:-1])
+            if section not in grouped:
+                grouped[section] = {"type": "unknown", "loc": section, "names": []}
+                result.append(grouped[section])
+            grouped[section]["names"].append(error["loc"][-1])
+        else:
+            result.append(error)
+    return result
+
+
+_KIND_MESSAGES = {
+    "int_type": "must be an integer", "int_parsing": "must be an integer", "int_from_float": "must be an integer",
+    "float_type": "must be a number", "float_parsing": "must be a number",
+    "bool_type": "must be true or false", "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list", "tuple_type": "must be a list",
+    "dict_type": "must be a mapping", "dataclass_type": "must be a mapping of settings",
+}
+
+
+def _message(cls: type, error: Mapping[str, Any], where: str) -> str:
+    """One error in the house phrasing: the dotted path, what it must be, what it got."""
+    loc = tuple(error["loc"])[1:]  # drop the wrapper's "config"
+    path = _path(where, loc)
+    kind = error["type"]
+    if kind == "unknown":
+        names = ", ".join(_path(path, (name,)) for name in error["names"])
+        section = _annotation_at(cls, loc)
+        accepts = (f"; {path or 'the top level'} accepts: {', '.join(sorted(_field_names(section)))}"
+                   if isinstance(section, type) and dataclasses.is_dataclass(section) else "")
+        return f"unknown setting(s) {names}{accepts}"
+    if kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length tuple given too few items
+        return f"{_path(where, loc[:-1])} must have {_tuple_length(cls, loc[:-1])} items, got {len(error['input'])}"
+    if kind == "missing":
+        return f"setting {path} is required"
+    if kind == "too_long" and error.get("ctx", {}).get("field_type") == "Tuple":
+        return f"{path} must have {_tuple_length(cls, loc)} items, got {error['ctx']['actual_length']}"
+    if kind == "literal_error":
+        choices = get_args(_annotation_at(cls, loc))
+        expected = ", ".join(map(repr, choices)) if choices else error["ctx"]["expected"]
+        return f"{path} must be one of {expected}, got {error['input']!r}"
+    if kind in _KIND_MESSAGES:
+        return f"{path or 'config'} {_KIND_MESSAGES[kind]}, got {error['input']!r}"
+    return f"{path or 'config'}: {error['msg']}"
+
+
+def _path(prefix: str, loc: Sequence[Any]) -> str:
+    path = prefix
+    for part in loc:
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, str(part))
+    return path
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _annotation_at(cls: type, loc: Sequence[Any]) -> Any:
+    """The declared type at `loc` below `cls` (Optional unwrapped), or None where it cannot be told."""
+    annotation: Any = cls
+    for part in loc:
+        annotation = _without_none(annotation)
+        if dataclasses.is_dataclass(annotation):
+            annotation = get_type_hints(annotation).get(str(part))
+        else:
+            args = get_args(annotation)
+            fixed_tuple = get_origin(annotation) is tuple and Ellipsis not in args
+            annotation = args[part] if fixed_tuple and isinstance(part, int) and part < len(args) else (
+                args[-1] if args else None)
+        if annotation is None:
+            return None
+    return _without_none(annotation)
+
+
+def _without_none(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return options[0] if len(options) == 1 else annotation
+    return annotation
+
+
+def _tuple_length(cls: type, loc: Sequence[Any]) -> int | str:
+    args = get_args(_annotation_at(cls, loc))
+    return len(args) if args and Ellipsis not in args else "more"
+
+
+def _field_names(cls: type) -> list[str]:
+    return [field.name for field in dataclasses.fields(cls) if field.init]
+
+
+def _overlay_section_defaults(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with each partial section laid over its field's own default (e.g. MetaTrainConfig's
+    registry named metallo-protonet), which pydantic would fill from the section class's defaults."""
+    hints = get_type_hints(cls)
+    result = dict(data)
+    for field in dataclasses.fields(cls):
+        value, section = data.get(field.name), hints.get(field.name)
+        if not (isinstance(value, Mapping) and isinstance(section, type) and dataclasses.is_dataclass(section)):
+            continue
+        if field.default_factory is not dataclasses.MISSING:
+            value = deep_merge(to_dict(field.default_factory()), value)
+        result[field.name] = _overlay_section_defaults(section, value)
+    return result
+
+
+def _validate_tree(node: Any) -> list[str]:
+    """The messages of every failed `validate()` in the tree; a section's own check runs only once
+    its sub-sections pass, since it may rely on them."""
+    if not (dataclasses.is_dataclass(node) and not isinstance(node, type)):
+        return []
+    errors = [message for field in dataclasses.fields(node) for message in _validate_tree(getattr(node, field.name))]
+    validate = getattr(node, "validate", None)
+    if not errors and callable(validate):
+        try:
+            validate()
+        except ConfigError as exc:
+            errors.append(str(exc))
+    return errors
 
 
 def require(condition: bool, message: str) -> None:

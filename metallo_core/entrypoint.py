@@ -1,4 +1,4 @@
-"""The one shape every stage's entrypoint has: `--config FILE [key=value ...] [--json]`.
+"""The one shape every stage's entrypoint has: `--config FILE [key=value ...] [--json] [--print-config]`.
 
 Used by `python -m jobs.<stage>` (what `ray job submit` runs) and by the matching `metallo` subcommand.
 The config is loaded and validated before any cluster resource is requested.
@@ -11,9 +11,10 @@ import dataclasses
 import json
 import logging
 import sys
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from metallo_core.config import load_config
+from metallo_core.config import load_config, to_yaml
 from metallo_core.errors import MetalloError
 
 ConfigT = TypeVar("ConfigT")
@@ -23,12 +24,18 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config settings")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, after --config, overrides and validation) and exit")
 
 
 def run_stage(args: argparse.Namespace, config_type: type[ConfigT], runner: Callable[[ConfigT], Any],
               describe: Callable[[Any], str] | None = None) -> int:
-    """Load and validate the config, run the stage, print its result."""
+    """Load and validate the config, run the stage, print its result (or, with --print-config, print the
+    config and run nothing)."""
     config = load_config(config_type, args.config, args.overrides)
+    if getattr(args, "print_config", False):
+        print(to_yaml(config), end="")
+        return 0
     result = runner(config)
     plain = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
     if args.json:
