@@ -78,8 +78,9 @@ class ProtoNetTrainer:
         self.world_size, self.rank = world_size, rank
         self.distributed = dist.is_available() and dist.is_initialized() and world_size > 1
         memory_format = torch.channels_last if config.compute.channels_last else torch.contiguous_format
+        # torch's stubs omit Module.to's memory_format keyword, which it accepts.
         self.model = ProtoNet(backbone, distance=config.distance, cosine_scale=config.cosine_scale_init).to(
-            self.device, memory_format=memory_format)
+            self.device, memory_format=memory_format)  # type: ignore[call-overload]
         self.trained: nn.Module = (
             nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)

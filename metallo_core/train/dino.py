@@ -108,12 +108,12 @@ def dino_train_worker(loop_config: dict) -> None:
                 summary["knn_accuracy"] = _knn_probe(trainer, probe, config, knn_accuracy, split_bank_and_queries)
             run_log.log_metrics(summary, step=(epoch + 1) * steps)
         is_checkpoint_epoch = (epoch + 1) % config.run.checkpoint_every_epochs == 0 or epoch == config.epochs - 1
-        skeleton.end_epoch(worker, summary, (lambda: (trainer.state_dict(), {
+        skeleton.end_epoch(worker, summary, trainer.state_dict if is_checkpoint_epoch else None, {
             "epoch": epoch,
             "global_step": (epoch + 1) * steps,
             "config_hash": config_hash(config),
             "backbone_spec": to_dict(config.backbone),
-        })) if is_checkpoint_epoch else None)
+        })
 
 
 def _knn_probe(trainer, probe, config: DinoConfig, knn_accuracy, split_bank_and_queries) -> float:

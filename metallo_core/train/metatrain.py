@@ -88,14 +88,14 @@ def metatrain_worker(loop_config: dict) -> None:
             "episodes_per_s": trained["episodes_per_s"],
         }
         worker.run_log.log_metrics(summary, step=(epoch + 1) * steps)
-        skeleton.end_epoch(worker, summary, lambda: (trainer.state_dict(), {
+        skeleton.end_epoch(worker, summary, trainer.state_dict, {
             "epoch": epoch,
             "val_accuracy": val_accuracy,
             "best_val_accuracy": trainer.best_val_accuracy,
             "best_epoch": trainer.best_epoch,
             "backbone_spec": to_dict(spec),
             "config_hash": config_hash(config),
-        }))
+        })
 
 
 def plan_validation_episodes(config: MetaTrainConfig) -> str:
@@ -168,8 +168,8 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
         "metallo.config_hash": config_hash(config),
         "metallo.code_version": tracking.code_version(),
     }
-    with tracking.open_run(config.run.experiment, config.run.name, config=config, tags={**lineage, **(extra_tags or {})},
-                           parent_run_id=parent_run_id) as run:
+    with tracking.open_run(config.run.experiment, config.run.name, config=config,
+                           tags={**lineage, **(extra_tags or {})}, parent_run_id=parent_run_id) as run:
         run.log_text(val_episodes, VAL_EPISODES_ARTIFACT)
         outcome = skeleton.fit_or_reuse(config.run, config.epochs, lambda: skeleton.fit_on_ray(
             metatrain_worker, {"backbone_source": backbone_source, "val_episodes": val_episodes},

@@ -7,8 +7,8 @@ import os
 
 from metallo_core import tracking
 from metallo_core.errors import MetalloError
-from metallo_core.storage import locate, storage_for_ray
 from metallo_core.settings import ComputeSettings, RunSettings
+from metallo_core.storage import locate, storage_for_ray
 
 logger = logging.getLogger(__name__)
 

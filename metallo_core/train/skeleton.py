@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from metallo_core import tracking
 from metallo_core.config import from_dict, to_dict
@@ -40,7 +40,6 @@ from metallo_core.train.checkpoints import (
 )
 
 logger = logging.getLogger(__name__)
-ConfigT = TypeVar("ConfigT")
 
 # Keys every stage's train_loop_config carries next to its own.
 CONFIG, RUN_ID, TRACKING_URI, STORAGE = "config", "run_id", "tracking_uri", "storage"
@@ -62,7 +61,7 @@ class WorkerContext:
         return self.rank == 0
 
 
-def start_worker(loop_config: dict, config_type: type[ConfigT]) -> WorkerContext:
+def start_worker(loop_config: dict, config_type: type[Any]) -> WorkerContext:
     """Set up a worker: the config from `loop_config`, the tracking URI the driver uses, torch's thread count
     (`compute.torch_threads`, else the worker's CPUs) and the device Ray Train assigned."""
     import ray.train
@@ -98,17 +97,17 @@ def restore(worker: WorkerContext, steps_per_epoch: int) -> tuple[dict, dict] | 
     return state, record
 
 
-def end_epoch(worker: WorkerContext, summary: dict[str, Any],
-              checkpoint: Callable[[], tuple[dict, dict[str, Any]]] | None) -> None:
+def end_epoch(worker: WorkerContext, summary: dict[str, Any], state: Callable[[], dict] | None = None,
+              record: dict[str, Any] | None = None) -> None:
     """Report the epoch's `summary` from every rank (a barrier: all ranks must call it equally often). With
-    `checkpoint`, rank 0 also saves what it returns, (state, record), as the epoch's checkpoint."""
+    `state`, rank 0 also saves `state()` and `record` as the epoch's checkpoint (`state` is called on rank 0
+    only: the other ranks do not copy their weights for nothing)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
         reported = None
-        if checkpoint is not None and worker.is_chief:
-            state, record = checkpoint()
-            save_checkpoint(directory, state, record)
+        if state is not None and worker.is_chief:
+            save_checkpoint(directory, state(), record or {})
             reported = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(summary, checkpoint=reported)
 
