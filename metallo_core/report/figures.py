@@ -185,8 +185,9 @@ def svg_text(figure: Figure, *, salt: str = "metallo") -> str:
     Text stays text (searchable, escaped, drawn in the page's fonts) and the element ids are derived from
     `salt`, so pass a different salt for every figure of one page: inlined SVGs share the page's id space.
     The XML prolog and doctype go (they are invalid inside HTML and name a DTD URL), SVG 1.1 `xlink:href`
-    becomes SVG 2 `href` (so the page names no namespace but SVG's own), and nothing is clipped: matplotlib's
-    clip paths are `url(#...)` references, and every chart here sets its limits to cover what it draws."""
+    becomes SVG 2 `href` (so the page names no namespace but SVG's own), and clipping is turned off on the
+    figure's artists (this changes `figure`): matplotlib's clip paths are `url(#...)` references, which a
+    self-contained page avoids, and every chart here sets its limits to cover what it draws."""
     for artist in figure.findobj():
         artist.set_clip_on(False)
     buffer = io.StringIO()

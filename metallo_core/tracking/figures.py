@@ -21,4 +21,5 @@ def log_figures(run_id: str | None, figures: Mapping[str, Figure]) -> None:
         return
     client = tracking.client()
     for artifact_file, figure in figures.items():
-        client.log_figure(run_id, figure, artifact_file, save_kwargs={"dpi": FIGURE_DPI, "facecolor": "#ffffff"})
+        client.log_figure(run_id, figure, artifact_file, save_kwargs={"dpi": FIGURE_DPI, "facecolor": "#ffffff",
+                                                                    "bbox_inches": "tight"})
