@@ -6,7 +6,8 @@
 import sys
 
 from metallo_core.entrypoint import job_main
-from metallo_core.fewshot.grid import GridConfig, run_grid
+from metallo_core.fewshot.grid import GridConfig
+from metallo_core.train.grid import run_grid
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,8 @@ def _metatrain(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from metallo_core.fewshot.grid import GridConfig, run_grid
+    from metallo_core.fewshot.grid import GridConfig
+    from metallo_core.train.grid import run_grid
 
     return run_stage(args, GridConfig, run_grid, lambda result: f"{result['table']}\nfiles: {result['out']}")
 

@@ -9,8 +9,17 @@ from collections import defaultdict
 from metallo_core.fewshot.confusion import Confusion
 from metallo_core.report.collect import EvaluationRecord, ReportData, RunRecord
 from metallo_core.report.document import Details, Document, Facts, Figure, Paragraph, Section
+from metallo_core.report.figures import (
+    Line,
+    ShotSeries,
+    accuracy_vs_shots,
+    confusion_heatmap,
+    line_chart,
+    one_per_step,
+    svg_text,
+    thin,
+)
 from metallo_core.report.lineage import evaluated_set, lineage_entries, model_label, row_labels
-from metallo_core.report.svg import PALETTE, Series, heatmap, line_chart, thin
 from metallo_core.report.tables import (
     METHOD_LABELS,
     Results,
@@ -85,20 +94,19 @@ def shots_section(results: Results) -> Section:
     for number, ((evaluated, way), columns) in enumerate(sorted(charts.items()), start=1):
         series = []
         for row in results.rows:
-            measured = [(column.shot, row.cells[column]) for column in columns if column in row.cells]
+            measured = {column.shot: row.cells[column] for column in columns if column in row.cells}
             if not measured:
                 continue
             labels = row.labels
-            series.append(Series(
+            series.append(ShotSeries(
                 label=f"{labels.architecture} · {labels.pretraining} · {labels.model} · {row.method}",
-                points=[(shot, 100 * cell.mean, 100 * cell.ci95) for shot, cell in measured],
-                color=PALETTE[identities.index(labels) % len(PALETTE)],
+                accuracies={shot: (cell.mean, cell.ci95) for shot, cell in measured.items()},
+                color=f"C{identities.index(labels) % 10}",  # one colour per model, PN and PN+FT alike
                 dashed=row.mode != "protonet",
             ))
         title = f"{evaluated}, {way}-way"
-        svg = line_chart(series, title=title, x_label="shots per class", y_label="accuracy (%)",
-                         x_ticks=sorted({column.shot for column in columns}), y_bounds=(0, 100), dodge=True)
-        section.blocks.append(Figure(f"accuracy-vs-shots-{number}", svg,
+        name = f"accuracy-vs-shots-{number}"
+        section.blocks.append(Figure(name, svg_text(accuracy_vs_shots(series, title=title), salt=name),
                                      f"{title}: mean accuracy with 95% intervals; dashed lines are fine-tuned."))
     return section
 
@@ -125,30 +133,11 @@ def confusion_section(data: ReportData) -> Section:
             caption = (f"{method}: {confusion.tasks} tasks, {confusion.queries} queries (run {run.name})."
                        + (" Most confused: " + "; ".join(pairs) + "." if pairs else ""))
             title = f"{method}, {labels.model}, {evaluation.way}w{evaluation.shot}s"
-            subsection.blocks.append(Figure(f"confusion-{number}-{mode}", confusion_svg(confusion, title), caption))
+            name = f"confusion-{number}-{mode}"
+            svg = svg_text(confusion_heatmap(confusion, title=title), salt=name)
+            subsection.blocks.append(Figure(name, svg, caption))
         section.blocks.append(subsection)
     return section
-
-
-def confusion_svg(confusion: Confusion, title: str) -> str:
-    rates = confusion.rates()
-    size = len(confusion.classes)
-    texts, tooltips = [], []
-    for row in range(size):
-        texts.append([])
-        tooltips.append([])
-        for column in range(size):
-            count, offered, rate = (int(confusion.counts[row, column]), int(confusion.opportunities[row, column]),
-                                    float(rates[row, column]))
-            true_name, predicted_name = confusion.classes[row], confusion.classes[column]
-            if offered == 0:
-                texts[-1].append("")
-                tooltips[-1].append(f"{true_name} and {predicted_name} never shared a task")
-                continue
-            texts[-1].append(f"{100 * rate:.0f}%" if count or row == column else "")
-            tooltips[-1].append(f"true {true_name}, predicted {predicted_name}: {count} of {offered} queries "
-                                f"({100 * rate:.1f}%)")
-    return heatmap(confusion.classes, rates.tolist(), texts, tooltips, title=title)
 
 
 def most_confused(confusion: Confusion, limit: int = MOST_CONFUSED) -> list[str]:
@@ -194,28 +183,22 @@ def metatraining_section(data: ReportData, runs: list[RunRecord]) -> Section:
 
 def curve_figure(data: ReportData, runs: list[RunRecord], metric: str, name: str, title: str, y_label: str,
                  caption: str, *, scale: float = 1.0, interval: str = "") -> Figure:
-    series = []
+    lines = []
     for index, run in enumerate(runs):
         curves = data.curves.get(run.run_id, {})
         if metric not in curves:
             continue
         widths = dict(curves.get(interval, [])) if interval else {}
-        series.append(Series(
+        points = thin(one_per_step(curves[metric]))
+        lines.append(Line(
             label=run.name,
-            points=[(step, scale * value, scale * widths[step] if step in widths else None)
-                    for step, value in thin(one_per_step(curves[metric]))],
-            color=PALETTE[index % len(PALETTE)],
+            x=[step for step, _ in points],
+            y=[scale * value for _, value in points],
+            error=[scale * widths.get(step, math.nan) for step, _ in points] if widths else None,
+            color=f"C{index % 10}",
         ))
-    return Figure(name, line_chart(series, title=title, x_label="training step", y_label=y_label), caption)
-
-
-def one_per_step(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """The mean of the values logged at one step. Meta-training logs `train_loss` per logged episode and
-    per epoch under the same key, and the two meet at epoch boundaries; a line through both would jump."""
-    by_step: dict[int, list[float]] = defaultdict(list)
-    for step, value in points:
-        by_step[step].append(value)
-    return [(step, sum(values) / len(values)) for step, values in sorted(by_step.items())]
+    chart = line_chart(lines, title=title, x_label="training step", y_label=y_label)
+    return Figure(name, svg_text(chart, salt=name), caption)
 
 
 def evaluations_section(data: ReportData) -> Section:

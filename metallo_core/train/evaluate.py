@@ -32,7 +32,9 @@ from metallo_core.fewshot.episodes import (
 )
 from metallo_core.fewshot.evaluation import task_accuracy
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
+from metallo_core.report.figures import confusion_heatmap
 from metallo_core.storage import locate
+from metallo_core.tracking.figures import log_figures
 from metallo_core.train import ray_setup
 
 
@@ -244,8 +246,10 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
                                                 steps=steps if mode != "protonet" else None)
                 run.log_metrics({f"{mode}_accuracy": mean, f"{mode}_ci95": ci95, f"{mode}_episodes_per_s": rate})
                 run.log_text(_per_task_csv(accuracies), f"per_task/{mode}.csv")
-                run.log_dict(confusion_over_tasks(tasks, predictions, class_names).to_json(),
-                             f"{CONFUSION_ARTIFACT_DIR}/{mode}.json")
+                confusion = confusion_over_tasks(tasks, predictions, class_names)
+                run.log_dict(confusion.to_json(), f"{CONFUSION_ARTIFACT_DIR}/{mode}.json")
+                log_figures(run.run_id, {f"{CONFUSION_ARTIFACT_DIR}/{mode}.png": confusion_heatmap(
+                    confusion, title=f"{mode}, {config.split}, {config.episodes.way}w{config.episodes.shot}s")})
                 print(f"  {mode}: {mean:.4f} ± {ci95:.4f} over {len(accuracies)} tasks ({rate:.2f} episodes/s)",
                       flush=True)
         finally:

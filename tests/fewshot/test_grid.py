@@ -8,7 +8,8 @@ import pytest
 
 from metallo_core.config import load_config
 from metallo_core.errors import ConfigError
-from metallo_core.fewshot.grid import GridConfig, GridRow, results_csv, results_plot, results_table
+from metallo_core.fewshot.grid import GridConfig, GridRow, results_csv, results_table
+from metallo_core.train.grid import results_figure
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [
@@ -42,7 +43,7 @@ def test_csv_has_one_line_per_measured_cell(tmp_path):
     rows = list(csv.DictReader(io.StringIO(results_csv(ROWS, [1, 5]))))
     assert [(r["method"], r["shot"]) for r in rows] == [("ProtoNet (PN)", "1"), ("ProtoNet (PN)", "5"), ("PN+FT", "1")]
     assert float(rows[2]["accuracy"]) == pytest.approx(0.9072) and rows[2]["model"] == "models:/p/1"
-    results_plot(ROWS, [1, 5], tmp_path / "plot.png")
+    results_figure(ROWS, 5, "MEM-25").savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
