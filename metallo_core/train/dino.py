@@ -231,6 +231,8 @@ def run_dino_pretraining(config: DinoConfig) -> PretrainResult:
     }
     with tracking.open_run(config.run.experiment, config.run.name, config=config, tags=lineage) as run:
         outcome = skeleton.fit_or_reuse(config.run, config.epochs, lambda: _fit(config, num_images, run.run_id))
+        skeleton.log_training_curves(run.run_id, ["loss", "epoch_loss", "knn_accuracy"],
+                                     title=f"DINO pretraining: {config.run.name}")
         model_uri = None
         if config.registry.register:
             model_uri = register_teacher_backbone(config, outcome.state, outcome.record, run.run_id, lineage)

@@ -176,6 +176,8 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
             config=config, compute=config.compute, run=config.run, run_id=run.run_id, stage="meta-training",
             callbacks=train_callbacks))
         record = outcome.record
+        skeleton.log_training_curves(run.run_id, ["train_loss", "val_accuracy"], intervals={"val_accuracy": "val_ci95"},
+                                     title=f"ProtoNet meta-training: {config.run.name}")
         model_uri = None
         if config.registry.register:
             model_uri = register_protonet(config, outcome.state, record, run.run_id, lineage)

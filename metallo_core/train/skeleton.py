@@ -9,7 +9,8 @@ Worker side (runs in every Ray Train worker):
 Driver side (the `ray job submit` entrypoint process):
 - `fit_or_reuse`: a run whose last checkpoint already holds every epoch is not trained again;
 - `fit_on_ray`: one `TorchTrainer` over the stage's worker function, its final checkpoint loaded back;
-- `register_once`: the trained model is registered once per (run, epochs done), however often the job reruns.
+- `register_once`: the trained model is registered once per (run, epochs done), however often the job reruns;
+- `log_training_curves`: the run's curves as a picture on its MLflow run page (`curves/training.png`).
 
 Metrics are logged by rank 0 of the workers, not by a driver-side Ray Train callback: the stages log per-step
 curves (loss, lr) between epochs, and a `ray.train.report` per step would add a barrier across workers at every
@@ -180,3 +181,24 @@ def register_once(registry: RegistrySettings, run_id: str, epochs_done: int,
         logger.info("already registered as %s v%s", registry.name, version.version)
         return f"models:/{registry.name}/{version.version}"
     return register(identity)
+
+
+CURVES_ARTIFACT = "curves/training.png"
+
+
+def log_training_curves(run_id: str, metrics: list[str], *, title: str,
+                        intervals: dict[str, str] | None = None) -> None:
+    """Draw the run's logged `metrics` (one panel each, over the training step) and log the figure on the run
+    as `curves/training.png`. Metrics the run never logged are left out (e.g. no k-NN probe configured);
+    nothing is logged when none was. `intervals` maps a metric to its 95% half-width metric (error bars)."""
+    from metallo_core.report.figures import training_curves_figure
+    from metallo_core.tracking.figures import log_figures
+
+    client = tracking.client()
+    keys = metrics + [width for width in (intervals or {}).values() if width not in metrics]
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
+    shown = [key for key in metrics if history[key]]
+    if shown:
+        figure = training_curves_figure({k: v for k, v in history.items() if v}, title=title, metrics=shown,
+                                        intervals={k: w for k, w in (intervals or {}).items() if history.get(w)})
+        log_figures(run_id, {CURVES_ARTIFACT: figure})

@@ -8,7 +8,7 @@ from metallo_core.config import from_dict
 from metallo_core.data.synth_dataset import write_fewshot
 from metallo_core.models.registry import load_backbone, resolve_version
 from metallo_core.ssl.config import DinoConfig
-from metallo_core.train import ray_setup
+from metallo_core.train import ray_setup, skeleton
 from metallo_core.train.dino import run_dino_pretraining
 
 pytestmark = pytest.mark.ray
@@ -40,6 +40,11 @@ def test_pretraining_resumes_after_a_worker_dies_and_registers_the_backbone(tmp_
     assert logged_steps == list(range(2 * steps))
     knn = client.get_metric_history(result.run_id, "knn_accuracy")
     assert len(knn) >= 2 and all(0.0 <= m.value <= 1.0 for m in knn)
+    # The curves as a picture on the run page: a real PNG, three panels wide (loss, epoch loss, k-NN).
+    from PIL import Image
+
+    curves = Image.open(client.download_artifacts(result.run_id, skeleton.CURVES_ARTIFACT))
+    assert curves.format == "PNG" and curves.width > 2 * curves.height
 
     version = resolve_version("models:/metallo-backbone@current")
     assert result.model_uri == f"models:/metallo-backbone/{version.version}"
