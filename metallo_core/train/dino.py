@@ -211,7 +211,7 @@ def check_init_weights(config: DinoConfig) -> None:
 def pinned_init_weights(config: DinoConfig) -> str:
     """The exact starting point for lineage: a registry alias resolved to its version, a file made absolute."""
     from metallo_core.fewshot.config import BackboneInit
-    from metallo_core.fewshot.model_io import pin_backbone_source
+    from metallo_core.models.protonet_store import pin_backbone_source
 
     if not config.init_weights:
         return "scratch"

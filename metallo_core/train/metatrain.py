@@ -63,7 +63,7 @@ def metatrain_worker(loop_config: dict) -> None:
     from metallo_core.data.class_index import ClassIndexedImages
     from metallo_core.fewshot.episodes import EpisodeSampler
     from metallo_core.fewshot.metrics import mean_and_ci95
-    from metallo_core.fewshot.model_io import initial_backbone
+    from metallo_core.models.protonet_store import initial_backbone
     from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
     from metallo_core.precision import autocast as precision_autocast
     from metallo_core.precision import resolve_precision
@@ -254,7 +254,7 @@ def with_absolute_uris(config: MetaTrainConfig) -> MetaTrainConfig:
     config = copy.deepcopy(config)
     config.data.uri = locate(config.data.uri).uri
     if config.backbone.kind == "file":
-        from metallo_core.fewshot.model_io import pin_backbone_source
+        from metallo_core.models.protonet_store import pin_backbone_source
 
         config.backbone.source = pin_backbone_source(config.backbone)
     if config.run.storage:
@@ -268,7 +268,7 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
 
     `parent_run_id`, `extra_tags` and `train_callbacks` are for searches (tuning/): the run becomes a
     child of the search's MLflow run, and Ray Train callbacks (Tune's report bridge) join the trainer."""
-    from metallo_core.fewshot.model_io import check_backbone_source, pin_backbone_source
+    from metallo_core.models.protonet_store import check_backbone_source, pin_backbone_source
 
     config = with_absolute_uris(config)
     tracking.configure()
@@ -336,7 +336,7 @@ def _fit(config: MetaTrainConfig, run_id: str, backbone_source: str, val_episode
 def register_protonet(config: MetaTrainConfig, state: dict, record: dict, run_id: str,
                       lineage: dict[str, str]) -> str:
     """Register the best meta-trained ProtoNet once per (run, epochs done)."""
-    from metallo_core.fewshot.model_io import protonet_metadata
+    from metallo_core.models.protonet_store import protonet_metadata
     from metallo_core.fewshot.protonet import ProtoNet
     from metallo_core.models.backbones import BackboneSpec, build_backbone
     from metallo_core.models.registry import find_versions, log_backbone
