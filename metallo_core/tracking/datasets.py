@@ -42,13 +42,16 @@ def dataset_input(tags: Mapping[str, Any]):
     uri, sha256 = tags.get(DATASET_URI_TAG), tags.get(MANIFEST_SHA256_TAG)
     if not uri or not sha256:
         return None
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     uri, sha256 = str(uri), str(sha256)
-    dataset = MetaDataset(resolve_dataset_source(uri), name=PurePosixPath(uri.rstrip("/")).name or uri,
+    # metallo's datasets are local folders or s3:// prefixes (storage.locate); named here, not guessed by
+    # MLflow's resolver, which warns that a local path matches two equivalent sources.
+    source = (S3ArtifactDatasetSource if uri.startswith("s3://") else LocalArtifactDatasetSource)(uri)
+    dataset = MetaDataset(source, name=PurePosixPath(uri.rstrip("/")).name or uri,
                           digest=sha256[:MAX_DIGEST_LENGTH])
     input_tags = [InputTag(INPUT_MANIFEST_SHA256, sha256)]
     if tags.get(SPLIT_TAG):

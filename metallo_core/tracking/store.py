@@ -4,6 +4,7 @@ that makes an unreachable server or refused credentials fail before any work sta
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 
 from metallo_core.errors import TrackingError
@@ -115,13 +116,13 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
         response = http_request(get_default_host_creds(uri), PROBE_ENDPOINT, "GET", max_retries=0,
                                 timeout=timeout_s, retry_codes=frozenset(), params={"max_results": 1})
     except MlflowException as exc:
-        reason = _root_cause(exc)
+        causes = _causes(exc)
+        reason = causes[-1]  # the socket or TLS error itself, e.g. "[Errno 111] Connection refused"
         hint = ""
-        if "CERTIFICATE_VERIFY_FAILED" in reason or "SSLError" in reason or "SSL" in type(exc.__context__).__name__:
+        if any(isinstance(cause, ssl.SSLError) for cause in causes):
             hint = (f"; a server behind a private CA needs {ENV_SERVER_CERT}=/path/to/ca.pem "
                     f"(or {ENV_INSECURE_TLS}=true to skip verification)")
-        raise TrackingError(f"MLflow server {uri} cannot be reached ({reason}){hint}; "
-                            + _check_the_uri()) from exc
+        raise TrackingError(f"MLflow server {uri} cannot be reached ({reason}){hint}; " + _check_the_uri()) from exc
     if response.status_code == 200:
         return
     if response.status_code in (401, 403):
@@ -136,13 +137,19 @@ def _check_the_uri() -> str:
     return f"check {ENV_TRACKING_URI} (unset it to use the local sqlite store under {local_home()})"
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost reason behind MLflow's wrapped request error (refused connection, failed TLS handshake)."""
-    innermost = exc
-    while innermost.__cause__ or innermost.__context__:
-        innermost = innermost.__cause__ or innermost.__context__
-    reason = getattr(innermost, "reason", None)  # urllib3 MaxRetryError / NewConnectionError
-    return str(reason or innermost)
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions behind it, outermost first (MLflow wraps requests' errors, which wrap
+    urllib3's, which hold the socket or TLS error as `.reason`)."""
+    chain = [exc]
+    while len(chain) < 20:
+        current = chain[-1]
+        following = current.__cause__ or current.__context__
+        if following is None and isinstance(getattr(current, "reason", None), BaseException):
+            following = current.reason
+        if following is None or following in chain:
+            break
+        chain.append(following)
+    return chain
 
 
 def client(*, create: bool = True):
