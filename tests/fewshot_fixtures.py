@@ -9,7 +9,7 @@ import torch
 
 from metallo_core import tracking
 from metallo_core.data.synth_dataset import write_fewshot
-from metallo_core.fewshot.model_io import protonet_metadata
+from metallo_core.models.protonet_store import protonet_metadata
 from metallo_core.fewshot.protonet import ProtoNet
 from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.models.registry import log_backbone

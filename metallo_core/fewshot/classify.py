@@ -183,7 +183,7 @@ def classify(
 ) -> ClassifyResult:
     """Classify the query image(s) against the support classes; with `out`, write the CSV (only when
     everything succeeded: it is written to a temporary file and moved into place at the end)."""
-    from metallo_core.fewshot.model_io import load_protonet
+    from metallo_core.models.protonet_store import load_protonet
 
     settings = settings or ClassifySettings()
     settings.validate()

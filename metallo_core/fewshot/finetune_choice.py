@@ -55,12 +55,12 @@ def record_chosen_settings(run_id: str, model_uri: str, settings: FinetuneSettin
     """Log `settings` on run `run_id` and, with `tag_model` (a choice made on meta-validation tasks, not
     settings merely evaluated), tag the model version behind `model_uri` (models:/name/version or @alias;
     other URIs get only the run artifact)."""
-    from metallo_core.models.registry import MODEL_URI, resolve_version
+    from metallo_core.tracking.registry import parse_model_uri, resolve_version
 
     plain = to_dict(settings)
     client = tracking.client()
     client.log_text(run_id, json.dumps({"settings": plain, "chosen_by": chosen_by}, indent=2), SETTINGS_ARTIFACT)
-    if tag_model and MODEL_URI.match(model_uri):
+    if tag_model and parse_model_uri(model_uri):
         version = resolve_version(model_uri)
         client.set_model_version_tag(version.name, version.version, SETTINGS_TAG, json.dumps(plain))
         client.set_model_version_tag(version.name, version.version, CHOSEN_BY_TAG, f"{chosen_by} (run {run_id})")
@@ -80,14 +80,14 @@ def choose(model_uri: str, finetune_from: str = "", overrides: dict[str, Any] | 
 
 def recorded_for_model(model_uri: str) -> ChosenFinetune:
     """The settings recorded on a registered model version, or the defaults (saying why)."""
-    from metallo_core.models.registry import MODEL_URI, resolve_version
+    from metallo_core.tracking.registry import parse_model_uri, resolve_version, version_uri
 
-    if not MODEL_URI.match(model_uri):
+    if not parse_model_uri(model_uri):
         return ChosenFinetune(FinetuneSettings(), f"the defaults ({model_uri} is not a registered model version, "
                                                   "which is where chosen settings are recorded; see --finetune-from)")
     version = resolve_version(model_uri)
     tags = dict(version.tags or {})
-    where = f"models:/{version.name}/{version.version}"
+    where = version_uri(version.name, version.version)
     if SETTINGS_TAG not in tags:
         return ChosenFinetune(FinetuneSettings(), f"the defaults (no evaluation or search recorded fine-tuning "
                                                   f"settings on {where}; see --finetune-from)")

@@ -141,15 +141,16 @@ def _random_backbone(spec: BackboneSpec, seed: int) -> ResolvedBackbone:
 
 
 def _registry_backbone(uri: str) -> ResolvedBackbone:
-    from metallo_core.models.registry import MODEL_URI, load_backbone, resolve_version
+    from metallo_core.models.registry import load_backbone
+    from metallo_core.tracking.registry import parse_model_uri, resolve_version, version_uri
 
     identity, resolved_uri = f"mlflow:{uri}", uri
-    if MODEL_URI.match(uri):
+    if parse_model_uri(uri):
         version = resolve_version(uri)
         # The version's source (models:/m-...) names the logged weights even if the alias moves later.
         identity = f"mlflow:{version.source}"
-        resolved_uri = f"models:/{version.name}/{version.version}"
-    module, spec = load_backbone(uri)
+        resolved_uri = version_uri(version.name, version.version)
+    module, spec = load_backbone(resolved_uri)  # the pinned version: the alias may move meanwhile
     description = f"{resolved_uri} ({spec.arch}{', small-input stem' if spec.small_input else ''}, "\
                   f"trained at {spec.image_size} px; from {uri})"
     return ResolvedBackbone(module, spec, identity, description, uri=resolved_uri)

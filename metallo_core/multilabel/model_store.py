@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from metallo_core import tracking
 from metallo_core.errors import TrackingError
 from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.multilabel.baseline_cnn import SmallCNN
@@ -29,6 +28,11 @@ from metallo_core.multilabel.model import (
     NFurcatedHead,
 )
 from metallo_core.multilabel.properties import PropertyInfo
+from metallo_core.tracking.registry import (
+    RegisteredModel,
+    download_model,
+    log_torch_model,
+)
 
 SPEC_FILE = "multilabel_spec.json"
 ENCODER_WEIGHTS_FILE = "encoder_weights.pt"
@@ -75,14 +79,6 @@ class MultilabelModelSpec:
         return cls(**data)
 
 
-@dataclass
-class RegisteredMultilabelModel:
-    name: str
-    version: str
-    uri: str  # models:/name/version
-    model_id: str | None = None
-
-
 def build_network(spec: MultilabelModelSpec) -> tuple[MultilabelNet, list[PropertyInfo]]:
     """An untrained image -> outputs network of the shape `spec` describes."""
     properties = spec.property_infos
@@ -122,37 +118,15 @@ def log_multilabel_model(
     registered_name: str | None,
     tags: Mapping[str, Any],
     alias: str = "",
-) -> tuple[str, RegisteredMultilabelModel | None]:
+) -> tuple[str, RegisteredModel | None]:
     """Log the model to run `run_id` (no active run needed) and register it; returns (model_uri, registered)."""
-    import mlflow
-
-    tracking.configure()
     network = network.float().cpu().eval()
-    experiment_id = tracking.client().get_run(run_id).info.experiment_id
-    string_tags = {key: str(value) for key, value in tags.items()}
     with tempfile.TemporaryDirectory() as directory:
         files = save_model_files(directory, spec, network)
         example = np.random.default_rng(0).random((2, 3, spec.image_size, spec.image_size), dtype=np.float32)
-        logged = mlflow.initialize_logged_model(name=ARTIFACT_NAME, source_run_id=run_id, experiment_id=experiment_id,
-                                                tags=string_tags)
-        info = mlflow.pytorch.log_model(
-            ExportedMultilabelNet(network, spec.property_infos).eval(),
-            name=ARTIFACT_NAME,
-            model_id=logged.model_id,
-            run_id=run_id,
-            input_example=example,
-            serialization_format="pt2",
-            extra_files=[str(path) for path in files],
-            pip_requirements=_pip_requirements(),
-        )
-    if not registered_name:
-        return info.model_uri, None
-    version = mlflow.register_model(info.model_uri, registered_name, tags=string_tags)
-    if alias:
-        tracking.client().set_registered_model_alias(registered_name, alias, version.version)
-    registered = RegisteredMultilabelModel(registered_name, str(version.version),
-                                           f"models:/{registered_name}/{version.version}", logged.model_id)
-    return info.model_uri, registered
+        return log_torch_model(run_id, ExportedMultilabelNet(network, spec.property_infos).eval(), name=ARTIFACT_NAME,
+                               input_example=example, extra_files=files, pip_requirements=_pip_requirements(),
+                               registered_name=registered_name, tags=tags, alias=alias)
 
 
 @dataclass
@@ -165,8 +139,6 @@ class LoadedMultilabelModel:
 
 def load_multilabel_model(model_uri: str) -> LoadedMultilabelModel:
     """Rebuild a logged multi-label model from models:/name@alias, models:/name/N, runs:/... or m-... URIs."""
-    from metallo_core.models.registry import download_model
-
     directory = download_model(model_uri)
     return load_model_directory(directory, model_uri)
 

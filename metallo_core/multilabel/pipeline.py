@@ -18,7 +18,7 @@ from torch import nn
 
 from metallo_core import tracking
 from metallo_core.config import config_hash
-from metallo_core.data.manifest import Manifest, manifest_sha256, read_manifest
+from metallo_core.data.manifest import Manifest, read_manifest
 from metallo_core.errors import DataError
 from metallo_core.multilabel.baseline_cnn import CNN_MEAN, CNN_STD, SmallCNN
 from metallo_core.multilabel.config import MultilabelConfig
@@ -249,7 +249,7 @@ def history_metrics(history: TrainingHistory) -> list[tuple[int, dict[str, float
 
 
 def log_history(run_id: str, history: TrainingHistory) -> None:
-    """All epochs in a few batched calls (one call per epoch would be slow on a SQLite store)."""
+    """All epochs in one batched call (MlflowClient splits it; a call per epoch would be slow on SQLite)."""
     import time
 
     from mlflow.entities import Metric
@@ -257,9 +257,7 @@ def log_history(run_id: str, history: TrainingHistory) -> None:
     timestamp = int(time.time() * 1000)
     entries = [Metric(key, float(value), timestamp, epoch)
                for epoch, metrics in history_metrics(history) for key, value in metrics.items()]
-    client = tracking.client()
-    for start in range(0, len(entries), 1000):
-        client.log_batch(run_id, metrics=entries[start:start + 1000])
+    tracking.client().log_batch(run_id, metrics=entries)
 
 
 def summary_metrics(trained: TrainedModel, prepared: PreparedInputs) -> dict[str, float]:
@@ -281,8 +279,7 @@ def lineage_tags(config: MultilabelConfig, prepared: PreparedInputs) -> dict[str
     backbone = prepared.backbone
     return {
         "metallo.stage": "multilabel",
-        "metallo.dataset_uri": config.data.uri,
-        "metallo.dataset_manifest_sha256": manifest_sha256(config.data.uri),
+        **tracking.dataset_tags(config.data.uri),
         "metallo.config_hash": config_hash(config),
         "metallo.code_version": tracking.code_version(),
         "metallo.encoder": config.encoder,

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 from metallo_core import tracking
 from metallo_core.errors import MetalloError
 from metallo_core.fewshot.confusion import CONFUSION_ARTIFACT_DIR, Confusion
+from metallo_core.tracking.registry import parse_model_uri, resolve_version
 
 STAGE_TAG = "metallo.stage"
 REPORT_STAGE = "report"  # runs that hold logged reports; never reported on themselves
@@ -31,8 +32,6 @@ CURVE_METRICS = {
 }
 RUNS_PAGE = 1000
 PROGRESS_BAR_VARIABLE = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-# models:/name/version or models:/name@alias (as metallo_core.models.registry reads them; that module imports torch)
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 @dataclass
@@ -228,14 +227,10 @@ class _Collector:
         return model
 
     def model(self, model_uri: str, why: str) -> ModelRecord | None:
-        match = MODEL_URI.match(model_uri)
-        if not match:
+        if parse_model_uri(model_uri) is None:
             return None  # runs:/... and other URIs name a run, not a registry entry
         try:
-            if match["alias"]:
-                version = self.client.get_model_version_by_alias(match["name"], match["alias"])
-            else:
-                version = self.client.get_model_version(match["name"], match["version"])
+            version = resolve_version(model_uri)
         except Exception as exc:  # noqa: BLE001
             self.problems.append(f"model {model_uri} ({why}) is not in the registry: {_first_line(exc)}")
             return None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from metallo_core.report.collect import EvaluationRecord, ModelRecord, ReportData, RunRecord
+from metallo_core.tracking.registry import parse_model_uri
 
 UNKNOWN = "?"
 
@@ -66,9 +67,9 @@ def find_model(data: ReportData, uri: str) -> ModelRecord | None:
     """The registered model behind `uri` (pinned `models:/name/N`, or `models:/name@alias` as it points now)."""
     if uri in data.models:
         return data.models[uri]
-    if uri.startswith("models:/") and "@" in uri:
-        name, alias = uri.removeprefix("models:/").split("@", 1)
-        return next((m for m in data.models.values() if m.name == name and alias in m.aliases), None)
+    ref = parse_model_uri(uri)
+    if ref is not None and ref.alias:
+        return next((m for m in data.models.values() if m.name == ref.name and ref.alias in m.aliases), None)
     return None
 
 

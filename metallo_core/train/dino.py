@@ -14,7 +14,7 @@ from typing import Any
 
 from metallo_core import tracking
 from metallo_core.config import config_hash, to_dict
-from metallo_core.data.manifest import manifest_sha256, read_manifest
+from metallo_core.data.manifest import read_manifest
 from metallo_core.data.stream import DecodeImages, read_split
 from metallo_core.errors import MetalloError
 from metallo_core.ssl.config import DinoConfig
@@ -187,7 +187,7 @@ def check_init_weights(config: DinoConfig) -> None:
 def pinned_init_weights(config: DinoConfig) -> str:
     """The exact starting point for lineage: a registry alias resolved to its version, a file made absolute."""
     from metallo_core.fewshot.config import BackboneInit
-    from metallo_core.fewshot.model_io import pin_backbone_source
+    from metallo_core.models.protonet_store import pin_backbone_source
 
     if not config.init_weights:
         return "scratch"
@@ -223,8 +223,7 @@ def run_dino_pretraining(config: DinoConfig) -> PretrainResult:
     num_images = validate_inputs(config)
     lineage = {
         "metallo.stage": "pretrain",
-        "metallo.dataset_uri": config.data.uri,
-        "metallo.dataset_manifest_sha256": manifest_sha256(config.data.uri),
+        **tracking.dataset_tags(config.data.uri, split=config.data.split),
         "metallo.config_hash": config_hash(config),
         "metallo.code_version": tracking.code_version(),
         "metallo.backbone_source": config.init_weights or "scratch",  # where DINO started

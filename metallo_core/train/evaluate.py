@@ -19,7 +19,7 @@ import numpy as np
 from metallo_core import tracking
 from metallo_core.config import config_hash, to_dict
 from metallo_core.data.class_index import indices_by_class, load_split_labels
-from metallo_core.data.manifest import manifest_sha256, read_manifest
+from metallo_core.data.manifest import read_manifest
 from metallo_core.errors import DataError
 from metallo_core.fewshot.config import EvaluateConfig
 from metallo_core.fewshot.confusion import CONFUSION_ARTIFACT_DIR, confusion_over_tasks
@@ -72,8 +72,8 @@ class TaskScorer:
         import torch
 
         from metallo_core.data.class_index import ClassIndexedImages
-        from metallo_core.fewshot.model_io import load_protonet
         from metallo_core.fewshot.protonet import ImageNormalizer
+        from metallo_core.models.protonet_store import load_protonet
 
         os.environ[tracking.ENV_TRACKING_URI] = tracking_uri
         torch.set_num_threads(threads)
@@ -199,7 +199,7 @@ def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dic
 
 
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
-    from metallo_core.models.registry import resolve_version
+    from metallo_core.tracking.registry import pin_model_uri
 
     config = copy.deepcopy(config)
     config.data.uri = locate(config.data.uri).uri
@@ -207,18 +207,13 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     read_manifest(config.data.uri).split(config.split)
     tasks, tasks_json = plan_tasks(config.data.uri, config.split, config, config.tasks, seed=config.seed)
     _, class_names = load_split_labels(config.data.uri, config.split)
-    model_uri = config.model
-    if model_uri.startswith("models:/") and "@" in model_uri:
-        version = resolve_version(model_uri)  # a clear error for a wrong name or alias, before Ray starts
-        model_uri = f"models:/{version.name}/{version.version}"
-    config.model = model_uri
+    # Pinned before Ray starts: a clear error for a wrong name or alias, and one version for every task.
+    model_uri = config.model = pin_model_uri(config.model)
     ray_setup.connect(config.ray_address)
     lineage = {
         "metallo.stage": "evaluate",
         "metallo.model_uri": model_uri,
-        "metallo.dataset_uri": config.data.uri,
-        "metallo.dataset_manifest_sha256": manifest_sha256(config.data.uri),
-        "metallo.split": config.split,
+        **tracking.dataset_tags(config.data.uri, split=config.split),
         "metallo.task": f"{config.episodes.way}-way {config.episodes.shot}-shot",
         "metallo.config_hash": config_hash(config),
     }

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from metallo_core import tracking
 from metallo_core.config import config_hash, from_dict, to_dict
 from metallo_core.data.class_index import indices_by_class, load_split_labels
-from metallo_core.data.manifest import manifest_sha256, read_manifest
+from metallo_core.data.manifest import read_manifest
 from metallo_core.errors import DataError
 from metallo_core.fewshot.config import MetaTrainConfig
 from metallo_core.fewshot.episodes import (
@@ -45,8 +45,8 @@ def metatrain_worker(loop_config: dict) -> None:
     import torch
 
     from metallo_core.data.class_index import ClassIndexedImages
-    from metallo_core.fewshot.model_io import initial_backbone
     from metallo_core.fewshot.trainer import ProtoNetTrainer
+    from metallo_core.models.protonet_store import initial_backbone
 
     worker = skeleton.start_worker(loop_config, MetaTrainConfig)
     config: MetaTrainConfig = worker.config
@@ -134,7 +134,7 @@ def with_absolute_uris(config: MetaTrainConfig) -> MetaTrainConfig:
     config = copy.deepcopy(config)
     config.data.uri = locate(config.data.uri).uri
     if config.backbone.kind == "file":
-        from metallo_core.fewshot.model_io import pin_backbone_source
+        from metallo_core.models.protonet_store import pin_backbone_source
 
         config.backbone.source = pin_backbone_source(config.backbone)
     if config.run.storage:
@@ -148,7 +148,7 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
 
     `parent_run_id`, `extra_tags` and `train_callbacks` are for searches (tuning/): the run becomes a
     child of the search's MLflow run, and Ray Train callbacks (Tune's report bridge) join the trainer."""
-    from metallo_core.fewshot.model_io import check_backbone_source, pin_backbone_source
+    from metallo_core.models.protonet_store import check_backbone_source, pin_backbone_source
 
     config = with_absolute_uris(config)
     tracking.configure()
@@ -163,8 +163,7 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
     lineage = {
         "metallo.stage": "metatrain",
         "metallo.backbone_source": backbone_source,
-        "metallo.dataset_uri": config.data.uri,
-        "metallo.dataset_manifest_sha256": manifest_sha256(config.data.uri),
+        **tracking.dataset_tags(config.data.uri, split=config.data.train_split),
         "metallo.config_hash": config_hash(config),
         "metallo.code_version": tracking.code_version(),
     }
@@ -196,9 +195,9 @@ def register_protonet(config: MetaTrainConfig, state: dict, record: dict, run_id
     """Register the best meta-trained ProtoNet once per (run, epochs done)."""
 
     def register(identity: dict[str, str]) -> str:
-        from metallo_core.fewshot.model_io import protonet_metadata
         from metallo_core.fewshot.protonet import ProtoNet
         from metallo_core.models.backbones import BackboneSpec, build_backbone
+        from metallo_core.models.protonet_store import protonet_metadata
         from metallo_core.models.registry import log_backbone
 
         spec = from_dict(BackboneSpec, record["backbone_spec"])

@@ -27,14 +27,12 @@ def score_variants_on_test(config: EvaluateConfig, variants: dict[str, Variant],
                            gains: list[tuple[str, str]]) -> dict[str, Any]:
     """Score each variant once on `config.tasks` tasks of `config.split`; log `test/<variant>_accuracy`,
     `_ci95` and the paired `test/<a>_minus_<b>` gains on `parent`, then mark the final test done."""
-    from metallo_core.models.registry import resolve_version
+    from metallo_core.tracking.registry import pin_model_uri
     from metallo_core.train import ray_setup
     from metallo_core.train.evaluate import ParallelScorer, plan_tasks
 
     config = copy.deepcopy(config)
-    if config.model.startswith("models:/") and "@" in config.model:
-        version = resolve_version(config.model)
-        config.model = f"models:/{version.name}/{version.version}"
+    config.model = pin_model_uri(config.model)
     ray_setup.connect(config.ray_address)
     tasks, tasks_json = plan_tasks(config.data.uri, config.split, config, config.tasks, seed=config.seed)
     parent.log_text(tasks_json, f"final_test/episodes_{config.split}.json")

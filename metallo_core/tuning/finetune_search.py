@@ -16,7 +16,7 @@ from typing import Any
 
 from metallo_core import tracking
 from metallo_core.config import config_hash, from_dict, to_dict, to_yaml
-from metallo_core.data.manifest import manifest_sha256, read_manifest
+from metallo_core.data.manifest import read_manifest
 from metallo_core.fewshot.finetune_choice import record_chosen_settings
 from metallo_core.storage import locate
 from metallo_core.tuning import runner
@@ -52,7 +52,7 @@ def finetune_trial(params: dict, *, context: dict) -> None:
     from metallo_core.fewshot.evaluation import finetuned_accuracies
     from metallo_core.fewshot.finetune import FinetuneSettings
     from metallo_core.fewshot.metrics import mean_and_ci95
-    from metallo_core.fewshot.model_io import load_protonet
+    from metallo_core.models.protonet_store import load_protonet
     from metallo_core.fewshot.protonet import ImageNormalizer
 
     os.environ[tracking.ENV_TRACKING_URI] = context["tracking_uri"]
@@ -86,7 +86,7 @@ def finetune_trial(params: dict, *, context: dict) -> None:
 
 
 def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
-    from metallo_core.models.registry import resolve_version
+    from metallo_core.tracking.registry import pin_model_uri
     from metallo_core.train import ray_setup
     from metallo_core.train.evaluate import plan_tasks
 
@@ -97,12 +97,8 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
     manifest = read_manifest(evaluate.data.uri)
     manifest.split(evaluate.data.val_split)
     manifest.split(evaluate.split)
-    model_uri = evaluate.model
-    if model_uri.startswith("models:/") and "@" in model_uri:
-        # Pinned once: every trial and the final test score the same version, even if the alias moves.
-        version = resolve_version(model_uri)
-        model_uri = f"models:/{version.name}/{version.version}"
-    evaluate.model = model_uri
+    # Pinned once: every trial and the final test score the same version, even if the alias moves.
+    model_uri = evaluate.model = pin_model_uri(evaluate.model)
     _, val_json = plan_tasks(evaluate.data.uri, evaluate.data.val_split, evaluate, config.val_tasks,
                              seed=evaluate.seed + 7)
     settings = config.search
@@ -114,8 +110,7 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
     lineage = {
         "metallo.stage": "tune-finetune",
         "metallo.model_uri": model_uri,
-        "metallo.dataset_uri": evaluate.data.uri,
-        "metallo.dataset_manifest_sha256": manifest_sha256(evaluate.data.uri),
+        **tracking.dataset_tags(evaluate.data.uri),
         "metallo.task": f"{evaluate.episodes.way}-way {evaluate.episodes.shot}-shot",
         "metallo.config_hash": config_hash(config),
         runner.SEARCH_TAG: settings.name,

@@ -17,7 +17,7 @@ from typing import Any
 
 from metallo_core import tracking
 from metallo_core.config import config_hash, from_dict, to_dict, to_yaml
-from metallo_core.data.manifest import manifest_sha256, read_manifest
+from metallo_core.data.manifest import read_manifest
 from metallo_core.errors import MetalloError
 from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
 from metallo_core.storage import locate
@@ -96,8 +96,7 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
     lineage = {
         "metallo.stage": "tune-metatrain",
         "metallo.backbone_source": base.backbone.source,
-        "metallo.dataset_uri": base.data.uri,
-        "metallo.dataset_manifest_sha256": manifest_sha256(base.data.uri),
+        **tracking.dataset_tags(base.data.uri),
         "metallo.config_hash": config_hash(config),
         runner.SEARCH_TAG: settings.name,
     }

@@ -120,14 +120,14 @@ def test_pre_change_heads_with_a_bias_still_load(monkeypatch):
     with pytest.raises(RuntimeError, match="classifier.offset"):
         ProtoNet(flat_backbone()).load_state_dict({**source.state_dict(), "classifier.offset": torch.tensor(1.0)})
 
-    from metallo_core.fewshot import model_io
+    from metallo_core.models import protonet_store
 
     old_metadata = {"kind": "protonet", "distance": "cosine", "classifier": {"scale": 6.0, "bias": 0.4}}
-    monkeypatch.setattr(model_io, "load_backbone_and_metadata",
+    monkeypatch.setattr(protonet_store, "load_backbone_and_metadata",
                         lambda uri: (flat_backbone(), BackboneSpec(), old_metadata))
-    model, _, metadata = model_io.load_protonet("models:/metallo-protonet/1")
+    model, _, metadata = protonet_store.load_protonet("models:/metallo-protonet/1")
     assert model.classifier.scale.item() == 6.0 and metadata == old_metadata
-    assert model_io.protonet_metadata(model)["classifier"] == {"scale": 6.0}
+    assert protonet_store.protonet_metadata(model)["classifier"] == {"scale": 6.0}
 
 
 def test_euclidean_head_has_no_parameters():

@@ -1,4 +1,7 @@
-"""Building ProtoNets from where their backbones come from (any source of `metallo_core.models.sources`)."""
+"""ProtoNets and the model registry: the backbone source meta-training starts from (an alias pinned to its
+version), the metadata a registered ProtoNet carries (distance, cosine head), and loading one back.
+
+Kept out of `fewshot/` (the maths, free of MLflow): everything here may talk to the registry."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from torch import nn
 from metallo_core.fewshot.config import BackboneInit
 from metallo_core.fewshot.protonet import ProtoNet
 from metallo_core.models.backbones import BackboneSpec
-from metallo_core.models.registry import load_backbone_and_metadata, resolve_version
+from metallo_core.models.registry import load_backbone_and_metadata
 from metallo_core.models.sources import FILE_PREFIX, backbone_from_source, split_file_source
+from metallo_core.tracking.registry import pin_model_uri
 
 PROTONET_KIND = "protonet"
 
@@ -24,10 +28,9 @@ def pin_backbone_source(init: BackboneInit) -> str:
         path, part = split_file_source(init.source)
         pinned = FILE_PREFIX + str(Path(path).resolve())
         return pinned + (f"#{part}" if "#" in init.source else "")
-    if init.kind != "registry" or not init.source.startswith("models:/") or "@" not in init.source:
+    if init.kind != "registry":
         return init.source
-    version = resolve_version(init.source)
-    return f"models:/{version.name}/{version.version}"
+    return pin_model_uri(init.source)
 
 
 def check_backbone_source(init: BackboneInit, pinned_source: str) -> BackboneSpec:
