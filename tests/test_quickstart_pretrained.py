@@ -142,7 +142,7 @@ def test_pretrained_quickstart_registers_what_classify_finetune_will_use(monkeyp
     """The whole offline path on a few synthetic tasks (no X-SDD folder): both models registered under
     @pretrained, the ProtoNet's head at the fine-tuning scale chosen for the tail (not the meta-training
     init of 10), and the fine-tuning settings recorded on it for `classify --finetune`."""
-    from metallo_core.fewshot.finetune_choice import recorded_for_model
+    from metallo_core.models.finetune_choice import recorded_for_model
     from metallo_core.models.protonet_store import load_protonet
     from metallo_core.models.registry import resolve_version
     from metallo_core.quickstart_pretrained import PRETRAINED_DEFAULTS, run_pretrained_quickstart

@@ -56,7 +56,7 @@ class ClassifySettings:
     finetune: bool = False
     # Fine-tuning settings: those an evaluation or search chose for the model (recorded on its version), or
     # those of `finetune_from` (a run id, models:/ URI or YAML file); steps/lr/update/bn_mode given here
-    # override single fields (None: as chosen). See metallo_core/fewshot/finetune_choice.py.
+    # override single fields (None: as chosen). See metallo_core/models/finetune_choice.py.
     steps: int | None = None
     lr: float | None = None
     update: str | None = None
@@ -192,7 +192,7 @@ def classify(
     model, spec, _ = load_protonet(model_uri)
     chosen = None
     if settings.finetune:
-        from metallo_core.fewshot.finetune_choice import choose
+        from metallo_core.models.finetune_choice import choose
 
         chosen = choose(model_uri, settings.finetune_from, {"steps": settings.steps, "lr": settings.lr,
                                                              "update": settings.update, "bn_mode": settings.bn_mode})

@@ -258,7 +258,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         if "finetune" in config.modes:  # what classify --finetune uses for this model (finetune_choice)
             import dataclasses
 
-            from metallo_core.fewshot.finetune_choice import record_chosen_settings
+            from metallo_core.models.finetune_choice import record_chosen_settings
 
             chosen_by = (f"evaluation {run_name!r}, lr and steps chosen on {config.select_tasks} meta-validation tasks"
                          if result.selection else f"evaluation {run_name!r} (settings as configured, not selected)")

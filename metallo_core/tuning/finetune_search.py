@@ -17,7 +17,7 @@ from typing import Any
 from metallo_core import tracking
 from metallo_core.config import config_hash, from_dict, to_dict, to_yaml
 from metallo_core.data.manifest import read_manifest
-from metallo_core.fewshot.finetune_choice import record_chosen_settings
+from metallo_core.models.finetune_choice import record_chosen_settings
 from metallo_core.storage import locate
 from metallo_core.tuning import runner
 from metallo_core.tuning.config import FinetuneSearchConfig

@@ -13,7 +13,7 @@ from metallo_core import cli, tracking
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot import classify as classify_module
 from metallo_core.fewshot.finetune import FinetuneSettings
-from metallo_core.fewshot.finetune_choice import (
+from metallo_core.models.finetune_choice import (
     CHOSEN_BY_TAG,
     SETTINGS_TAG,
     choose,
