@@ -13,7 +13,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -151,7 +151,7 @@ def confusion_heatmap(confusion: Confusion, *, title: str) -> Figure:
     axes = figure.subplots()
     axes.set_facecolor(UNMET_COLOR)  # NaN cells are masked in both meshes below, so this grey shows through
     unmet = ~np.isfinite(rates)
-    cells = {"edgecolors": "#ffffff", "linewidth": 1.0}
+    cells: dict[str, Any] = {"edgecolors": "#ffffff", "linewidth": 1.0}
     axes.pcolormesh(np.ma.masked_array(rates, ~diagonal | unmet), cmap="Greens", vmin=0.0, vmax=1.0, **cells)
     axes.pcolormesh(np.ma.masked_array(rates, diagonal | unmet), cmap="Reds", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0),
                     **cells)

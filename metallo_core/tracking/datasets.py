@@ -43,7 +43,8 @@ def dataset_input(tags: Mapping[str, Any]):
     if not uri or not sha256:
         return None
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource
+    # Registered by mlflow.data at import time, so invisible to a type checker.
+    from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource  # type: ignore[attr-defined]
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -51,7 +52,7 @@ def dataset_input(tags: Mapping[str, Any]):
     # metallo's datasets are local folders or s3:// prefixes (storage.locate); named here, not guessed by
     # MLflow's resolver, which warns that a local path matches two equivalent sources.
     source = (S3ArtifactDatasetSource if uri.startswith("s3://") else LocalArtifactDatasetSource)(uri)
-    dataset = MetaDataset(source, name=PurePosixPath(uri.rstrip("/")).name or uri,
+    dataset = MetaDataset(source,  # type: ignore[abstract]  # its profile is None, defined in MLflow 3.17 name=PurePosixPath(uri.rstrip("/")).name or uri,
                           digest=sha256[:MAX_DIGEST_LENGTH])
     input_tags = [InputTag(INPUT_MANIFEST_SHA256, sha256)]
     if tags.get(SPLIT_TAG):

@@ -144,8 +144,9 @@ def _causes(exc: BaseException) -> list[BaseException]:
     while len(chain) < 20:
         current = chain[-1]
         following = current.__cause__ or current.__context__
-        if following is None and isinstance(getattr(current, "reason", None), BaseException):
-            following = current.reason
+        reason = getattr(current, "reason", None)
+        if following is None and isinstance(reason, BaseException):
+            following = reason
         if following is None or following in chain:
             break
         chain.append(following)

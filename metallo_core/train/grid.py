@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from metallo_core import tracking
 from metallo_core.config import deep_merge, from_dict, to_dict
+from metallo_core.errors import MetalloError
 from metallo_core.fewshot.grid import METHOD_LABELS, GridConfig, GridRow, results_csv, results_table
 from metallo_core.report.figures import ShotSeries, accuracy_vs_shots
 from metallo_core.tracking.figures import FIGURE_DPI, log_figures
@@ -57,6 +58,9 @@ def run_grid(config: GridConfig) -> dict[str, Any]:
                     "run": {"name": f"{config.name}-{backbone.name}-dino".lower()},
                 }))
                 pretrained = run_dino_pretraining(dino)
+                if pretrained.model_uri is None:
+                    raise MetalloError(f"the grid's DINO run {dino.run.name!r} registered no backbone; "
+                                       "set registry.register: true in its pretrain settings")
                 source = pretrained.model_uri
                 children.append({"stage": "pretrain", "backbone": backbone.name, "run_id": pretrained.run_id})
             for metatrain_set in config.metatrain_sets:

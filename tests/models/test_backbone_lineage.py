@@ -113,7 +113,7 @@ def test_metatraining_from_a_mismatched_file_fails_before_ray_starts(tmp_path, m
     # Another test may have started this session's Ray already, so "before Ray starts" is checked as:
     # no MLflow run is opened, no trainer is built, and Ray's state is what it was.
     monkeypatch.setattr(metatrain.tracking, "open_run", must_not_be_reached)
-    monkeypatch.setattr(metatrain, "_fit", must_not_be_reached)
+    monkeypatch.setattr(metatrain.skeleton, "fit_on_ray", must_not_be_reached)
     ray_was_running = ray.is_initialized()
 
     path = tmp_path / "dino_resnet50_pretrain.pth"
