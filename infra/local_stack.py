@@ -33,6 +33,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
+
 from infra.bootstrap_storage import DEFAULT_LOCATIONS
 
 LOOPBACK = "127.0.0.1"
@@ -178,7 +180,7 @@ class LocalStack:
         }
         headers = {"ray": self._ray_headers()}
         return {
-            name: bool(self.pids.get(name)) and _session_members(self.pids[name]) != []
+            name: bool(self.pids.get(name)) and bool(_session(self.pids[name]))
             and _answers(urls[name], headers.get(name, {}))
             for name in SERVICES
         }
@@ -408,80 +410,76 @@ class LocalStack:
         return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- processes (Linux /proc, else process groups)
+# ---------------------------------------------------------------- processes (psutil)
 
-def _proc_stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, pgrp, session) of a live process, or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # a zombie holds nothing; its parent reaps it
-        return None
-    return int(fields[1]), int(fields[2]), int(fields[3])
+def _session(leader: int) -> list[psutil.Process]:
+    """Live processes of the session `leader` started: it and every descendant that did not call setsid.
+
+    By session rather than by parent links: a process whose parent died first (Ray's workers when the
+    raylet stops) is re-parented out of the tree but stays in the session. Zombies are left out: they hold
+    nothing, and their parent reaps them."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == leader and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (OSError, psutil.Error):  # gone meanwhile, or not ours to inspect
+            continue
+    return members
 
 
 def _session_members(leader: int) -> list[int]:
-    """Live processes in the session `leader` started (descendants that did not call setsid)."""
-    if not Path("/proc").is_dir():
-        try:
-            os.killpg(leader, 0)
-            return [leader]
-        except (ProcessLookupError, PermissionError):
-            return []
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat and stat[2] == leader:
-                members.append(int(entry.name))
-    return members
+    """The pids of `_session(leader)`."""
+    return [process.pid for process in _session(leader)]
 
 
 def _end_session(leader: int, grace_s: float, leader_first: bool = False) -> list[int]:
     """Stop every process of the session `leader` started; the pids that needed SIGKILL.
 
     With `leader_first`, the leader alone gets SIGTERM first so it can stop its children in order
-    (`ray start --block` stops the raylet before the GCS); the rest of the group gets SIGTERM after."""
+    (`ray start --block` stops the raylet before the GCS); the rest of the session gets SIGTERM after."""
     deadline = time.monotonic() + grace_s
-    if leader_first and _proc_stat(leader) is not None:
-        _signal(leader, signal.SIGTERM, group=False)
-        _wait_gone(leader, lambda: _proc_stat(leader) is None, time.monotonic() + grace_s * 0.75)
-    if _session_members(leader):
-        _signal(leader, signal.SIGTERM, group=True)
-        _wait_gone(leader, lambda: not _session_members(leader), deadline)
-    forced = _session_members(leader)
-    for pid in forced:
-        _signal(pid, signal.SIGKILL, group=False)
-    _wait_gone(leader, lambda: not _session_members(leader), time.monotonic() + 5)
-    return forced
+    if leader_first:
+        head = [process for process in _session(leader) if process.pid == leader]
+        _send(head, signal.SIGTERM)
+        _wait_gone(head, time.monotonic() + grace_s * 0.75)
+    members = _session(leader)
+    _send(members, signal.SIGTERM)
+    _wait_gone(members, deadline)
+    forced = _session(leader)  # also any process started while the others stopped
+    _send(forced, signal.SIGKILL)
+    _wait_gone(forced, time.monotonic() + 5)
+    return [process.pid for process in forced]
 
 
-def _signal(pid: int, signum: int, group: bool) -> None:
+def _send(processes: list[psutil.Process], signum: int) -> None:
+    """Signal each process; psutil checks first that the pid was not reused by another process."""
+    for process in processes:
+        try:
+            process.send_signal(signum)
+        except psutil.Error:  # already gone
+            pass
+
+
+def _wait_gone(processes: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """Wait until each process has exited (reaping our own children, so none lingers as a zombie) or
+    the deadline passes; those still running."""
+    alive = list(processes)
+    while alive:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        _, alive = psutil.wait_procs(alive, timeout=min(left, 0.5))
+        # A zombie whose parent is not this process is dead already: psutil would wait for its reaping.
+        alive = [process for process in alive if _running(process)]
+    return alive
+
+
+def _running(process: psutil.Process) -> bool:
     try:
-        if group:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _wait_gone(leader: int, done, deadline: float) -> None:
-    while True:
-        _reap(leader)
-        if done() or time.monotonic() >= deadline:
-            return
-        time.sleep(0.2)
-
-
-def _reap(pid: int) -> None:
-    """Collect our own child's exit status so it does not linger as a zombie."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _answers(url: str, headers: dict[str, str]) -> bool:

@@ -35,11 +35,19 @@ class Progress:
     def rate(self) -> float:
         return self.done / max(self.elapsed, 1e-9)
 
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate so far; None without a total or before anything is done."""
+        if not self.total or not self.done:
+            return None
+        return max(self.total - self.done, 0) / max(self.rate, 1e-9)
+
     def _print(self, note: str) -> None:
         total = f"/{self.total}" if self.total else ""
+        eta = f", ETA {self.eta_s:.0f}s" if self.eta_s and self.done < (self.total or 0) else ""
         extra = f" {note}" if note else ""
         print(
-            f"[{self.label}] {self.done}{total} in {self.elapsed:.1f}s ({self.rate:.1f}/s){extra}",
+            f"[{self.label}] {self.done}{total} in {self.elapsed:.1f}s ({self.rate:.1f}/s{eta}){extra}",
             file=self.stream,
             flush=True,
         )

@@ -55,11 +55,15 @@ def protonet_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Seque
 
 def finetuned_predictions(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
                           settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
-                          *, seed: int, lr: float | None = None, precision: str = "auto") -> list[np.ndarray]:
+                          *, seed: int, lr: float | None = None, precision: str = "auto",
+                          first_task: int = 0) -> list[np.ndarray]:
     """Per-task fine-tuning (restoring the backbone before every task), then the episode-local label
-    predicted for each query."""
+    predicted for each query.
+
+    `episodes` may be a slice of a longer task list starting at task `first_task`: each task's random
+    stream is seeded by its index in the whole list, so any split into chunks gives the same predictions."""
     predictions = []
-    for index, episode in enumerate(episodes):
+    for index, episode in enumerate(episodes, start=first_task):
         generator = torch.Generator().manual_seed(seed * 100_003 + index)
         support = to_float(torch.from_numpy(images.images[episode.support]).to(device).permute(0, 3, 1, 2))
         query = to_float(torch.from_numpy(images.images[episode.query]).to(device).permute(0, 3, 1, 2))

@@ -5,5 +5,6 @@ Pieces: `config` (typed settings), `properties` (declared properties checked aga
 columns), `model` (n-furcated head, multi-task loss), `features` (backbone resolution, extraction, cache),
 `split` (stratified test split), `train` (the head-training loop, error rates, epochs to saturation),
 `model_store` (logging, registering and loading the trained model), `pipeline` (the `train` stage),
-`predict`, `baseline_cnn` (the from-scratch CNN baseline) and `experiments` (the seed-002 grid on Ray Tune).
+`predict`, `baseline_cnn` (the from-scratch CNN baseline), `grid` (the seed-002 grid's trials), `experiments`
+(the grid on Ray Tune, through `tuning.runner`) and `tables` (its tables next to the paper's numbers).
 """

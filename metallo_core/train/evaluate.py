@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,7 @@ from metallo_core.fewshot.episodes import (
 )
 from metallo_core.fewshot.evaluation import task_accuracy
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
+from metallo_core.progress import Progress
 from metallo_core.report.figures import confusion_heatmap
 from metallo_core.storage import locate
 from metallo_core.tracking.figures import log_figures
@@ -84,8 +84,10 @@ class TaskScorer:
         self.normalizer = ImageNormalizer(spec.mean, spec.std, device=self.device)
         self.precision = precision
 
-    def predict(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None) -> list[list[int]]:
-        """Per task, the episode-local label predicted for each query."""
+    def predict(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None,
+                first_task: int = 0) -> list[list[int]]:
+        """Per task, the episode-local label predicted for each query; the tasks are the slice of the
+        evaluation's list that starts at task `first_task` (which seeds each task's fine-tuning)."""
         from metallo_core.config import from_dict
         from metallo_core.fewshot.evaluation import embed_images, finetuned_predictions, protonet_predictions
         from metallo_core.fewshot.finetune import FinetuneSettings
@@ -97,8 +99,14 @@ class TaskScorer:
         else:
             predictions = finetuned_predictions(self.model, self.images, episodes, mode,
                                                 from_dict(FinetuneSettings, settings), self.normalizer, self.device,
-                                                seed=seed, lr=lr, precision=self.precision)
+                                                seed=seed, lr=lr, precision=self.precision, first_task=first_task)
         return [predicted.tolist() for predicted in predictions]
+
+    def predict_chunk(self, first_task: int, mode: str, episodes_json: str, settings: dict, seed: int,
+                      lr: float | None) -> tuple[int, list[list[int]]]:
+        """(first_task, `predict` of the chunk): the pool hands results back in completion order, and the
+        chunk's first task index puts them back in task order."""
+        return first_task, self.predict(mode, episodes_json, settings, seed, lr, first_task)
 
     def score(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None) -> list[float]:
         """Per-task accuracies."""
@@ -120,10 +128,24 @@ def plan_tasks(data_uri: str, split: str, config: EvaluateConfig, count: int, se
     return episodes, episodes_to_json(episodes, meta)
 
 
-class ParallelScorer:
-    """Spreads task chunks over a pool of TaskScorer actors and returns per-task accuracies in task order."""
+# Fine-tuning chunks: at most this many tasks each (a 600-task evaluation reports progress every few tasks),
+# and at least this many chunks per actor when there are enough tasks (a slow chunk at the end idles
+# the other actors for less).
+MAX_TASKS_PER_CHUNK = 8
+CHUNKS_PER_ACTOR = 8
 
-    def __init__(self, config: EvaluateConfig, split: str):
+
+def chunk_bounds(tasks: int, actors: int) -> list[tuple[int, int]]:
+    """[start, stop) of each fine-tuning chunk of `tasks` tasks spread over `actors` actors."""
+    size = max(1, min(MAX_TASKS_PER_CHUNK, -(-tasks // (CHUNKS_PER_ACTOR * actors))))
+    return [(start, min(start + size, tasks)) for start in range(0, tasks, size)]
+
+
+class ParallelScorer:
+    """Spreads task chunks over a `ray.util.ActorPool` of TaskScorer actors (an idle actor takes the next
+    chunk) and returns per-task results in task order, printing progress on stderr as chunks finish."""
+
+    def __init__(self, config: EvaluateConfig, split: str, progress_every_s: float = 10.0):
         import ray
 
         actor = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(TaskScorer)
@@ -133,24 +155,32 @@ class ParallelScorer:
                          tracking.tracking_uri(), threads)
             for _ in range(config.parallelism)
         ]
+        self.progress_every_s = progress_every_s
 
     def predict(self, mode: str, episodes: list[Episode], settings: dict, seed: int,
                 lr: float | None = None) -> tuple[list[np.ndarray], float]:
-        """(per task, the episode-local label predicted for each query, in task order; episodes/s)."""
-        import ray
+        """(per task, the episode-local label predicted for each query, in task order; episodes/s).
+
+        Each task's prediction depends only on the task, its index and `seed`, never on how the tasks were
+        chunked or which actor scored them, so the same seed gives the same predictions at any parallelism."""
+        from ray.util import ActorPool
 
         if mode == "protonet":  # one embedding pass serves every task: no point in splitting it
-            chunks = [episodes]
+            bounds = [(0, len(episodes))]
         else:
-            size = max(1, -(-len(episodes) // (4 * len(self.actors))))
-            chunks = [episodes[start:start + size] for start in range(0, len(episodes), size)]
-        started = time.perf_counter()
-        futures = [
-            self.actors[index % len(self.actors)].predict.remote(mode, episodes_to_json(chunk, {}), settings, seed, lr)
-            for index, chunk in enumerate(chunks)
-        ]
-        predictions = [np.asarray(task, dtype=np.int64) for part in ray.get(futures) for task in part]
-        return predictions, len(episodes) / (time.perf_counter() - started)
+            bounds = chunk_bounds(len(episodes), len(self.actors))
+        progress = Progress(f"evaluate {mode}", total=len(episodes), every_s=self.progress_every_s)
+        pool = ActorPool(self.actors)
+        chunks = [(start, episodes_to_json(episodes[start:stop], {})) for start, stop in bounds]
+        by_start: dict[int, list[list[int]]] = {}
+        for start, predicted in pool.map_unordered(
+                lambda scorer, chunk: scorer.predict_chunk.remote(chunk[0], mode, chunk[1], settings, seed, lr),
+                chunks):
+            by_start[start] = predicted
+            progress.advance(len(predicted))
+        rate = progress.finish()
+        predictions = [np.asarray(task, dtype=np.int64) for start, _ in bounds for task in by_start[start]]
+        return predictions, rate
 
     def score(self, mode: str, episodes: list[Episode], settings: dict, seed: int,
               lr: float | None = None) -> tuple[list[float], float]:

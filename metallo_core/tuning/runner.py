@@ -1,13 +1,17 @@
-"""The part every search shares: a resumable Tuner, one MLflow parent run with a child run per trial,
-the trial table, the best configuration written and logged, and a final test that runs exactly once.
+"""The part every Tune run of metallo shares: a resumable Tuner, one line per finished trial, one MLflow
+parent run with a child run per trial (each closed with how its trial really ended), the trial table, the
+best configuration written and logged, and a final test that runs exactly once.
 
 The per-search modules (`metatrain_search`, `finetune_search`) supply the trainable, the metric and what
-"the best trial's config" and "the final test" mean for them. A search run again under its name is first
-checked against its stored spec (`resume.py`): more samples extend it, other changes are refused.
+"the best trial's config" and "the final test" mean for them; seed 002's experiment grid
+(`multilabel.experiments`) runs a grid of unranked trials through the same Tuner. A search run again under
+its name is first checked against its stored spec (`resume.py`): more samples extend it, other changes are
+refused.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -64,7 +68,7 @@ class SearchSpec:
     trainable: Callable  # a Tune function trainable (already with its parameters bound)
     param_space: dict[str, Any]  # Tune domains, flat dotted keys
     space: dict[str, Any]  # the YAML space the domains came from
-    metric: str  # maximised; reported by every trial
+    metric: str | None  # maximised; reported by every trial. None: the trials are not ranked (a grid)
     time_attr: str  # the scheduler's time axis, reported by every trial
     budget: int  # the most any trial can use on that axis (epochs, tasks): the scheduler's max_t
     resources: dict[str, float]
@@ -72,16 +76,34 @@ class SearchSpec:
     trial_budget: Callable[[dict[str, Any]], int] | None = None
     # The search's stored spec (resume.search_spec), written next to Tune's state; None: not stored.
     stored_spec: dict[str, Any] | None = None
+    # A trial's readable name from its config (Tune's trial name, and the progress lines); None: Tune names
+    # it <search>-<trial id> and the progress lines list its parameters. Must pickle (Tune stores it).
+    trial_name: Callable[[dict[str, Any]], str] | None = None
+    # What a finished trial's last result says in its progress line; None: the metric at the time axis.
+    describe_result: Callable[[dict[str, Any]], str] | None = None
 
     @classmethod
-    def build(cls, settings: SearchSettings, trainable: Callable, space: dict[str, Any], *, metric: str,
+    def build(cls, settings: SearchSettings, trainable: Callable, space: dict[str, Any], *, metric: str | None,
               time_attr: str, budget: int, trial_budget: Callable[[dict[str, Any]], int] | None = None,
-              stored_spec: dict[str, Any] | None = None) -> "SearchSpec":
+              stored_spec: dict[str, Any] | None = None,
+              trial_name: Callable[[dict[str, Any]], str] | None = None,
+              describe_result: Callable[[dict[str, Any]], str] | None = None) -> "SearchSpec":
         """The spec of a search over the YAML `space`, each trial holding the search's per-trial resources."""
         return cls(settings=settings, trainable=trainable, param_space=to_tune_space(space), space=space,
                    metric=metric, time_attr=time_attr, budget=budget,
                    resources={"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-                   trial_budget=trial_budget, stored_spec=stored_spec)
+                   trial_budget=trial_budget, stored_spec=stored_spec, trial_name=trial_name,
+                   describe_result=describe_result)
+
+    @property
+    def expected_trials(self) -> int:
+        """How many trials a full run has: `num_samples`, times the size of each grid in the space (Tune
+        runs every grid point `num_samples` times)."""
+        count = self.settings.num_samples
+        for value in self.space.values():
+            if isinstance(value, Mapping) and "grid" in value:
+                count *= len(value["grid"])
+        return count
 
 
 def search_location(settings: SearchSettings) -> Location:
@@ -180,13 +202,13 @@ def build_tuner(spec: SearchSpec):
         param_space=spec.param_space,
         tune_config=tune.TuneConfig(
             metric=spec.metric,
-            mode="max",
+            mode="max" if spec.metric else None,
             num_samples=settings.num_samples,
             search_alg=searcher,
             scheduler=_scheduler(spec),
             # ExtendableSearch carries its own ConcurrencyLimiter (Tune ignores this setting for it)
             max_concurrent_trials=None if isinstance(searcher, ExtendableSearch) else settings.max_concurrent_trials,
-            trial_name_creator=lambda trial: f"{settings.name}-{trial.trial_id}",
+            trial_name_creator=functools.partial(_trial_name, settings.name, spec.trial_name),
             trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
@@ -194,11 +216,16 @@ def build_tuner(spec: SearchSpec):
             storage_path=storage_root,
             storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            callbacks=[TrialProgress(spec.metric, spec.time_attr, settings.num_samples,
-                                     settings.interrupt_after_trials)],
+            callbacks=[TrialProgress(spec.expected_trials,
+                                     spec.describe_result or functools.partial(_metric_at, spec.metric, spec.time_attr),
+                                     spec.trial_name or describe_params, settings.interrupt_after_trials)],
             verbose=0,  # one line per finished trial instead of Tune's status tables
         ),
     ), False
+
+
+def _trial_name(search: str, name: Callable[[dict[str, Any]], str] | None, trial) -> str:
+    return name(trial.config) if name else f"{search}-{trial.trial_id}"
 
 
 def _searcher(settings: SearchSettings, points: list[dict[str, Any]]):
@@ -231,41 +258,52 @@ def _progress_base():
 
 
 class TrialProgress(_progress_base()):
-    """One line per finished trial on stderr; optionally a Ctrl-C after N trials (tests of resuming)."""
+    """One line per finished trial on stderr (what its last result says, and which trial it is);
+    optionally a Ctrl-C after N trials (tests of resuming)."""
 
-    def __init__(self, metric: str, time_attr: str, total: int, interrupt_after: int = 0):
-        self.metric, self.time_attr, self.total, self.interrupt_after = metric, time_attr, total, interrupt_after
+    def __init__(self, total: int, describe_result: Callable[[dict[str, Any]], str],
+                 describe_trial: Callable[[dict[str, Any]], str], interrupt_after: int = 0):
+        self.total, self.interrupt_after = total, interrupt_after
+        self.describe_result, self.describe_trial = describe_result, describe_trial
         self.finished = 0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished += 1
-        result = trial.last_result or {}
-        value = result.get(self.metric)
-        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
         print(f"[tune] trial {trial.trial_id} done ({self.finished} this session, {self.total} in all): "
-              f"{self.metric} {shown} at {self.time_attr} {result.get(self.time_attr)}; "
-              f"{describe_params(trial.config)}", file=sys.stderr, flush=True)
+              f"{self.describe_result(trial.last_result or {})}; {self.describe_trial(trial.config)}",
+              file=sys.stderr, flush=True)
         if self.interrupt_after and self.finished >= self.interrupt_after:
             os.kill(os.getpid(), signal.SIGINT)  # what a person's Ctrl-C does: Tune saves its state and stops
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[tune] trial {trial.trial_id} FAILED: {describe_params(trial.config)}", file=sys.stderr, flush=True)
+        print(f"[tune] trial {trial.trial_id} FAILED: {self.describe_trial(trial.config)}", file=sys.stderr,
+              flush=True)
 
 
-def run_trials(spec: SearchSpec, parent_run_id: str) -> tuple[list[TrialRow], bool]:
+def _metric_at(metric: str | None, time_attr: str, result: dict[str, Any]) -> str:
+    value = result.get(metric) if metric else None
+    shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+    return f"{metric} {shown} at {time_attr} {result.get(time_attr)}"
+
+
+def run_trials(spec: SearchSpec, parent_run_id: str, *, interrupted_ok: bool = False) -> tuple[list[TrialRow], bool]:
     """Fit (or resume) the search and close each trial's child run with its final status; returns the
-    trial table and whether the search was resumed. Raises SearchInterrupted when it ended before every
-    trial finished (the interrupted trials' runs are marked KILLED; resuming reopens them)."""
+    trial table and whether the search was resumed. When it ended before every trial finished, the
+    interrupted trials' runs are marked KILLED (resuming reopens them) and SearchInterrupted is raised,
+    unless `interrupted_ok` (then their rows say `interrupted`)."""
     tuner, resumed = build_tuner(spec)
     grid = tuner.fit()
     rows = [trial_row(result, spec) for result in grid]
     finished = grid.num_terminated + grid.num_errors
-    if finished < spec.settings.num_samples or len(rows) < spec.settings.num_samples:
+    expected = spec.expected_trials
+    if finished < expected or len(rows) < expected:
         for row in rows:
             row.interrupted = not row.completed
         close_trial_runs(parent_run_id, rows)
+        if interrupted_ok:
+            return rows, resumed
         raise SearchInterrupted(
-            f"search {spec.settings.name!r} stopped with {finished} of {spec.settings.num_samples} trials finished; "
+            f"search {spec.settings.name!r} stopped with {finished} of {expected} trials finished; "
             "run the same command again to resume it (finished trials are not run again)")
     close_trial_runs(parent_run_id, rows)
     return rows, resumed
@@ -275,7 +313,7 @@ def trial_row(result, spec: SearchSpec) -> TrialRow:
     metrics = dict(result.metrics or {})
     history = result.metrics_dataframe
     objective = None
-    if history is not None and spec.metric in history:
+    if spec.metric and history is not None and spec.metric in history:
         # The value at the last report: for meta-training the metric is already "best so far".
         values = [v for v in history[spec.metric].tolist() if isinstance(v, (int, float)) and math.isfinite(v)]
         objective = float(values[-1]) if values else None

@@ -12,8 +12,8 @@ from metallo_core.multilabel.config import (
     MultilabelConfig,
     PropertySettings,
 )
-from metallo_core.multilabel.experiments import render_tables, trial_specs
 from metallo_core.multilabel.features import feature_cache_key
+from metallo_core.multilabel.grid import trial_specs
 from metallo_core.multilabel.properties import (
     PropertyInfo,
     property_targets,
@@ -21,6 +21,7 @@ from metallo_core.multilabel.properties import (
     with_target_statistics,
 )
 from metallo_core.multilabel.split import stratified_split
+from metallo_core.multilabel.tables import render_tables
 from metallo_core.multilabel.train import (
     cumulative_error,
     epochs_to_saturation,
