@@ -29,6 +29,7 @@ from metallo_core.fewshot.episodes import (
     episodes_to_json,
     fixed_episodes,
 )
+from metallo_core.progress import EpochProgress
 from metallo_core.storage import locate
 from metallo_core.train import ray_setup
 from metallo_core.train.checkpoints import (
@@ -125,6 +126,7 @@ def metatrain_worker(loop_config: dict) -> None:
         return (normalize.normalize(support), torch.tensor(episode.support_labels, device=device),
                 normalize.normalize(query), torch.tensor(episode.query_labels, device=device))
 
+    progress = EpochProgress("metatrain", config.epochs, first_epoch=start_epoch)
     for epoch in range(start_epoch, config.epochs):
         sampler = EpisodeSampler(train_images.indices_by_class, config.episodes.way, config.episodes.shot,
                                  config.episodes.query, seed=config.seed, rank=rank, epoch=epoch,
@@ -186,6 +188,8 @@ def metatrain_worker(loop_config: dict) -> None:
             "episodes_per_s": steps * world_size / (time.perf_counter() - started),
         }
         run_log.log_metrics(summary, step=(epoch + 1) * steps)
+        if rank == 0:
+            progress.epoch_done(epoch, {key: summary[key] for key in ("train_loss", "val_accuracy")})
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:

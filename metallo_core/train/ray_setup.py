@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from metallo_core import tracking
+from metallo_core import console, tracking
 from metallo_core.errors import MetalloError
 from metallo_core.storage import locate, storage_for_ray
 from metallo_core.train.settings import ComputeSettings, RunSettings
@@ -34,6 +34,7 @@ def connect(address: str | None = None) -> None:
         )
     if address:
         ray.init(address=address, log_to_driver=True)
+        console.quiet_ray()
         return
     # Logical CPUs are over-subscribed so Ray Data tasks still get CPUs while Train workers hold
     # theirs (otherwise reads starve on small machines).
@@ -45,8 +46,9 @@ def connect(address: str | None = None) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
-    print(f"started a local Ray cluster; dashboard at http://{context.dashboard_url} "
-          "(set RAY_ADDRESS to use a running cluster instead)", flush=True)
+    console.quiet_ray()
+    logger.info("started a local Ray cluster; dashboard at http://%s (set RAY_ADDRESS to use a running cluster "
+                "instead)", context.dashboard_url)
 
 
 WORKER_SETUP_HOOK = "metallo_core.train.ray_setup.prepare_worker"
@@ -56,8 +58,17 @@ def prepare_worker() -> None:
     """Runs once in every worker of a local cluster, before its first task: import pandas fully. Ray Data's
     map tasks otherwise import it from several threads at once, and in a fresh environment (no .pyc files
     yet, as in CI) one of them can get the half-initialised module: "module 'pandas' has no attribute
-    'core'" from a decode task."""
+    'core'" from a decode task. Then the same quiet console as the driver's (metallo_core.console)."""
     import pandas  # noqa: F401
+
+    if not console.is_verbose():
+        import warnings
+
+        import ray.data  # noqa: F401  (its loggers exist only once it is imported; quiet_ray turns them down)
+
+        # Ray Train's own default ingest options trip this deprecation in every run; nothing to act on.
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+        console.quiet_ray()
 
 
 def storage_uri(run: RunSettings) -> str:
@@ -75,7 +86,7 @@ def scaling_config(compute: ComputeSettings):
 
 def run_config(run: RunSettings, *, checkpoint_score: str | None = None, score_order: str = "max",
                callbacks: tuple = ()):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     storage = locate(storage_uri(run))
     storage.check_access()
@@ -91,6 +102,7 @@ def run_config(run: RunSettings, *, checkpoint_score: str | None = None, score_o
         ),
         failure_config=FailureConfig(max_failures=run.max_failures),
         callbacks=list(callbacks) or None,
+        logging_config=LoggingConfig(log_level=logging.getLevelName(console.ray_logging_level())),
     )
 
 
