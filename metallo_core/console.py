@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
-# Read by the Ray side (metallo_core.train.ray_setup) in the driver and in every worker: processes a local
-# cluster starts inherit the driver's environment, so one setting reaches them all.
+# Read in the driver and, through the job's runtime env (metallo_core.train.ray_setup.connect), in every
+# Ray worker of the job.
 VERBOSE_ENV = "METALLO_VERBOSE"
 QUIET_LEVEL = logging.WARNING
 # Ray's loggers keep their own console handlers (propagate=False): quiet ones are turned down one by one.
@@ -24,10 +24,7 @@ def configure(verbose: bool = False) -> None:
     imported (their loggers read the environment when they load)."""
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     if not verbose:
-        # Read when mlflow / Ray Data load, here and in Ray workers.
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        _quiet_environment()
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s" if not verbose
                                            else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -37,8 +34,26 @@ def configure(verbose: bool = False) -> None:
     root.setLevel(logging.INFO if verbose else QUIET_LEVEL)
     # metallo's own INFO lines (stages, progress) show either way.
     logging.getLogger("metallo_core").setLevel(logging.INFO)
-    if not verbose:
-        quiet_ray()
+
+
+def configure_worker() -> None:
+    """In a Ray worker process, before its first task: the console its driver asked for (`VERBOSE_ENV`,
+    passed in the job's runtime env by metallo_core.train.ray_setup.connect)."""
+    if is_verbose():
+        return
+    _quiet_environment()
+    import warnings
+
+    # Ray Train's own default ingest options trip this deprecation in every run; nothing to act on.
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+    quiet_ray()
+
+
+def _quiet_environment() -> None:
+    """Settings mlflow and Ray Data read when they load (here and in Ray workers); a value the user set is kept."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
 def is_verbose() -> bool:
@@ -52,23 +67,32 @@ def ray_logging_level() -> int:
 
 
 def quiet_ray() -> None:
-    """Turn Ray's console output down to warnings in this process, if Ray is loaded (a no-op when verbose).
+    """Turn Ray's and Ray Data's console output down to warnings in this process (a no-op when verbose).
 
-    Ray configures its loggers when it is imported, so this runs again once Ray is up (driver and workers).
+    Ray configures its loggers when it is imported, so this runs where Ray is used: before and after
+    `ray.init` in the driver, first thing in every worker.
     """
     if is_verbose():
         return
+    # Importing Ray Data creates its logger (and its console handler), turned down below.
+    import ray
+    from ray.data import DataContext
+    from ray.util.debug import log_once
+
     for name in RAY_LOGGERS:
         for handler in logging.getLogger(name).handlers:
             # Console handlers only: Ray's session log files keep every record.
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(max(handler.level, QUIET_LEVEL))
-    if "ray.data" in sys.modules:
-        from ray.data import DataContext
-
-        context = DataContext.get_current()
-        context.enable_progress_bars = False
-        context.enable_operator_progress_bars = False
+    # Ray Train's worker context logs every report at INFO under its file path, not under "ray.train", so
+    # RunConfig's LoggingConfig does not reach it (ray/train/v2/_internal/execution/context.py).
+    train_context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(train_context).setLevel(QUIET_LEVEL)
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    # Ray Data warns once per process that the bars are off; we turned them off, so spend its once-key here.
+    log_once("ray_data_progress_manager_disabled")
 
 
 class _StderrHandler(logging.StreamHandler):

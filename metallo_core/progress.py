@@ -67,8 +67,10 @@ class EpochProgress:
         left = self.epochs - epoch - 1
         shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
         eta = f", ETA {format_duration(left * seconds_per_epoch)}" if left else ""
-        print(f"[{self.label}] epoch {epoch + 1}/{self.epochs}: {shown} ({seconds_per_epoch:.1f} s/epoch{eta})",
-              file=self.stream, flush=True)
+        # write(), not print(): Ray Train's workers patch print() to log as well, which would show it twice.
+        self.stream.write(f"[{self.label}] epoch {epoch + 1}/{self.epochs}: {shown} "
+                          f"({seconds_per_epoch:.1f} s/epoch{eta})\n")
+        self.stream.flush()
 
 
 def format_duration(seconds: float) -> str:

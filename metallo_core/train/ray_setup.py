@@ -25,6 +25,7 @@ def connect(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    console.quiet_ray()
     if address and address.startswith(("http://", "https://")):
         raise MetalloError(
             f"RAY_ADDRESS={address} is a job-submission (dashboard) address, which a driver cannot join. "
@@ -33,14 +34,16 @@ def connect(address: str | None = None) -> None:
             "it to start a local cluster"
         )
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # Under `ray job submit`, Ray merges this into the job's runtime env (the env var keys must not clash).
+        ray.init(address=address, log_to_driver=True, runtime_env=worker_runtime_env(),
+                 logging_level=console.ray_logging_level())
         console.quiet_ray()
         return
     # Logical CPUs are over-subscribed so Ray Data tasks still get CPUs while Train workers hold
     # theirs (otherwise reads starve on small machines).
     context = ray.init(
         num_cpus=max(4, 2 * (os.cpu_count() or 2)),
-        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
+        runtime_env=worker_runtime_env(),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         log_to_driver=True,
@@ -54,6 +57,12 @@ def connect(address: str | None = None) -> None:
 WORKER_SETUP_HOOK = "metallo_core.train.ray_setup.prepare_worker"
 
 
+def worker_runtime_env() -> dict:
+    """The runtime env of this driver's job: every worker runs `prepare_worker` first, with this console."""
+    return {"worker_process_setup_hook": WORKER_SETUP_HOOK,
+            "env_vars": {console.VERBOSE_ENV: "1" if console.is_verbose() else "0"}}
+
+
 def prepare_worker() -> None:
     """Runs once in every worker of a local cluster, before its first task: import pandas fully. Ray Data's
     map tasks otherwise import it from several threads at once, and in a fresh environment (no .pyc files
@@ -61,14 +70,7 @@ def prepare_worker() -> None:
     'core'" from a decode task. Then the same quiet console as the driver's (metallo_core.console)."""
     import pandas  # noqa: F401
 
-    if not console.is_verbose():
-        import warnings
-
-        import ray.data  # noqa: F401  (its loggers exist only once it is imported; quiet_ray turns them down)
-
-        # Ray Train's own default ingest options trip this deprecation in every run; nothing to act on.
-        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
-        console.quiet_ray()
+    console.configure_worker()
 
 
 def storage_uri(run: RunSettings) -> str:
