@@ -15,7 +15,8 @@ def restore_console(monkeypatch):
 
     for name in ("METALLO_VERBOSE", "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
                  "RAY_DATA_DISABLE_PROGRESS_BARS"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so the test's value is undone afterwards
+        monkeypatch.delenv(name)
     root, package = logging.getLogger(), logging.getLogger("metallo_core")
     saved = (root.level, list(root.handlers), package.level)
     yield

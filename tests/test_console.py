@@ -25,7 +25,8 @@ RAY_INTERNALS = ("Running Dataset", "Execution plan", "Starting execution", "Set
 def restore_logging(monkeypatch):
     for name in ("METALLO_VERBOSE", "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
                  "RAY_DATA_DISABLE_PROGRESS_BARS"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so the test's value is undone afterwards
+        monkeypatch.delenv(name)
     root, package = logging.getLogger(), logging.getLogger("metallo_core")
     saved = (root.level, list(root.handlers), package.level)
     yield
@@ -111,3 +112,29 @@ def test_a_stage_on_ray_prints_its_result_on_stdout_and_only_its_own_lines_on_st
         assert not LIBRARY_INFO.search(line), done.stderr
         assert not any(noise in line for noise in RAY_INTERNALS), done.stderr
     assert len(err_lines) <= 15, done.stderr
+
+
+def test_a_quiet_driver_gives_its_workers_a_quiet_console(restore_logging, monkeypatch):
+    """What a Ray worker runs first (ray_setup.prepare_worker): the driver's choice arrives in the job's env."""
+    from ray.data import DataContext
+
+    from metallo_core.train import ray_setup
+
+    console.configure(verbose=False)
+    runtime_env = ray_setup.worker_runtime_env()
+    assert runtime_env == {"worker_process_setup_hook": ray_setup.WORKER_SETUP_HOOK,
+                           "env_vars": {"METALLO_VERBOSE": "0"}}
+    context = DataContext.get_current()
+    monkeypatch.setattr(context, "enable_progress_bars", True)
+    monkeypatch.setattr(context, "enable_operator_progress_bars", True)
+    data_console = [handler for handler in logging.getLogger("ray.data").handlers
+                    if type(handler).__name__ == "PlainRayHandler"]
+    assert data_console
+    for handler in data_console:
+        monkeypatch.setattr(handler, "level", logging.INFO)
+    ray_setup.prepare_worker()
+    assert not context.enable_progress_bars and not context.enable_operator_progress_bars
+    assert all(handler.level == logging.WARNING for handler in data_console)
+
+    console.configure(verbose=True)
+    assert ray_setup.worker_runtime_env()["env_vars"] == {"METALLO_VERBOSE": "1"}
