@@ -20,8 +20,8 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
 
 
 def configure(verbose: bool = False) -> None:
-    """Set up logging for this process and the Ray workers it starts; call once, before Ray or MLflow are
-    imported (their loggers read the environment when they load)."""
+    """Set up logging for this process and the Ray workers it starts; call it first, before Ray or MLflow are
+    imported (their loggers read the environment when they load). Calling it again replaces the setting."""
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     if not verbose:
         _quiet_environment()
