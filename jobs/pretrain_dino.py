@@ -1,18 +1,11 @@
 """Ray job: DINO pretraining of a ResNet backbone on Ray Train.
 
-    python -m jobs.pretrain_dino --config configs/pretrain/tiny_cpu.yaml [key=value ...]
+    python -m jobs.pretrain_dino --config configs/pretrain/tiny_cpu.yaml [key=value ...]   (= metallo pretrain)
 """
 
 import sys
 
-from metallo_core.entrypoint import job_main
-from metallo_core.ssl.config import DinoConfig
-from metallo_core.train.dino import describe_result, run_dino_pretraining
-
-
-def main(argv: list[str] | None = None) -> int:
-    return job_main("pretrain_dino", DinoConfig, run_dino_pretraining, describe_result, argv)
-
+from metallo_core.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("jobs.pretrain_dino"))

@@ -1,4 +1,8 @@
-"""The `metallo` console script: one subcommand per stage, each defined in `metallo_core.commands`."""
+"""The `metallo` console script (also `python -m metallo_core`) and the Ray job entrypoints' `run_job`.
+
+Stages come from the one table in `metallo_core.stages`; the other subcommands (data, classify, quickstart,
+report, and the non-stage parts of multilabel and tune) from `metallo_core.commands`.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,19 @@ import argparse
 import importlib
 import sys
 
-from metallo_core import __version__
+from metallo_core import __version__, console, stages
 from metallo_core.errors import MetalloError
 
-# Each module defines register(subparsers); a stage appears here once it exists.
+# Each module defines register(subparsers); stages are added from the table, after `data`.
 COMMAND_MODULES = (
-    "metallo_core.commands.data",
-    "metallo_core.commands.pretrain",
     "metallo_core.commands.multilabel",
-    "metallo_core.commands.fewshot",
     "metallo_core.commands.classify",
     "metallo_core.commands.quickstart",
     "metallo_core.commands.tune",
     "metallo_core.commands.report",
     "metallo_core.commands.config",
 )
+VERBOSE_HELP = "show everything: Ray's and Ray Data's progress bars and internal logs, every library's INFO lines"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,22 +31,56 @@ def build_parser() -> argparse.ArgumentParser:
         description="Few-shot microstructure recognition: DINO pretraining, ProtoNet meta-training, fine-tuning.",
     )
     parser.add_argument("--version", action="version", version=f"metallo {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    importlib.import_module("metallo_core.commands.data").register(subparsers)
+    stages.add_stage_parsers(subparsers)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    _accept_verbose_after_the_command(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return _run(args, "metallo")
+
+
+def run_job(module: str, argv: list[str] | None = None) -> int:
+    """`python -m <module>` of a Ray job entrypoint (jobs/, tuning/): the stage the table runs as `module`,
+    with the same arguments, console and exit codes as `metallo <stage>`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage, rest = stages.job_stage(module, argv)
+    parser = argparse.ArgumentParser(prog=" ".join(("python -m", module, *stage.job_args)),
+                                     description=stage.description or stage.help)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    stage.add_arguments(parser)
+    return _run(parser.parse_args(rest), module.rpartition(".")[2])
+
+
+def _run(args: argparse.Namespace, name: str) -> int:
+    """Configure the console, run the parsed command; a user error ends with one line and exit code 2."""
+    console.configure(verbose=args.verbose)
     try:
         return args.func(args) or 0
     except MetalloError as exc:
-        print(f"metallo: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("metallo: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _accept_verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """`metallo quickstart --verbose` as well as `metallo --verbose quickstart`. SUPPRESS keeps a
+    subcommand from resetting a flag given before it (argparse copies a subparser's defaults over)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for subparser in dict(action.choices or {}).values():
+            if subparser._subparsers is not None:
+                _accept_verbose_after_the_command(subparser)
+            else:
+                subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                       help=VERBOSE_HELP)
 
 
 if __name__ == "__main__":

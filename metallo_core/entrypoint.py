@@ -1,7 +1,8 @@
 """The one shape every stage's entrypoint has: `--config FILE [key=value ...] [--json] [--print-config]`.
 
-Used by `python -m jobs.<stage>` (what `ray job submit` runs) and by the matching `metallo` subcommand.
-The config is loaded and validated before any cluster resource is requested.
+Every stage of the table in `metallo_core.stages` takes these arguments, whether run as `metallo <stage>` or
+as a Ray job (`python -m jobs.<module>`). The config is loaded and validated before any cluster resource is
+requested.
 """
 
 from __future__ import annotations
@@ -9,13 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from metallo_core.config import load_config, to_yaml
-from metallo_core.errors import MetalloError
 
 ConfigT = TypeVar("ConfigT")
 
@@ -46,16 +44,3 @@ def run_stage(args: argparse.Namespace, config_type: type[ConfigT], runner: Call
         print(json.dumps(plain, indent=2, default=str))
     return 0
 
-
-def job_main(name: str, config_type: type[ConfigT], runner: Callable[[ConfigT], Any],
-             describe: Callable[[Any], str] | None = None, argv: list[str] | None = None) -> int:
-    """`python -m jobs.<name>`: same arguments as the CLI; user errors end with exit code 2 and one line."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog=f"python -m jobs.{name}")
-    add_stage_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_stage(args, config_type, runner, describe)
-    except MetalloError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2

@@ -46,8 +46,45 @@ class Progress:
         total = f"/{self.total}" if self.total else ""
         eta = f", ETA {self.eta_s:.0f}s" if self.eta_s and self.done < (self.total or 0) else ""
         extra = f" {note}" if note else ""
+        eta = ""
+        if self.total and 0 < self.done < self.total:
+            eta = f", ETA {format_duration((self.total - self.done) / max(self.rate, 1e-9))}"
         print(
             f"[{self.label}] {self.done}{total} in {self.elapsed:.1f}s ({self.rate:.1f}/s{eta}){extra}",
             file=self.stream,
             flush=True,
         )
+
+
+class EpochProgress:
+    """One line per finished epoch: `[label] epoch 3/10: loss 4.1023 (12.5 s/epoch, ETA 1.5 min)`.
+
+    `first_epoch` is where this session started (a resumed run counts only its own epochs for the ETA).
+    """
+
+    def __init__(self, label: str, epochs: int, first_epoch: int = 0, stream=None):
+        self.label = label
+        self.epochs = epochs
+        self.first_epoch = first_epoch
+        self.stream = stream or sys.stderr
+        self.started = time.perf_counter()
+
+    def epoch_done(self, epoch: int, metrics: dict[str, float]) -> None:
+        """`epoch` is 0-based; `metrics` are printed in the given order, 4 decimals."""
+        seconds_per_epoch = (time.perf_counter() - self.started) / max(epoch + 1 - self.first_epoch, 1)
+        left = self.epochs - epoch - 1
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        eta = f", ETA {format_duration(left * seconds_per_epoch)}" if left else ""
+        # write(), not print(): Ray Train's workers patch print() to log as well, which would show it twice.
+        self.stream.write(f"[{self.label}] epoch {epoch + 1}/{self.epochs}: {shown} "
+                          f"({seconds_per_epoch:.1f} s/epoch{eta})\n")
+        self.stream.flush()
+
+
+def format_duration(seconds: float) -> str:
+    """`42 s`, `3.5 min` or `2.1 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -7,6 +7,7 @@ sized to finish in under 10 minutes on a 2-core CPU. Every default can be overri
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from metallo_core import tracking
 from metallo_core.config import apply_overrides, deep_merge, from_dict
 from metallo_core.data.manifest import read_manifest
 from metallo_core.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 # The embedded defaults: every stage's config in one place, small enough for a laptop CPU.
 DEFAULTS: dict[str, Any] = {
@@ -160,4 +163,5 @@ def describe(result: QuickstartResult) -> str:
 
 
 def _step(number: int, title: str, detail: str) -> None:
-    print(f"\n[quickstart {number}/4] {title}: {detail}", flush=True)
+    """A stage line: progress, so on stderr with the other progress lines (the result table is on stdout)."""
+    logger.info("[quickstart %d/4] %s: %s", number, title, detail)

@@ -11,6 +11,7 @@ no meta-training: the numbers are the pretrained network's, measured honestly
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from metallo_core import tracking
 if TYPE_CHECKING:
     from metallo_core.fewshot.tail_finetune import TailFinetuneSettings
 from metallo_core.config import apply_overrides
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_IMAGES = "../shared/data/x-sdd"
 BACKBONE_NAME, PROTONET_NAME, ALIAS = "metallo-backbone", "metallo-protonet", "pretrained"
@@ -213,4 +216,5 @@ def describe(result: PretrainedQuickstartResult) -> str:
 
 
 def _step(number: int, title: str, detail: str) -> None:
-    print(f"\n[quickstart --pretrained {number}/3] {title}: {detail}", flush=True)
+    """A stage line: progress, so on stderr with the other progress lines (the result table is on stdout)."""
+    logger.info("[quickstart --pretrained %d/3] %s: %s", number, title, detail)

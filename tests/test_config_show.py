@@ -1,6 +1,5 @@
 """`metallo config show STAGE [--json-schema]` and every stage's `--print-config`."""
 
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +8,7 @@ import pytest
 import yaml
 
 from metallo_core.cli import main
-from metallo_core.commands.config import STAGE_CONFIGS
+from metallo_core.commands.config import stages_by_word
 from metallo_core.config import load_config, to_dict
 from metallo_core.config_docs import field_docs
 from metallo_core.ssl.config import DinoConfig
@@ -19,8 +18,7 @@ TINY_DINO = str(CONFIGS / "pretrain" / "tiny_cpu.yaml")
 
 
 def config_class(stage):
-    module_name, class_name = STAGE_CONFIGS[stage].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return stages_by_word()[stage].config_type()
 
 
 @dataclass
@@ -41,7 +39,7 @@ def test_field_docs_are_the_comments_above_and_beside_each_field():
                                       "both": "and beside"}
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+@pytest.mark.parametrize("stage", sorted(stages_by_word()))
 def test_show_prints_the_defaults_as_yaml_that_reads_back(stage, capsys):
     assert main(["config", "show", stage]) == 0
     text = capsys.readouterr().out
@@ -86,7 +84,7 @@ def test_print_config_validates_first(capsys):
 
 
 def test_a_job_entrypoint_prints_its_config_too(capsys):
-    from jobs.evaluate import main as evaluate_main
+    from metallo_core.cli import run_job
 
-    assert evaluate_main(["--config", str(CONFIGS / "evaluate" / "tiny_cpu.yaml"), "tasks=7", "--print-config"]) == 0
+    assert run_job("jobs.evaluate", ["--config", str(CONFIGS / "evaluate" / "tiny_cpu.yaml"), "tasks=7", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["tasks"] == 7

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
-# Stage name -> "module:ConfigClass", imported only when shown (the CLI starts without torch or Ray).
-STAGE_CONFIGS = {
-    "pretrain": "metallo_core.ssl.config:DinoConfig",
-    "metatrain": "metallo_core.fewshot.config:MetaTrainConfig",
-    "evaluate": "metallo_core.fewshot.config:EvaluateConfig",
-    "grid": "metallo_core.fewshot.grid:GridConfig",
-    "multilabel-train": "metallo_core.multilabel.config:MultilabelConfig",
-    "multilabel-experiments": "metallo_core.multilabel.config:ExperimentsConfig",
-    "tune-metatrain": "metallo_core.tuning.config:MetaTrainSearchConfig",
-    "tune-finetune": "metallo_core.tuning.config:FinetuneSearchConfig",
-}
+from metallo_core.stages import STAGES, Stage
+
+def stages_by_word() -> dict[str, Stage]:
+    """The stages of the one stage table, named as one word ("tune metatrain" -> "tune-metatrain")."""
+    return {stage.name.replace(" ", "-"): stage for stage in STAGES}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print a stage's default settings as YAML, each with its type and documentation; "
                     "--json-schema prints the JSON schema instead. A stage's --print-config prints the "
                     "config it would run with (after --config and overrides) without running it.")
-    show.add_argument("stage", choices=sorted(STAGE_CONFIGS), help="the stage whose settings to show")
+    show.add_argument("stage", choices=sorted(stages_by_word()), help="the stage whose settings to show")
     show.add_argument("--json-schema", action="store_true", help="print the JSON schema of the stage's config")
     show.set_defaults(func=_show)
 
@@ -45,7 +38,6 @@ def config_show(stage_name: str, config_type: type, json_schema: bool = False) -
 
 
 def _show(args: argparse.Namespace) -> int:
-    module_name, class_name = STAGE_CONFIGS[args.stage].split(":")
-    config_type = getattr(importlib.import_module(module_name), class_name)
+    config_type = stages_by_word()[args.stage].config_type()  # imported only now: the CLI starts without torch
     print(config_show(args.stage, config_type, args.json_schema))
     return 0

@@ -17,6 +17,7 @@ from metallo_core.config import config_hash, to_dict
 from metallo_core.data.manifest import read_manifest
 from metallo_core.data.stream import DecodeImages, read_split
 from metallo_core.errors import MetalloError
+from metallo_core.progress import EpochProgress
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.storage import locate
 from metallo_core.train import ray_setup, skeleton
@@ -63,6 +64,7 @@ def dino_train_worker(loop_config: dict) -> None:
         probe = ClassIndexedImages.load(config.knn.uri or config.data.uri, config.knn.split,
                                         image_size=config.backbone.image_size, max_images=config.knn.max_images)
     shard = ray.train.get_dataset_shard("train")
+    progress = EpochProgress("pretrain", config.epochs, first_epoch=start_epoch)
     for epoch in range(start_epoch, config.epochs):
         epoch_losses, started = [], time.perf_counter()
         batches = shard.iter_torch_batches(
@@ -107,6 +109,7 @@ def dino_train_worker(loop_config: dict) -> None:
             if probe is not None and ((epoch + 1) % config.knn.every_epochs == 0 or epoch == config.epochs - 1):
                 summary["knn_accuracy"] = _knn_probe(trainer, probe, config, knn_accuracy, split_bank_and_queries)
             run_log.log_metrics(summary, step=(epoch + 1) * steps)
+            progress.epoch_done(epoch, {key: summary[key] for key in ("epoch_loss", "knn_accuracy") if key in summary})
         is_checkpoint_epoch = (epoch + 1) % config.run.checkpoint_every_epochs == 0 or epoch == config.epochs - 1
         skeleton.end_epoch(worker, summary, trainer.state_dict if is_checkpoint_epoch else None, {
             "epoch": epoch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,7 +218,7 @@ def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dic
                 accuracies, _ = scorer.score("finetune", tasks, settings, config.seed, lr)
                 mean, ci95 = mean_and_ci95(accuracies)
                 table.append({"lr": lr, "steps": steps, "val_accuracy": mean, "val_ci95": ci95})
-                print(f"  meta-val selection: lr {lr:g}, steps {steps}: {mean:.4f} ± {ci95:.4f}", flush=True)
+                print(f"  meta-val selection: lr {lr:g}, steps {steps}: {mean:.4f} ± {ci95:.4f}", file=sys.stderr, flush=True)
     finally:
         scorer.close()
     best = max(table, key=lambda row: (row["val_accuracy"], -row["lr"]))
@@ -276,14 +277,14 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
                 log_figures(run.run_id, {f"{CONFUSION_ARTIFACT_DIR}/{mode}.png": confusion_heatmap(
                     confusion, title=f"{mode}, {config.split}, {config.episodes.way}w{config.episodes.shot}s")})
                 print(f"  {mode}: {mean:.4f} ± {ci95:.4f} over {len(accuracies)} tasks ({rate:.2f} episodes/s)",
-                      flush=True)
+                      file=sys.stderr, flush=True)
         finally:
             scorer.close()
         adapted = [mode for mode in per_task if mode != "protonet"] if "protonet" in per_task else []
         for mode in adapted:
             gain, gain_ci95 = result.gains[mode] = paired_gain(per_task["protonet"], per_task[mode])
             run.log_metrics({f"{mode}_gain_over_protonet": gain, f"{mode}_gain_ci95": gain_ci95})
-            print(f"  {mode} - protonet, paired over the same tasks: {gain:+.4f} ± {gain_ci95:.4f}", flush=True)
+            print(f"  {mode} - protonet, paired over the same tasks: {gain:+.4f} ± {gain_ci95:.4f}", file=sys.stderr, flush=True)
         run.log_dict(summary_json(result), "summary.json")
         if "finetune" in config.modes:  # what classify --finetune uses for this model (finetune_choice)
             import dataclasses

@@ -23,6 +23,7 @@ from metallo_core.fewshot.episodes import (
     episodes_to_json,
     fixed_episodes,
 )
+from metallo_core.progress import EpochProgress
 from metallo_core.storage import locate
 from metallo_core.train import ray_setup, skeleton
 
@@ -73,6 +74,7 @@ def metatrain_worker(loop_config: dict) -> None:
             worker.run_log.log_metrics({"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
                                         "lr": metrics["lr"]}, step=step)
 
+    progress = EpochProgress("metatrain", config.epochs, first_epoch=start_epoch)
     for epoch in range(start_epoch, config.epochs):
         trained = trainer.train_epoch(train_images, epoch, on_step=log_step)
         val_accuracy, val_ci95 = trainer.validate(val_images, val_episodes)
@@ -88,6 +90,8 @@ def metatrain_worker(loop_config: dict) -> None:
             "episodes_per_s": trained["episodes_per_s"],
         }
         worker.run_log.log_metrics(summary, step=(epoch + 1) * steps)
+        if worker.is_chief:
+            progress.epoch_done(epoch, {key: summary[key] for key in ("train_loss", "val_accuracy")})
         skeleton.end_epoch(worker, summary, trainer.state_dict, {
             "epoch": epoch,
             "val_accuracy": val_accuracy,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from metallo_core import tracking
+from metallo_core import console, tracking
 from metallo_core.errors import MetalloError
 from metallo_core.settings import ComputeSettings, RunSettings
 from metallo_core.storage import locate, storage_for_ray
@@ -25,6 +25,7 @@ def connect(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    console.quiet_ray()
     if address and address.startswith(("http://", "https://")):
         raise MetalloError(
             f"RAY_ADDRESS={address} is a job-submission (dashboard) address, which a driver cannot join. "
@@ -33,31 +34,43 @@ def connect(address: str | None = None) -> None:
             "it to start a local cluster"
         )
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # Under `ray job submit`, Ray merges this into the job's runtime env (the env var keys must not clash).
+        ray.init(address=address, log_to_driver=True, runtime_env=worker_runtime_env(),
+                 logging_level=console.ray_logging_level())
+        console.quiet_ray()
         return
     # Logical CPUs are over-subscribed so Ray Data tasks still get CPUs while Train workers hold
     # theirs (otherwise reads starve on small machines).
     context = ray.init(
         num_cpus=max(4, 2 * (os.cpu_count() or 2)),
-        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
+        runtime_env=worker_runtime_env(),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=False,
     )
-    print(f"started a local Ray cluster; dashboard at http://{context.dashboard_url} "
-          "(set RAY_ADDRESS to use a running cluster instead)", flush=True)
+    console.quiet_ray()
+    logger.info("started a local Ray cluster; dashboard at http://%s (set RAY_ADDRESS to use a running cluster "
+                "instead)", context.dashboard_url)
 
 
 WORKER_SETUP_HOOK = "metallo_core.train.ray_setup.prepare_worker"
+
+
+def worker_runtime_env() -> dict:
+    """The runtime env of this driver's job: every worker runs `prepare_worker` first, with this console."""
+    return {"worker_process_setup_hook": WORKER_SETUP_HOOK,
+            "env_vars": {console.VERBOSE_ENV: "1" if console.is_verbose() else "0"}}
 
 
 def prepare_worker() -> None:
     """Runs once in every worker of a local cluster, before its first task: import pandas fully. Ray Data's
     map tasks otherwise import it from several threads at once, and in a fresh environment (no .pyc files
     yet, as in CI) one of them can get the half-initialised module: "module 'pandas' has no attribute
-    'core'" from a decode task."""
+    'core'" from a decode task. Then the same quiet console as the driver's (metallo_core.console)."""
     import pandas  # noqa: F401
+
+    console.configure_worker()
 
 
 def storage_uri(run: RunSettings) -> str:
@@ -75,12 +88,13 @@ def scaling_config(compute: ComputeSettings):
 
 def run_config(run: RunSettings, *, checkpoint_score: str | None = None, score_order: str = "max",
                callbacks: tuple = ()):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     storage = locate(storage_uri(run))
     storage.check_access()
     path, filesystem = storage_for_ray(storage.uri)
-    return RunConfig(
+    # Train V2's RunConfig (the default in Ray 2.60) takes logging_config; the type stubs describe V1's.
+    return RunConfig(  # type: ignore[call-arg]
         name=run.name,
         storage_path=path,
         storage_filesystem=filesystem,
@@ -91,6 +105,7 @@ def run_config(run: RunSettings, *, checkpoint_score: str | None = None, score_o
         ),
         failure_config=FailureConfig(max_failures=run.max_failures),
         callbacks=list(callbacks) or None,
+        logging_config=LoggingConfig(log_level=logging.getLevelName(console.ray_logging_level())),
     )
 
 

@@ -166,7 +166,8 @@ def test_stages_as_ray_jobs_with_a_killed_worker_and_registry_handoff(stack, env
                   "episodes.query=5", "episodes_per_epoch=10", "val_episodes=10", "epochs=2"], env)
     protonet = client.get_model_version_by_alias("metallo-protonet", "e2e")
     assert protonet.tags["metallo.backbone_source"] == f"models:/metallo-backbone/{backbone.version}"
-    run(SUBMIT + ["--submission-id", "e2e-evaluate", "--", "python", "-m", "jobs.evaluate",
+    # The console script as the entrypoint (the other stages use `python -m jobs.<stage>`): same stage table.
+    run(SUBMIT + ["--submission-id", "e2e-evaluate", "--", "metallo", "evaluate",
                   "--config", "configs/evaluate/tiny_cpu.yaml", f"data.uri={DATA}", "model=models:/metallo-protonet@e2e",
                   "tasks=20", "modes=[protonet]", "select_on_val=false", "run_name=e2e-eval"], env)
     evaluation = client.search_runs([client.get_experiment_by_name("metallo-evaluate").experiment_id],

@@ -563,5 +563,11 @@ def test_guide_references_only_files_and_jobs_that_exist():
         assert (REPO / path).is_file(), path
     for module in sorted(set(re.findall(r"python -m ((?:jobs|infra)\.\w+)", text))):
         assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
+    from metallo_core.stages import stage_named
+
+    stages = set(re.findall(r"-- metallo (\w+)", text))
+    assert stages, "the guide shows `ray job submit ... -- metallo <stage>` too"
+    for stage in sorted(stages):
+        stage_named(stage)  # KeyError names the known stages
     for relative in re.findall(r"\]\(([^)#]+)\)", text):
         assert (GUIDE.parent / relative).resolve().exists(), relative
