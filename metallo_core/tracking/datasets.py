@@ -52,7 +52,8 @@ def dataset_input(tags: Mapping[str, Any]):
     # metallo's datasets are local folders or s3:// prefixes (storage.locate); named here, not guessed by
     # MLflow's resolver, which warns that a local path matches two equivalent sources.
     source = (S3ArtifactDatasetSource if uri.startswith("s3://") else LocalArtifactDatasetSource)(uri)
-    dataset = MetaDataset(source,  # type: ignore[abstract]  # its profile is None, defined in MLflow 3.17 name=PurePosixPath(uri.rstrip("/")).name or uri,
+    # MetaDataset leaves `profile` abstract in MLflow 3.17 but is instantiated as is (it has no profile).
+    dataset = MetaDataset(source, name=PurePosixPath(uri.rstrip("/")).name or uri,  # type: ignore[abstract]
                           digest=sha256[:MAX_DIGEST_LENGTH])
     input_tags = [InputTag(INPUT_MANIFEST_SHA256, sha256)]
     if tags.get(SPLIT_TAG):
