@@ -10,7 +10,7 @@ import argparse
 import os
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from PIL import Image, ImageFilter

@@ -36,9 +36,9 @@ def main() -> None:
     from metallo_core import tracking
     from metallo_core.fewshot.classify import ClassifySettings, classify, load_tiles
     from metallo_core.fewshot.evaluation import embed_images
-    from metallo_core.models.protonet_store import load_protonet, protonet_metadata
     from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
     from metallo_core.models.backbones import BackboneSpec, build_backbone
+    from metallo_core.models.protonet_store import load_protonet, protonet_metadata
     from metallo_core.models.registry import log_backbone
 
     spec = BackboneSpec(arch=args.arch, image_size=args.size)

@@ -47,7 +47,7 @@ class Location:
     prefix: str
 
     @classmethod
-    def parse(cls, role: str, uri: str) -> "Location":
+    def parse(cls, role: str, uri: str) -> Location:
         if not uri.startswith("s3://") or not uri[len("s3://"):].strip("/"):
             raise StorageError(f"--{role} {uri!r} is not an s3://bucket[/prefix] URI")
         bucket, _, prefix = uri[len("s3://"):].strip("/").partition("/")

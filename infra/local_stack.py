@@ -81,7 +81,7 @@ class Ports:
     ray_metrics: int
 
     @classmethod
-    def pick(cls) -> "Ports":
+    def pick(cls) -> Ports:
         """Distinct ports the kernel reports free on loopback (all held open until all are chosen)."""
         sockets = []
         try:
@@ -114,7 +114,7 @@ class LocalStack:
 
     # ---------------------------------------------------------------- public API
 
-    def start(self) -> "LocalStack":
+    def start(self) -> LocalStack:
         """Start all three, wait until each answers, create the buckets, write state and env files."""
         if (self.state_dir / STATE_FILE).exists():
             previous = LocalStack.attach(self.state_dir)
@@ -218,7 +218,7 @@ class LocalStack:
         return dict(DEFAULT_LOCATIONS)
 
     @classmethod
-    def attach(cls, state_dir: str | os.PathLike | None = None) -> "LocalStack":
+    def attach(cls, state_dir: str | os.PathLike | None = None) -> LocalStack:
         """The stack described by a state file (what `status`/`env`/`down` use)."""
         directory = Path(state_dir).resolve() if state_dir else default_state_dir()
         path = directory / STATE_FILE
@@ -232,7 +232,7 @@ class LocalStack:
         stack.ray_temp_dir = state.get("ray_temp_dir")
         return stack
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

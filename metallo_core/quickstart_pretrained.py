@@ -81,9 +81,9 @@ def resolve_eval_images(eval_images: str | None, repo_root: Path | None = None) 
 
 def run_pretrained_quickstart(overrides: list[str] = (), eval_images: str | None = None) -> PretrainedQuickstartResult:
     from metallo_core.fewshot.finetune import FinetuneSettings
+    from metallo_core.fewshot.protonet import ProtoNet
     from metallo_core.models.finetune_choice import record_chosen_settings
     from metallo_core.models.protonet_store import protonet_metadata
-    from metallo_core.fewshot.protonet import ProtoNet
     from metallo_core.models.registry import log_backbone
     from metallo_core.models.sources import offline_imagenet_backbone
 

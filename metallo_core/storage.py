@@ -61,7 +61,7 @@ class Location:
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         path = posixpath.join(self.path, *parts)
         uri = posixpath.join(self.uri, *parts)
         return Location(uri=uri, fs=self.fs, path=path)
@@ -119,7 +119,7 @@ class Location:
         except OSError as exc:
             raise self._wrap(exc, "read") from exc
 
-    def parent(self) -> "Location":
+    def parent(self) -> Location:
         return Location(uri=posixpath.dirname(self.uri.rstrip("/")), fs=self.fs, path=posixpath.dirname(self.path))
 
     def makedirs(self) -> None:

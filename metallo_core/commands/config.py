@@ -7,6 +7,7 @@ import json
 
 from metallo_core.stages import STAGES, Stage
 
+
 def stages_by_word() -> dict[str, Stage]:
     """The stages of the one stage table, named as one word ("tune metatrain" -> "tune-metatrain")."""
     return {stage.name.replace(" ", "-"): stage for stage in STAGES}

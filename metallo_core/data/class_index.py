@@ -61,7 +61,7 @@ class ClassIndexedImages:
         extra_columns: tuple[str, ...] | None = None,
         manifest: Manifest | None = None,
         max_images: int | None = None,
-    ) -> "ClassIndexedImages":
+    ) -> ClassIndexedImages:
         root = locate(uri)
         manifest = manifest or read_manifest(root)
         split_info = manifest.split(split)

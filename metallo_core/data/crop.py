@@ -63,7 +63,7 @@ class EdgeCrop:
             raise ConfigError(f"crop left={self.left:g} and right={self.right:g} leave nothing of the image")
 
     @classmethod
-    def parse(cls, text: str | None) -> "EdgeCrop":
+    def parse(cls, text: str | None) -> EdgeCrop:
         """`none`, `auto`, or `edge=value` pairs joined by commas (`auto` may join them: `auto,left=4`)."""
         if text is None or text.strip().lower() in ("", "none", "0"):
             return cls()
@@ -85,7 +85,7 @@ class EdgeCrop:
         return cls(**values, auto_bottom=auto)
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "EdgeCrop":
+    def from_dict(cls, values: dict | None) -> EdgeCrop:
         """From a config mapping such as `{bottom: 0.1}` or `{auto_bottom: true}`."""
         if not values:
             return cls()

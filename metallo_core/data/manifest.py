@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from metallo_core.errors import DataError
@@ -94,7 +94,7 @@ class Manifest:
         return json.dumps(data, indent=2)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "Manifest":
+    def from_json(cls, text: str, where: str) -> Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -207,7 +207,7 @@ def build_manifest(
         extra_columns=extra_columns or {},
         source=source or {},
         skipped=skipped or [],
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 

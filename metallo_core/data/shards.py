@@ -10,13 +10,22 @@ Layout of a dataset at a URI (local directory or s3://bucket/prefix):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metallo_core.data.manifest import MANIFEST_NAME, ColumnInfo, Manifest, ShardInfo, SplitKind, build_manifest, read_manifest
+from metallo_core.data.manifest import (
+    MANIFEST_NAME,
+    ColumnInfo,
+    Manifest,
+    ShardInfo,
+    SplitKind,
+    build_manifest,
+    read_manifest,
+)
 from metallo_core.errors import DataError, StorageError
 from metallo_core.storage import Location, locate
 
@@ -294,7 +303,7 @@ class DatasetWriter:
         self.manifest = manifest
         return manifest
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:

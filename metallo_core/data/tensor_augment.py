@@ -8,7 +8,7 @@ augmentations on CPU and CUDA.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

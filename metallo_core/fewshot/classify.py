@@ -29,19 +29,19 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
+from metallo_core.config import to_dict
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.image_files import is_image_file, list_image_files, list_image_listing, read_file_bytes
 from metallo_core.data.images import decode_rgb, square_resized
-from metallo_core.config import to_dict
 from metallo_core.errors import ConfigError, DataError
 from metallo_core.fewshot.evaluation import embed_images
 from metallo_core.fewshot.finetune import FinetuneSettings, adapt_to_support

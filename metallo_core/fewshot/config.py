@@ -11,6 +11,7 @@ from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.sources import SourceKind, source_kind
 from metallo_core.settings import ComputeSettings, RegistrySettings, RunSettings
 
+
 @dataclass
 class EpisodeSettings:
     way: int = 5

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from metallo_core.data.image_files import read_file_bytes
-from metallo_core.data.listing import list_folder
 from metallo_core.data.images import decode_rgb, square_resized
+from metallo_core.data.listing import list_folder
 from metallo_core.errors import DataError
 from metallo_core.fewshot.episodes import Episode, fixed_episodes
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain

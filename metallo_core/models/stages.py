@@ -11,8 +11,8 @@ can run the frozen trunk once per task without autograd.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

@@ -15,8 +15,8 @@ missing and unexpected keys with their counts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn

@@ -30,6 +30,7 @@ from metallo_core.data.class_index import ClassIndexedImages
 from metallo_core.data.manifest import Manifest, manifest_sha256
 from metallo_core.errors import StorageError
 from metallo_core.models.backbones import BackboneSpec, build_backbone
+from metallo_core.models.pooling import early_stage_names
 from metallo_core.models.sources import (
     OFFLINE_IMAGE_SIZE,
     OFFLINE_IMAGENET,
@@ -42,7 +43,6 @@ from metallo_core.models.sources import (
     split_file_source,
 )
 from metallo_core.multilabel.config import BackboneSettings
-from metallo_core.models.pooling import early_stage_names
 from metallo_core.multilabel.model import ImageEncoder, images_to_unit_tensor
 from metallo_core.progress import Progress
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metallo_core.csv_output import escaped_names, write_csv_atomically
 from metallo_core.data.image_files import list_image_files, read_file_bytes
 from metallo_core.data.images import decode_resized
-from metallo_core.csv_output import escaped_names, write_csv_atomically
 from metallo_core.multilabel.model import decode_outputs, images_to_unit_tensor
 from metallo_core.multilabel.model_store import LoadedMultilabelModel, load_multilabel_model
 from metallo_core.progress import Progress

@@ -8,9 +8,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from metallo_core import tracking
 from metallo_core.errors import StorageError

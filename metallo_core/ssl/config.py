@@ -8,8 +8,8 @@ from typing import Literal
 from metallo_core.config import require
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.sources import OFFLINE_IMAGENET, SCRATCH, offline_imagenet_spec
-from metallo_core.ssl.multicrop import MultiCropConfig
 from metallo_core.settings import ComputeSettings, RegistrySettings, RunSettings
+from metallo_core.ssl.multicrop import MultiCropConfig
 
 
 @dataclass

@@ -43,6 +43,7 @@ def dataset_input(tags: Mapping[str, Any]):
     if not uri or not sha256:
         return None
     from mlflow.data.meta_dataset import MetaDataset
+
     # Registered by mlflow.data at import time, so invisible to a type checker.
     from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource  # type: ignore[attr-defined]
     from mlflow.entities import DatasetInput, InputTag

@@ -52,8 +52,8 @@ def finetune_trial(params: dict, *, context: dict) -> None:
     from metallo_core.fewshot.evaluation import finetuned_accuracies
     from metallo_core.fewshot.finetune import FinetuneSettings
     from metallo_core.fewshot.metrics import mean_and_ci95
-    from metallo_core.models.protonet_store import load_protonet
     from metallo_core.fewshot.protonet import ImageNormalizer
+    from metallo_core.models.protonet_store import load_protonet
 
     os.environ[tracking.ENV_TRACKING_URI] = context["tracking_uri"]
     torch.set_num_threads(context["threads"])

@@ -20,8 +20,9 @@ The comparison is pure (plain dicts in, a plan out) so it is tested without Ray.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from metallo_core.config import flatten, to_dict
 from metallo_core.errors import ConfigError

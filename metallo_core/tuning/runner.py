@@ -17,8 +17,9 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from metallo_core import tracking
 from metallo_core.errors import MetalloError
@@ -87,7 +88,7 @@ class SearchSpec:
               time_attr: str, budget: int, trial_budget: Callable[[dict[str, Any]], int] | None = None,
               stored_spec: dict[str, Any] | None = None,
               trial_name: Callable[[dict[str, Any]], str] | None = None,
-              describe_result: Callable[[dict[str, Any]], str] | None = None) -> "SearchSpec":
+              describe_result: Callable[[dict[str, Any]], str] | None = None) -> SearchSpec:
         """The spec of a search over the YAML `space`, each trial holding the search's per-trial resources."""
         return cls(settings=settings, trainable=trainable, param_space=to_tune_space(space), space=space,
                    metric=metric, time_attr=time_attr, budget=budget,

@@ -16,7 +16,8 @@ import copy
 import dataclasses
 import json
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from metallo_core.errors import ConfigError
 

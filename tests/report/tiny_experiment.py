@@ -14,8 +14,8 @@ import numpy as np
 
 from metallo_core import tracking
 from metallo_core.config import config_hash, from_dict
-from metallo_core.fewshot.confusion import CONFUSION_ARTIFACT_DIR, confusion_over_tasks
 from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
+from metallo_core.fewshot.confusion import CONFUSION_ARTIFACT_DIR, confusion_over_tasks
 from metallo_core.fewshot.episodes import fixed_episodes
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.train.evaluate import EvaluationResult, ModeResult, summary_json

@@ -1,7 +1,6 @@
 """An evaluation run on Ray carries its pictures: a confusion heatmap per meta-test mode, as a PNG next to the
 confusion JSON, so the MLflow run page shows the matrix and not only numbers."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

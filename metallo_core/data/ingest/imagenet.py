@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from metallo_core.data.ingest.common import IngestOptions, SkipLog, check_suffix, handle_bad_image, prepare_image
 from metallo_core.data.listing import is_metadata_name

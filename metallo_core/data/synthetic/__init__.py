@@ -9,7 +9,13 @@ from metallo_core.data.synthetic.fewshot import (
     render_images,
     split_classes,
 )
-from metallo_core.data.synthetic.nfurcated import MORPHOLOGIES, VOLUME_FRACTIONS, Morphology, NfurcatedBatch, nfurcated_batches
+from metallo_core.data.synthetic.nfurcated import (
+    MORPHOLOGIES,
+    VOLUME_FRACTIONS,
+    Morphology,
+    NfurcatedBatch,
+    nfurcated_batches,
+)
 
 __all__ = [
     "FEWSHOT_SPLIT_SIZES",

@@ -6,7 +6,7 @@ Every function works on stacks shaped (B, H, W) so one call renders a whole batc
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -4,12 +4,18 @@ with a morphology (7 classes) and a white-phase volume fraction (10 classes)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from metallo_core.data.synthetic.fields import fft_length, filtered_noise, per_image, section_covariance, threshold_at_fraction
+from metallo_core.data.synthetic.fields import (
+    fft_length,
+    filtered_noise,
+    per_image,
+    section_covariance,
+    threshold_at_fraction,
+)
 from metallo_core.errors import ConfigError
 
 
