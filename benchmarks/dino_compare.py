@@ -39,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dino-git", required=True, help="a git directory of facebookresearch/dino")
     parser.add_argument("--reference", required=True, type=Path, help="ref_dino_bench.py")
-    parser.add_argument("--images", type=Path, default=None, help="class-folder JPEG tree (default: 128 x 320 px made here)")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="class-folder JPEG tree (default: 128 x 320 px made here)")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 

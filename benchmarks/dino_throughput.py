@@ -1,7 +1,8 @@
 """End-to-end DINO training throughput in one process, through metallo's own data path.
 
 Reads the images of DIR (a class-folder tree) by ingesting them into shards first (not timed), then
-times training steps: shard read -> decode (threads ahead of the model on a CPU, nvJPEG on a GPU) -> multi-crop as tensor ops
+times training steps: shard read -> decode (threads ahead of the model on a CPU, nvJPEG on a GPU) \
+-> multi-crop as tensor ops
 (2 x 224 global, N x 96 local) -> student/teacher ResNet + DINO head -> loss -> optimiser -> EMA.
 Mixed precision (bf16 autocast) and channels-last are part of the recipe on every device.
 

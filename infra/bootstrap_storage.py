@@ -68,7 +68,8 @@ class LocationReport:
     checks: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return f"  {self.location.role:<7} {self.location.uri:<36} bucket {self.bucket_state:<8} {' '.join(self.checks)}"
+        return (f"  {self.location.role:<7} {self.location.uri:<36} bucket {self.bucket_state:<8} "
+                f"{' '.join(self.checks)}")
 
 
 @dataclass
@@ -208,7 +209,7 @@ def probe(client, location: Location) -> list[str]:
         if checks and checks[-1] != "delete:ok":
             try:
                 client.delete_object(Bucket=location.bucket, Key=key)
-            except Exception:  # the error that got us here is the one worth reporting
+            except Exception:  # noqa: BLE001 - the error that got us here is the one worth reporting
                 pass
     return checks
 

@@ -1,6 +1,7 @@
 """Ray job: multi-label training (seed 002's n-furcated head on a frozen backbone), or its experiment grid.
 
-    python -m jobs.multilabel --config configs/multilabel/seed002_bifurcated.yaml [key=value ...]   (= metallo multilabel train)
+    python -m jobs.multilabel --config configs/multilabel/seed002_bifurcated.yaml [key=value ...] \
+  (= metallo multilabel train)
     python -m jobs.multilabel experiments --config configs/multilabel/seed002_experiments.yaml [key=value ...]
 """
 

@@ -119,7 +119,8 @@ def run_quickstart(overrides: list[str] = (), *, tag: str | None = None) -> Quic
     }))
     metatrained = run_metatraining(metatrain)
 
-    _step(4, "meta-testing: ProtoNet and fine-tuning", f"on the {len(read_manifest(uri).splits['test'].classes)} test classes")
+    _step(4, "meta-testing: ProtoNet and fine-tuning",
+          f"on the {len(read_manifest(uri).splits['test'].classes)} test classes")
     evaluation = run_evaluation(from_dict(EvaluateConfig, deep_merge(settings["evaluate"], {
         "model": metatrained.model_uri,
         "data": {"uri": uri, "image_size": dino.backbone.image_size},
@@ -152,7 +153,8 @@ def describe(result: QuickstartResult) -> str:
         f"| ProtoNet (PN) | {100 * result.protonet['mean']:.2f}% ± {100 * result.protonet['ci95']:.2f} |",
         f"| PN + fine-tuning (PN+FT) | {100 * result.finetune['mean']:.2f}% ± {100 * result.finetune['ci95']:.2f} |",
         "",
-        (f"PN+FT - PN, paired over the same tasks: {100 * result.gain['mean']:+.2f} ± {100 * result.gain['ci95']:.2f} points"
+        (f"PN+FT - PN, paired over the same tasks: {100 * result.gain['mean']:+.2f} "
+         f"± {100 * result.gain['ci95']:.2f} points"
          if result.gain else ""),
         f"fine-tuning lr {result.finetune_lr:g}, chosen on meta-validation tasks" if result.finetune_lr else "",
         f"registered backbone: {result.models['backbone']}",

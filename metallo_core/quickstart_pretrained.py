@@ -121,7 +121,8 @@ def run_pretrained_quickstart(overrides: list[str] = (), eval_images: str | None
         run_id = run.run_id
     return PretrainedQuickstartResult(
         models={"backbone": registered_backbone.uri, "protonet": registered_protonet.uri,
-                "backbone_alias": f"models:/{BACKBONE_NAME}@{ALIAS}", "protonet_alias": f"models:/{PROTONET_NAME}@{ALIAS}"},
+                "backbone_alias": f"models:/{BACKBONE_NAME}@{ALIAS}",
+                "protonet_alias": f"models:/{PROTONET_NAME}@{ALIAS}"},
         evaluated_on=evaluated_on, results=results, run_id=run_id, minutes=(time.perf_counter() - started) / 60)
 
 
@@ -200,7 +201,8 @@ def _rows_by_class(labels):
 def describe(result: PretrainedQuickstartResult) -> str:
     lines = ["", f"metallo quickstart --pretrained finished in {result.minutes:.1f} min",
              f"evaluated on {result.evaluated_on}", "",
-             "| task | ProtoNet (PN), frozen ImageNet backbone | PN + fine-tuning (PN+FT) | PN+FT - PN, paired (points) |",
+             "| task | ProtoNet (PN), frozen ImageNet backbone | PN + fine-tuning (PN+FT) "
+             "| PN+FT - PN, paired (points) |",
              "|---|---|---|---|"]
     for r in result.results:
         pn, ft, gain = r["methods"]["pn"], r["methods"]["ft"], r["gains"]["ft - pn"]

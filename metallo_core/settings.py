@@ -42,7 +42,8 @@ class RunSettings:
     log_every_steps: int = 10
 
     def validate(self) -> None:
-        require(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name without '/', got {self.name!r}")
+        require(bool(self.name) and "/" not in self.name,
+                f"run.name must be a non-empty name without '/', got {self.name!r}")
         require(self.checkpoint_every_epochs >= 1, "run.checkpoint_every_epochs must be >= 1")
         require(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         require(self.max_failures >= 0, "run.max_failures must be >= 0")

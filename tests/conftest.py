@@ -100,9 +100,9 @@ def authenticating_s3_server(tmp_path):
             try:
                 urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
                 break
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"moto did not start: {(tmp_path / 'moto.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"moto did not start: {(tmp_path / 'moto.log').read_text()[-2000:]}") from exc
                 time.sleep(0.3)
         yield endpoint
     finally:

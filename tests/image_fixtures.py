@@ -23,7 +23,8 @@ def image_bytes(seed: int, size: int = 24, fmt: str = "PNG", mode: str = "L") ->
     return buffer.getvalue()
 
 
-def make_image_folder(root: Path, images_per_class: dict[str, int], fmt: str = "PNG", suffix: str = ".png") -> dict[str, bytes]:
+def make_image_folder(root: Path, images_per_class: dict[str, int], fmt: str = "PNG",
+                      suffix: str = ".png") -> dict[str, bytes]:
     """Write root/<class>/<class>_<i><suffix>; returns relative path -> bytes written."""
     written = {}
     seed = 0

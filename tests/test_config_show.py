@@ -86,5 +86,6 @@ def test_print_config_validates_first(capsys):
 def test_a_job_entrypoint_prints_its_config_too(capsys):
     from metallo_core.cli import run_job
 
-    assert run_job("jobs.evaluate", ["--config", str(CONFIGS / "evaluate" / "tiny_cpu.yaml"), "tasks=7", "--print-config"]) == 0
+    assert run_job("jobs.evaluate",
+                   ["--config", str(CONFIGS / "evaluate" / "tiny_cpu.yaml"), "tasks=7", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["tasks"] == 7

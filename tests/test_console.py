@@ -46,7 +46,8 @@ def test_quiet_shows_metallo_info_and_library_warnings_verbose_shows_library_inf
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
-    assert [line for line in lines if "stage line" in line] and len([line for line in lines if "stage line" in line]) == 1
+    assert ([line for line in lines if "stage line" in line]
+            and len([line for line in lines if "stage line" in line]) == 1)
     assert any("library warning" in line for line in lines)
     assert any("library chatter" in line for line in lines) is verbose
     assert os.environ["METALLO_VERBOSE"] == ("1" if verbose else "0")

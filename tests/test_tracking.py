@@ -71,7 +71,8 @@ def test_a_lookup_never_creates_a_store_and_names_where_it_looked(tmp_path, monk
         tracking.lookup_client()
     message = str(caught.value)
     assert f"no MLflow store at {tmp_path / 'metallo-runs' / 'mlflow.db'}" in message
-    assert f"working directory {tmp_path}" in message and "METALLO_HOME=" in message and "MLFLOW_TRACKING_URI=" in message
+    assert (f"working directory {tmp_path}" in message and "METALLO_HOME=" in message
+            and "MLFLOW_TRACKING_URI=" in message)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setenv(tracking.ENV_TRACKING_URI, f"file://{tmp_path / 'mlruns'}")
     with pytest.raises(tracking.TrackingError, match=r"mlruns.*\(from MLFLOW_TRACKING_URI\)"):

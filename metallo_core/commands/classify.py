@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     + LISTING_HELP + " " + DECODE_HELP,
     )
     parser.add_argument("--model", required=True,
-                        help="any MLflow model URI: models:/metallo-protonet@alias, models:/name/3, runs:/<id>/protonet")
+                        help="any MLflow model URI: models:/metallo-protonet@alias, models:/name/3, "
+                             "runs:/<id>/protonet")
     parser.add_argument("--support", required=True, help="folder with one sub-folder of 1-5 images per class")
     parser.add_argument("--query", required=True, help="an image, or a folder of images (searched recursively)")
     parser.add_argument("--out", required=True,
@@ -51,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tile", type=int, default=0, metavar="PX",
                         help="cut large images into PX x PX tiles at the training scale (0: whole image resized)")
     parser.add_argument("--query-scale", type=float, default=1.0,
-                        help="resample queries by this factor first, when imaged at another pixel size than the support")
+                        help="resample queries by this factor first, when imaged at another pixel size "
+                             "than the support")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print a summary as one JSON object")

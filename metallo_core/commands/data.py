@@ -21,12 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     synth = commands.add_parser("synth", help="generate a built-in synthetic microstructure dataset")
     synth.add_argument("--kind", choices=("nfurcated", "fewshot"), required=True,
-                       help="nfurcated: 7 morphologies x 10 volume fractions (seed 002); fewshot: class-disjoint benchmark")
+                       help="nfurcated: 7 morphologies x 10 volume fractions (seed 002); "
+                            "fewshot: class-disjoint benchmark")
     synth.add_argument("--out", required=True, help="dataset URI: a local directory or s3://bucket/prefix")
     synth.add_argument("--images-per-class", type=int, default=None,
                        help="per class (fewshot, default 60) or per morphology x fraction (nfurcated, default 50)")
     synth.add_argument("--classes", type=int, default=100, help="fewshot only: number of classes (default 100)")
-    synth.add_argument("--size", type=int, default=None, help="image side in pixels (default 84 fewshot, 128 nfurcated)")
+    synth.add_argument("--size", type=int, default=None,
+                       help="image side in pixels (default 84 fewshot, 128 nfurcated)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
     synth.add_argument("--json", action="store_true", help="print the dataset summary as one JSON object")

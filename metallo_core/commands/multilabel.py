@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   description="One CSV row per image of --images (searched recursively). "
                                               + LISTING_HELP + " " + DECODE_HELP)
     predict.add_argument("--model", required=True,
-                         help="model URI: models:/metallo-multilabel@current, models:/<name>/<version>, runs:/..., m-...")
+                         help="model URI: models:/metallo-multilabel@current, models:/<name>/<version>, "
+                              "runs:/..., m-...")
     predict.add_argument("--images", required=True, help="folder of images (searched recursively)")
     predict.add_argument("--out", required=True, help="CSV file to write (one row per image)")
     predict.add_argument("--batch-size", type=int, default=64)

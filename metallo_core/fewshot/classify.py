@@ -267,7 +267,8 @@ def _prefetched_tiles(chunks: list[list[Path]], size: int, settings: ClassifySet
 
 
 def describe_crop(crop: EdgeCrop, bottom_cropped: list[int]) -> str:
-    """Which crop classify used, for its summary: `none`, `bottom=64`, or `auto (bar of 40-42 rows in 6 of 9 images)`."""
+    """Which crop classify used, for its summary: `none`, `bottom=64`, or \
+`auto (bar of 40-42 rows in 6 of 9 images)`."""
     if not crop.auto_bottom:
         return crop.describe()
     found = [rows for rows in bottom_cropped if rows]
@@ -322,7 +323,7 @@ def write_predictions(predictions: list[Prediction], classes: list[str], out: st
     from metallo_core.csv_output import escaped_names, write_csv_atomically
 
     names = [p.file for p in predictions] + [p.nearest_support for p in predictions] + list(classes)
-    for name, escaped in escaped_names(names):
+    for _name, escaped in escaped_names(names):
         print(f"[classify] warning: the name {escaped!r} is not valid UTF-8; written to the CSV with \\xNN escapes",
               file=sys.stderr, flush=True)
     rows = ([p.file, p.predicted, *(f"{p.probabilities[name]:.6f}" for name in classes), p.nearest_support, p.tiles,

@@ -112,7 +112,8 @@ def cosine_accuracies(features: torch.Tensor, episodes: Sequence[Episode]) -> li
         support = features[torch.tensor(episode.support)]
         query = features[torch.tensor(episode.query)]
         class_prototypes = prototypes(support, torch.tensor(episode.support_labels), episode.way)
-        similarity = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(class_prototypes, dim=1).T
+        similarity = (torch.nn.functional.normalize(query, dim=1)
+                      @ torch.nn.functional.normalize(class_prototypes, dim=1).T)
         accuracies.append(float((similarity.argmax(1).numpy() == episode.query_labels).mean()))
     return accuracies
 

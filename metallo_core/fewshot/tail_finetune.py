@@ -173,7 +173,8 @@ class TailFinetuner:
                 features = self.embed_tail(torch.cat([support_middle, query_middle]))
                 support_features, query_features = features.split([len(support_middle), len(query_middle)])
                 class_prototypes = prototypes(support_features, support_labels, way)
-                logits = settings.cosine_scale * F.normalize(query_features, dim=1) @ F.normalize(class_prototypes, dim=1).T
+                logits = (settings.cosine_scale * F.normalize(query_features, dim=1)
+                          @ F.normalize(class_prototypes, dim=1).T)
                 loss = F.cross_entropy(logits, pseudo_query_labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

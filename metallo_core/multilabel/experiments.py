@@ -188,7 +188,8 @@ def run_experiments(config: ExperimentsConfig) -> ExperimentsResult:
         tables_markdown = render_tables(rows, config, properties, describe_backbone,
                                         random_init=bool(backbone and backbone.random_init))
         parent.log_text(tables_markdown, "seed002_tables.md")
-        parent.log_dict({"rows": rows, "failed_trials": failures, "backbone": describe_backbone}, "seed002_results.json")
+        parent.log_dict({"rows": rows, "failed_trials": failures, "backbone": describe_backbone},
+                        "seed002_results.json")
         parent.log_metrics({f"{row['variant']}/test{row['test_fraction']:g}/{CUMULATIVE}": row[CUMULATIVE]
                             for row in rows})
         if failures:

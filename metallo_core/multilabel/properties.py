@@ -110,7 +110,8 @@ def property_targets(properties: list[PropertyInfo], extras: Mapping[str, np.nda
                                 "property needs integer class ids; declare `kind: value` to regress it")
             bad = (values < 0) | (values >= len(prop.classes))
             if bad.any():
-                raise DataError(f"label column {prop.name!r} has {int(bad.sum())} id(s) outside 0..{len(prop.classes) - 1} "
+                raise DataError(f"label column {prop.name!r} has {int(bad.sum())} id(s) "
+                                f"outside 0..{len(prop.classes) - 1} "
                                 f"(the manifest lists {len(prop.classes)} classes); the dataset is inconsistent")
             targets[prop.name] = values.astype(np.int64)
         else:

@@ -73,7 +73,8 @@ def make_optimizer(parameters, optim: OptimSettings) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def predict_outputs(network: torch.nn.Module, inputs: torch.Tensor, batch_size: int = EVAL_BATCH) -> dict[str, torch.Tensor]:
+def predict_outputs(network: torch.nn.Module, inputs: torch.Tensor,
+                    batch_size: int = EVAL_BATCH) -> dict[str, torch.Tensor]:
     """Raw head outputs for all of `inputs`, in eval mode, without gradients."""
     was_training = network.training
     network.eval()
@@ -211,7 +212,8 @@ def fit(
             raise FloatingPointError(f"training loss became {epoch_loss} at epoch {epoch}; lower optim.lr")
         watched = validation_score(network, loss_fn, validation_inputs, validation_targets, properties) \
             if validating else (0.0, epoch_loss)
-        improved = watched[0] < best[0] - 1e-12 or (watched[0] <= best[0] + 1e-12 and watched[1] < best[1] - optim.min_delta)
+        improved = (watched[0] < best[0] - 1e-12
+                    or (watched[0] <= best[0] + 1e-12 and watched[1] < best[1] - optim.min_delta))
         if improved:
             best, best_epoch, stale_epochs = watched, epoch, 0
             if validating and optim.restore_best:

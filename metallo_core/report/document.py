@@ -13,7 +13,7 @@ class Link:
     anchor: str  # an id inside the report
 
 
-Cell = Union[str, Link]
+Cell = str | Link
 
 
 @dataclass

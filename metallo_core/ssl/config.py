@@ -47,7 +47,8 @@ class DinoLossSettings:
 
     def validate(self) -> None:
         require(0 < self.teacher_temperature <= 0.1,
-                f"loss.teacher_temperature must be in (0, 0.1] (DINO is unstable above 0.07), got {self.teacher_temperature}")
+                f"loss.teacher_temperature must be in (0, 0.1] (DINO is unstable above 0.07), "
+                f"got {self.teacher_temperature}")
         require(0 < self.student_temperature, "loss.student_temperature must be positive")
         require(0 <= self.center_momentum < 1, "loss.center_momentum must be in [0, 1)")
 

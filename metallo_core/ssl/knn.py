@@ -32,7 +32,8 @@ def knn_predict(
     return torch.cat(predictions)
 
 
-def knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_classes, *, k=20, temperature=0.07) -> float:
+def knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_classes, *, k=20,
+                 temperature=0.07) -> float:
     predicted = knn_predict(bank_features, bank_labels, query_features, num_classes, k=k, temperature=temperature)
     return float((predicted == query_labels).float().mean())
 

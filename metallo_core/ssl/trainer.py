@@ -134,7 +134,8 @@ class DinoTrainer:
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
         self.last_metrics: dict[str, float] = {}
 
-    def train_step(self, base_images: torch.Tensor, step: int, epoch: int, *, with_health: bool = False) -> dict[str, float]:
+    def train_step(self, base_images: torch.Tensor, step: int, epoch: int, *,
+                   with_health: bool = False) -> dict[str, float]:
         """One optimisation step on a batch of uint8 base images, (B, S, S, 3) or (B, 3, S, S)."""
         scheduled = self.schedules.at(step)
         if self.config.freezes_backbone_batchnorm:  # again every step: probes and workers toggle train/eval

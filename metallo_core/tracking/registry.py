@@ -63,7 +63,8 @@ def resolve_version(model_uri: str):
     A look-up: never creates a store."""
     ref = parse_model_uri(model_uri)
     if ref is None:
-        raise TrackingError(f"{model_uri!r} is not a registry URI; use models:/<name>@<alias> or models:/<name>/<version>")
+        raise TrackingError(f"{model_uri!r} is not a registry URI; "
+                            "use models:/<name>@<alias> or models:/<name>/<version>")
     mlflow_client = lookup_client()
     try:
         registered = mlflow_client.get_registered_model(ref.name)

@@ -54,7 +54,8 @@ class RunLogger:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        entries = [Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items() if value is not None]
+        entries = [Metric(key, float(value), timestamp, step or 0)
+                   for key, value in metrics.items() if value is not None]
         self._client.log_batch(self.run_id, metrics=entries)
 
     def log_params(self, params: Mapping[str, Any]) -> None:

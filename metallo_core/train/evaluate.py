@@ -218,7 +218,8 @@ def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dic
                 accuracies, _ = scorer.score("finetune", tasks, settings, config.seed, lr)
                 mean, ci95 = mean_and_ci95(accuracies)
                 table.append({"lr": lr, "steps": steps, "val_accuracy": mean, "val_ci95": ci95})
-                print(f"  meta-val selection: lr {lr:g}, steps {steps}: {mean:.4f} ± {ci95:.4f}", file=sys.stderr, flush=True)
+                print(f"  meta-val selection: lr {lr:g}, steps {steps}: {mean:.4f} ± {ci95:.4f}",
+                      file=sys.stderr, flush=True)
     finally:
         scorer.close()
     best = max(table, key=lambda row: (row["val_accuracy"], -row["lr"]))
@@ -284,7 +285,8 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         for mode in adapted:
             gain, gain_ci95 = result.gains[mode] = paired_gain(per_task["protonet"], per_task[mode])
             run.log_metrics({f"{mode}_gain_over_protonet": gain, f"{mode}_gain_ci95": gain_ci95})
-            print(f"  {mode} - protonet, paired over the same tasks: {gain:+.4f} ± {gain_ci95:.4f}", file=sys.stderr, flush=True)
+            print(f"  {mode} - protonet, paired over the same tasks: {gain:+.4f} ± {gain_ci95:.4f}",
+                  file=sys.stderr, flush=True)
         run.log_dict(summary_json(result), "summary.json")
         if "finetune" in config.modes:  # what classify --finetune uses for this model (finetune_choice)
             import dataclasses

@@ -58,7 +58,8 @@ def score_variants_on_test(config: EvaluateConfig, variants: dict[str, Variant],
         if better in per_task and reference in per_task:
             gain, ci95 = paired_gain(per_task[reference], per_task[better])
             summary["gains"][f"{better}_minus_{reference}"] = {"mean": gain, "ci95": ci95}
-            parent.log_metrics({f"test/{better}_minus_{reference}": gain, f"test/{better}_minus_{reference}_ci95": ci95})
+            parent.log_metrics({f"test/{better}_minus_{reference}": gain,
+                                f"test/{better}_minus_{reference}_ci95": ci95})
             print(f"[final test] {better} - {reference}, paired: {100 * gain:+.2f} ± {100 * ci95:.2f} points",
                   flush=True)
     parent.log_dict(summary, "final_test/summary.json")

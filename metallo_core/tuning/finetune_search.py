@@ -181,7 +181,8 @@ def _best_yaml(best: Any, row: runner.TrialRow, search: str) -> str:
 
 
 def describe_result(result: FinetuneSearchResult) -> str:
-    lines = [result.trials, "", f"best trial {result.best_trial}: meta-val accuracy {100 * result.best_val_accuracy:.2f}%",
+    lines = [result.trials, "",
+             f"best trial {result.best_trial}: meta-val accuracy {100 * result.best_val_accuracy:.2f}%",
              f"best config: {', '.join(result.best_config)}"]
     for name, value in result.final_test.get("variants", {}).items():
         lines.append(f"  test {name:<18} {100 * value['mean']:6.2f}% ± {100 * value['ci95']:.2f}")

@@ -44,7 +44,8 @@ class MetaTrainSearchResult:
     final_test: dict[str, Any]
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str, context: dict[str, Any]) -> MetaTrainConfig:
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str,
+                 context: dict[str, Any]) -> MetaTrainConfig:
     """The meta-training config of one trial: the base with the sampled params, its own run name and
     storage, in the search's MLflow experiment, not registered (only the winner is)."""
     plain = apply_params(base, params)
@@ -213,7 +214,8 @@ def _best_yaml(best: MetaTrainConfig, row: runner.TrialRow, search: str) -> str:
 
 
 def describe_result(result: MetaTrainSearchResult) -> str:
-    lines = [result.trials, "", f"best trial {result.best_trial}: meta-val accuracy {100 * result.best_val_accuracy:.2f}%"
+    lines = [result.trials, "",
+             f"best trial {result.best_trial}: meta-val accuracy {100 * result.best_val_accuracy:.2f}%"
              f" ({describe_params(result.best_params)})", f"best config: {', '.join(result.best_config)}"]
     if result.model_uri:
         lines.append(f"registered: {result.model_uri}")

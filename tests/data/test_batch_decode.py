@@ -113,7 +113,8 @@ def test_binary_views_are_the_column_values_without_copies():
     # The views decode like bytes do.
     jpeg = encoded(textured(256, 256), "JPEG", quality=90)
     views = binary_views(pa.array([jpeg, jpeg]))
-    np.testing.assert_array_equal(decode_batch_resized(views, 224).numpy(), decode_batch_resized([jpeg, jpeg], 224).numpy())
+    np.testing.assert_array_equal(decode_batch_resized(views, 224).numpy(),
+                                  decode_batch_resized([jpeg, jpeg], 224).numpy())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")

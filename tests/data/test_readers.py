@@ -68,7 +68,10 @@ def test_ray_data_stream_reads_every_image_locally_and_from_s3(fewshot_folder, r
     remote_rows = decoded_rows(f"s3://{s3_bucket}/ds", "train")
     # Every local row has its S3 twin: same count and sources first, so an empty or partial read fails.
     assert sorted(row["source"] for row in remote_rows) == sorted(local_sources)
-    key = lambda row: row["source"]
+
+    def key(row):
+        return row["source"]
+
     for local_row, remote_row in zip(sorted(local_rows, key=key), sorted(remote_rows, key=key), strict=True):
         assert local_row["source"] == remote_row["source"] and local_row["label"] == remote_row["label"]
         np.testing.assert_array_equal(local_row["image"], remote_row["image"])

@@ -32,7 +32,8 @@ def test_imagefolder_on_s3_reads_back_identical_to_local(tmp_path, s3_bucket):
 def s3_keys(bucket: str, prefix: str) -> list[str]:
     import boto3
 
-    listing = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(Bucket=bucket, Prefix=prefix)
+    listing = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(
+        Bucket=bucket, Prefix=prefix)
     return sorted(item["Key"] for item in listing.get("Contents", []))
 
 

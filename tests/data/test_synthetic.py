@@ -105,7 +105,8 @@ def test_section_shortcut_matches_slices_of_a_real_3d_field():
     rng = np.random.default_rng(0)
     slow = _autocorrelation(_slices_of_3d_fields(rng, 4, side))
     shortcut_covariance = section_covariance(TILTED_SIGMAS, TILTED_ANGLES)
-    fast = _autocorrelation(filtered_noise(rng.standard_normal((192, side, side)).astype(np.float32), shortcut_covariance))
+    fast = _autocorrelation(filtered_noise(rng.standard_normal((192, side, side)).astype(np.float32),
+                                           shortcut_covariance))
     # Both against each other and against the exact correlation exp(-hᵀ S⁻¹ h / 4) of the shortcut.
     lags = np.array(LAGS_XY, dtype=np.float64)
     exact = np.exp(-np.einsum("ni,ij,nj->n", lags, np.linalg.inv(shortcut_covariance), lags) / 4)
@@ -185,7 +186,8 @@ def _texture_features(images: np.ndarray) -> np.ndarray:
     standardised to zero mean and unit variance (which discards brightness and contrast)."""
     count, size, _ = images.shape
     standard = images.astype(np.float64)
-    standard = (standard - standard.mean(axis=(1, 2), keepdims=True)) / (standard.std(axis=(1, 2), keepdims=True) + 1e-6)
+    standard = ((standard - standard.mean(axis=(1, 2), keepdims=True))
+                / (standard.std(axis=(1, 2), keepdims=True) + 1e-6))
     log_power = np.log(np.abs(np.fft.fft2(standard)) ** 2 + 1e-3).reshape(count, -1)
     freq_y, freq_x = np.fft.fftfreq(size)[:, None], np.fft.fftfreq(size)[None, :]
     radial = np.digitize(np.hypot(freq_y, freq_x), np.geomspace(2 / size, 0.35, 7)) - 1

@@ -38,7 +38,8 @@ TINY_DINO_EPOCHS = 6
 TINY_DINO = [
     f"data.uri={DATA}", "data.base_size=20", f"run.storage={STORAGE}", "run.name=e2e-dino", "registry.alias=e2e",
     "backbone.image_size=16", "multicrop.global_size=16", "multicrop.local_size=8", "optim.batch_size_per_worker=8",
-    "head.out_dim=128", "head.hidden_dim=64", "head.bottleneck_dim=32", "knn.every_epochs=0", f"epochs={TINY_DINO_EPOCHS}",
+    "head.out_dim=128", "head.hidden_dim=64", "head.bottleneck_dim=32", "knn.every_epochs=0",
+    f"epochs={TINY_DINO_EPOCHS}",
     "run.max_failures=2",
 ]
 
@@ -59,7 +60,8 @@ def env(stack):
 
 def run(words: list[str], env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
     result = subprocess.run(words, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(words)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (f"{' '.join(words)} failed ({result.returncode}):\n"
+                                    f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
 
 
@@ -168,7 +170,8 @@ def test_stages_as_ray_jobs_with_a_killed_worker_and_registry_handoff(stack, env
     assert protonet.tags["metallo.backbone_source"] == f"models:/metallo-backbone/{backbone.version}"
     # The console script as the entrypoint (the other stages use `python -m jobs.<stage>`): same stage table.
     run(SUBMIT + ["--submission-id", "e2e-evaluate", "--", "metallo", "evaluate",
-                  "--config", "configs/evaluate/tiny_cpu.yaml", f"data.uri={DATA}", "model=models:/metallo-protonet@e2e",
+                  "--config", "configs/evaluate/tiny_cpu.yaml", f"data.uri={DATA}",
+                  "model=models:/metallo-protonet@e2e",
                   "tasks=20", "modes=[protonet]", "select_on_val=false", "run_name=e2e-eval"], env)
     evaluation = client.search_runs([client.get_experiment_by_name("metallo-evaluate").experiment_id],
                                     filter_string="attributes.run_name = 'e2e-eval'")[0]

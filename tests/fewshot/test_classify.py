@@ -50,7 +50,8 @@ def folders(tmp_path) -> tuple[Path, Path]:
     (query / "more").mkdir(parents=True)
     for kind in ("horizontal", "vertical"):  # exact copies of support images
         shutil.copy(support / kind / f"{kind}-0.png", query / f"copy-{kind}.png")
-    Image.fromarray(texture("vertical", 5, size=64)).convert("RGB").save(query / "more" / "new-vertical.jpg", quality=95)
+    Image.fromarray(texture("vertical", 5, size=64)).convert("RGB").save(query / "more" / "new-vertical.jpg",
+                                                                         quality=95)
     (query / "notes.txt").write_text("not an image, ignored")
     return support, query
 
@@ -60,7 +61,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
-def test_classify_writes_one_row_per_query_with_probabilities_and_nearest_support(registered_protonet, folders, tmp_path):
+def test_classify_writes_one_row_per_query_with_probabilities_and_nearest_support(registered_protonet, folders,
+                                                                                   tmp_path):
     support, query = folders
     out = tmp_path / "out" / "predictions.csv"
     assert cli.main(["classify", "--model", registered_protonet, "--support", str(support), "--query", str(query),

@@ -76,7 +76,8 @@ def test_settings_from_runs_old_and_new(tmp_path):
     config = {"model": "models:/m/1", "finetune": {"lr": 0.003, "steps": 10, "update": "last_stage",
                                                    "bn_mode": "train"}}
     with tracking.start_run("metallo-evaluate", "old-eval", config=config) as old:
-        old.log_dict([{"lr": 0.003, "steps": 10, "val_accuracy": 0.91}, {"lr": 0.01, "steps": 10, "val_accuracy": 0.93}],
+        old.log_dict([{"lr": 0.003, "steps": 10, "val_accuracy": 0.91},
+                      {"lr": 0.01, "steps": 10, "val_accuracy": 0.93}],
                      "selection/finetune_on_meta_val.json")
     chosen = settings_from(old.run_id)
     assert (chosen.settings.lr, chosen.settings.update, chosen.settings.bn_mode) == (0.01, "last_stage", "train")

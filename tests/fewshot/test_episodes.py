@@ -3,6 +3,8 @@ too-small classes, capped queries, and JSON round trips checked against the data
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError
+
 import numpy as np
 import pytest
 
@@ -143,7 +145,7 @@ def test_damaged_or_foreign_json_is_a_data_error():
 
 def test_episode_is_frozen_and_checks_its_shape():
     episode = Episode(classes=[3, 1], support=[0, 1], query=[2, 3, 4, 5])
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         episode.classes = np.array([0, 1])
     with pytest.raises(ValueError):
         episode.support[0] = 9

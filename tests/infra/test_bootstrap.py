@@ -43,7 +43,8 @@ def test_creates_buckets_and_prefixes_then_finds_them_on_a_second_run(s3_server)
 
 
 def test_check_mode_creates_nothing_and_names_the_missing_bucket(s3_server):
-    with pytest.raises(StorageError, match=r"s3://boot-absent-data.*does not exist at endpoint http://127\.0\.0\.1.*without --check"):
+    with pytest.raises(StorageError,
+                       match=r"s3://boot-absent-data.*does not exist at endpoint http://127\.0\.0\.1.*without --check"):
         bootstrap_storage.bootstrap(_locations("boot-absent"), create=False)
     names = [bucket["Name"] for bucket in boto3.client("s3", endpoint_url=s3_server).list_buckets()["Buckets"]]
     assert "boot-absent-data" not in names

@@ -129,7 +129,8 @@ def test_mlflow_artifacts_go_through_the_server_into_the_s3_store(client_env, mo
     s3 = boto3.client("s3", endpoint_url=client_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                       aws_access_key_id=LOOPBACK_TEST_ACCESS_KEY_ID,
                       aws_secret_access_key=LOOPBACK_TEST_SECRET_ACCESS_KEY)
-    keys = [item["Key"] for item in s3.list_objects_v2(Bucket="metallo-mlflow", Prefix="artifacts/").get("Contents", [])]
+    keys = [item["Key"]
+            for item in s3.list_objects_v2(Bucket="metallo-mlflow", Prefix="artifacts/").get("Contents", [])]
     landed = [key for key in keys if key.endswith(f"{run.run_id}/artifacts/notes/hello.txt")]
     assert landed, f"artifact not in s3://metallo-mlflow/artifacts: {keys}"
     assert s3.get_object(Bucket="metallo-mlflow", Key=landed[0])["Body"].read() == f"served artifact {marker}".encode()

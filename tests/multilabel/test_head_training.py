@@ -122,7 +122,8 @@ def early_stage_features(offline_features):
     config, _ = offline_features
     config = load_config(MultilabelConfig, None, [
         f"data.uri={config.data.uri}", "data.image_size=32", "data.test_fraction=0.3",
-        "properties=[{name: morphology}, {name: volume_fraction_class}]", f"backbone.cache_dir={config.backbone.cache_dir}",
+        "properties=[{name: morphology}, {name: volume_fraction_class}]",
+        f"backbone.cache_dir={config.backbone.cache_dir}",
         "backbone.pooled_early_stages=2", "backbone.final_features=false",
         "optim.max_epochs=300", "optim.patience=30", "torch_threads=1"])
     manifest, properties = check_dataset(config)

@@ -1,4 +1,5 @@
-"""Pure logic of multi-label training: split, error rates, epochs to saturation, property checks, configs, cache keys."""
+"""Pure logic of multi-label training: split, error rates, epochs to saturation, property checks, \
+configs, cache keys."""
 
 import numpy as np
 import pytest
@@ -62,7 +63,8 @@ def test_error_rates_and_cumulative_error():
     outputs = {"m": torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 9.0, 0], [0, 0, 9.0]]),
                "v": torch.tensor([[1.0, 0], [1.0, 0], [1.0, 0], [1.0, 0]]),
                "f": torch.tensor([0.0, 0.5, -0.5, 1.0])}  # standardised: values 1, 2, 0, 3
-    targets = {"m": torch.tensor([0, 1, 2, 2]), "v": torch.tensor([0, 1, 1, 1]), "f": torch.tensor([1.0, 2.0, 1.0, 3.0])}
+    targets = {"m": torch.tensor([0, 1, 2, 2]), "v": torch.tensor([0, 1, 1, 1]),
+               "f": torch.tensor([1.0, 2.0, 1.0, 3.0])}
     errors = error_rates(outputs, targets, props)
     assert errors == pytest.approx({"m": 0.25, "v": 0.75, "f": 0.25})
     assert cumulative_error(errors, props) == pytest.approx(1.0)  # regression MAE is not part of it

@@ -65,7 +65,8 @@ def test_loss_is_the_weighted_sum_of_per_property_losses(regression_loss):
 
     # By hand: CE per classification head; the regression head compares with (y - mean) / std.
     ce_m = -F.log_softmax(outputs["morphology"], -1)[torch.arange(8), targets["morphology"]].mean()
-    ce_v = -F.log_softmax(outputs["volume_fraction_class"], -1)[torch.arange(8), targets["volume_fraction_class"]].mean()
+    ce_v = -F.log_softmax(outputs["volume_fraction_class"], -1)[
+        torch.arange(8), targets["volume_fraction_class"]].mean()
     residual = outputs["volume_fraction"] - (targets["volume_fraction"] - 0.275) / 0.14
     if regression_loss == "mse":
         reg = (residual ** 2).mean()
@@ -114,7 +115,8 @@ def test_exported_network_maps_images_to_probabilities_then_values():
     network = MultilabelNet(ImageEncoder(cnn, (0.5,) * 3, (0.5,) * 3), NFurcatedHead(cnn.feature_dim, 6, props))
     output = ExportedMultilabelNet(network, props).eval()(torch.rand(2, 3, 16, 16))
     assert output.shape == (2, 7 + 10 + 1)
-    assert torch.allclose(output[:, :7].sum(-1), torch.ones(2)) and torch.allclose(output[:, 7:17].sum(-1), torch.ones(2))
+    assert (torch.allclose(output[:, :7].sum(-1), torch.ones(2))
+            and torch.allclose(output[:, 7:17].sum(-1), torch.ones(2)))
 
 
 def test_model_files_rebuild_the_same_network_without_pickle(tmp_path):

@@ -72,9 +72,10 @@ def test_heads_learn_model_is_registered_and_predict_writes_one_row_per_image(nf
     # Chance is 1/7 and 1/10 accuracy. Fixed seed; margins well inside what the run reaches (~45% / ~35%).
     assert 1 - result.errors["morphology"] >= 1 / 7 + 0.20
     assert 1 - result.errors["volume_fraction_class"] >= 1 / 10 + 0.15
-    assert result.cumulative_error == pytest.approx(result.errors["morphology"] + result.errors["volume_fraction_class"])
-    mae_curve = [m.value for m in sorted(tracking.client().get_metric_history(result.run_id, "test_error/volume_fraction"),
-                                          key=lambda m: m.step)]
+    assert result.cumulative_error == pytest.approx(result.errors["morphology"]
+                                                    + result.errors["volume_fraction_class"])
+    mae_curve = [m.value for m in sorted(
+        tracking.client().get_metric_history(result.run_id, "test_error/volume_fraction"), key=lambda m: m.step)]
     assert len(mae_curve) == 41  # epoch 0 (untrained) to 40
     assert mae_curve[-1] < 0.5 * mae_curve[0]  # the regression head's error falls
     assert mae_curve[-1] < 0.06  # predicting the mean fraction would be ~0.125 off on average

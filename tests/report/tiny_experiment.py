@@ -149,7 +149,7 @@ def log_evaluation(model_uri: str, shot: int, modes: dict[str, tuple]) -> str:
     rng = np.random.default_rng(shot)
     with tracking.start_run(EXPERIMENT, f"eval-{model_uri.rsplit('/', 1)[-1]}-5w{shot}s", config=config,
                             tags=lineage) as run:
-        for mode, (mean, ci95, gain, gain_ci95) in modes.items():
+        for mode, (mean, ci95, _gain, _gain_ci95) in modes.items():
             run.log_metrics({f"{mode}_accuracy": mean, f"{mode}_ci95": ci95, f"{mode}_episodes_per_s": 3.0})
             result.modes[mode] = ModeResult(mean=mean, ci95=ci95, n=config.tasks, episodes_per_s=3.0)
             # predictions right with probability `mean`, otherwise a random other class of the task

@@ -184,4 +184,5 @@ def test_collapse_detection():
     assert "few output units" in collapse_warning(1.0, **stats, out_dim=out_dim)
     healthy = torch.zeros(16, out_dim)
     healthy[torch.arange(16), torch.arange(16) * 7] = 10.0
-    assert collapse_warning(3.0, **teacher_output_stats(healthy, torch.zeros(1, out_dim), 0.04), out_dim=out_dim) is None
+    assert collapse_warning(3.0, **teacher_output_stats(healthy, torch.zeros(1, out_dim), 0.04),
+                            out_dim=out_dim) is None

@@ -68,7 +68,8 @@ def test_backbone_batchnorm_frozen_keeps_running_statistics_and_batch_moves_them
     teacher_before = batchnorm_buffers(trainer.teacher.backbone)
     affine_before = trainer.student_module.backbone.bn1.weight.clone()
     trainer.train_step(batches(1)[0], step=0, epoch=0)
-    for network, before in ((trainer.student_module.backbone, student_before), (trainer.teacher.backbone, teacher_before)):
+    for network, before in ((trainer.student_module.backbone, student_before),
+                            (trainer.teacher.backbone, teacher_before)):
         after = batchnorm_buffers(network)
         unchanged = [name for name in before if torch.equal(before[name], after[name])]
         if frozen:

@@ -50,7 +50,8 @@ def test_the_injected_worker_crash_waits_for_the_previous_epochs_checkpoint(tmp_
     from metallo_core.ssl.config import DinoConfig
     from metallo_core.train import dino
 
-    config = from_dict(DinoConfig, {"data": {"uri": str(tmp_path / "data")}, "run": {"name": "run", "checkpoint_every_epochs": 2},
+    config = from_dict(DinoConfig, {"data": {"uri": str(tmp_path / "data")},
+                                    "run": {"name": "run", "checkpoint_every_epochs": 2},
                                     "debug": {"fail_at_step": 3 * 5 + 2, "fail_rank": 1, "commit_timeout_s": 30}})
     exits = []
     monkeypatch.setattr(dino.os, "_exit", lambda code: exits.append((code, committed_epoch(str(tmp_path), "run"))))

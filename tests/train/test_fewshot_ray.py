@@ -64,7 +64,8 @@ def paired_interval(baseline: np.ndarray, method: np.ndarray) -> tuple[float, fl
 
 
 @pytest.mark.xfail(strict=True, reason="open (issue 16): in fp32 (CPUs without native bf16, e.g. CI), fine-tuning the "
-                   "meta-trained tiny ResNet-18 loses points (-45 with BatchNorm eval, -22.6 with train); with precision "
+                   "meta-trained tiny ResNet-18 loses points (-45 with BatchNorm eval, -22.6 with train); "
+                   "with precision "
                    "auto on a CPU with native bf16 it gains +3.4 +- 2.2, short of the asserted lower end of 2 points "
                    "(+9.2 was measured in bf16 earlier); strict: this fails the suite once it passes again")
 def test_metatraining_learns_and_finetuning_beats_protonet(fewshot_data, ray_cluster, tmp_path):

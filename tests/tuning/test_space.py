@@ -92,7 +92,8 @@ def test_repository_search_configs_load_and_validate(repo_root):
         for point in config.search.points_to_evaluate:
             encode_point(point, config.space)
     with pytest.raises(ConfigError, match="finetune.\\* keys only"):
-        load_config(FinetuneSearchConfig, repo_root / "tuning/configs/finetune_tiny_cpu.yaml", ["space={optim.lr: 0.1}"])
+        load_config(FinetuneSearchConfig, repo_root / "tuning/configs/finetune_tiny_cpu.yaml",
+                    ["space={optim.lr: 0.1}"])
 
 
 def test_asha_budget_is_the_longest_trial(repo_root):

@@ -59,9 +59,11 @@ FAMILY_GRIDS: dict[str, list[dict]] = {
     "grains": _grid(grain_size=[9, 14, 22, 34], boundary_width=[0.8, 2.0], grain_contrast=[0.12, 0.3]),
     "laths": _grid(lath_width=[0.9, 1.5, 2.4], aspect=[4, 9], packet_size=[18, 40], fraction=[0.3, 0.5]),
     "spheroids": _grid(radius=[1.2, 2.0, 3.4], spacing_ratio=[2.6, 4.5], dispersion=[0.1, 0.4], occupancy=[0.6, 1.0]),
-    "widmanstatten": _grid(grain_size=[30, 55], plate_width=[1.0, 1.8], plate_length=[8, 18], boundary_ferrite=[1.0, 3.0]),
+    "widmanstatten": _grid(grain_size=[30, 55], plate_width=[1.0, 1.8], plate_length=[8, 18],
+                           boundary_ferrite=[1.0, 3.0]),
     "boundaries": _grid(grain_size=[8, 13, 20, 32], boundary_width=[0.7, 1.8], decorated=[False, True]),
-    "dual_phase": _grid(grain_size=[10, 20], island_fraction=[0.12, 0.25, 0.4], island_size=[1.2, 2.5], boundary_bias=[0.0, 1.5]),
+    "dual_phase": _grid(grain_size=[10, 20], island_fraction=[0.12, 0.25, 0.4], island_size=[1.2, 2.5],
+                        boundary_bias=[0.0, 1.5]),
 }
 # Blobs with aspect 1 are isotropic: their angle is meaningless, so keep one angle per such class.
 FAMILY_GRIDS["blobs"] = [p for p in FAMILY_GRIDS["blobs"] if p["aspect"] > 1 or p["angle_deg"] == 0]
@@ -85,7 +87,8 @@ def fewshot_classes(num_classes: int = 100, seed: int = 0) -> list[FewShotClass]
 def _classes_per_family(num_classes: int) -> dict[str, int]:
     capacity = sum(len(grid) for grid in FAMILY_GRIDS.values())
     if not 1 <= num_classes <= capacity:
-        raise ConfigError(f"num_classes={num_classes} is out of range: the few-shot families offer 1..{capacity} classes")
+        raise ConfigError(f"num_classes={num_classes} is out of range: "
+                          f"the few-shot families offer 1..{capacity} classes")
     counts = dict.fromkeys(FAMILY_GRIDS, 0)
     # Round-robin over the families that still have unused parameter sets.
     while sum(counts.values()) < num_classes:
@@ -112,7 +115,8 @@ def split_classes(
     queues = [queues[i] for i in rng.permutation(len(queues))]
     # Dealing one class per family per round puts every family into test and val before train.
     dealt = [spec for round_ in itertools.zip_longest(*queues) for spec in round_ if spec is not None]
-    chosen = {"test": dealt[:test_size], "val": dealt[test_size : test_size + val_size], "train": dealt[test_size + val_size :]}
+    chosen = {"test": dealt[:test_size], "val": dealt[test_size : test_size + val_size],
+              "train": dealt[test_size + val_size :]}
     # Keep each split in the order of `classes`, which is the order of class indices.
     return {split: [spec for spec in classes if spec in members] for split, members in chosen.items()}
 
@@ -143,9 +147,11 @@ def render_images(
     if spec.family not in _RENDERERS:
         raise DataError(f"class {spec.name!r} has unknown family {spec.family!r}; known: {sorted(_RENDERERS)}")
     if size < 16:
-        raise ConfigError(f"size={size} is too small for the few-shot micrographs; use at least 16 px (32..224 intended)")
+        raise ConfigError(f"size={size} is too small for the few-shot micrographs; "
+                          "use at least 16 px (32..224 intended)")
     if min(count, start, class_index, seed) < 0:
-        raise ConfigError(f"count ({count}), start ({start}), class_index ({class_index}) and seed ({seed}) must be >= 0")
+        raise ConfigError(f"count ({count}), start ({start}), class_index ({class_index}) "
+                          f"and seed ({seed}) must be >= 0")
     stop = start + count
     chunks = [np.zeros((0, size, size), np.uint8)]
     for first in range(start, stop, _CHUNK):
@@ -232,7 +238,8 @@ def _render_boundaries(params: dict, rngs: Rngs, canvas: int, scale: float) -> n
 def _render_spheroids(params: dict, rngs: Rngs, canvas: int, scale: float) -> np.ndarray:
     """Spheroidised carbides: dark round particles of set size, density and size spread in a ferrite matrix."""
     radius = params["radius"] * scale
-    cover = _disc_coverage(rngs, canvas, params["spacing_ratio"] * radius, radius, params["dispersion"], params["occupancy"])
+    cover = _disc_coverage(rngs, canvas, params["spacing_ratio"] * radius, radius, params["dispersion"],
+                           params["occupancy"])
     return 0.78 - 0.5 * cover
 
 
@@ -256,7 +263,8 @@ def _render_widmanstatten(params: dict, rngs: Rngs, canvas: int, scale: float) -
     base = per_image(rngs, lambda rng: rng.uniform(0, np.pi))
     angles = base[:, None] + np.deg2rad([0.0, 60.0, 120.0])[None, :]
     variant = grains.paint(per_image(rngs, lambda rng: rng.integers(0, 3, grains.num_cells)))
-    depth = params["plate_length"] * scale * grains.paint(per_image(rngs, lambda rng: rng.uniform(0.6, 1.4, grains.num_cells)))
+    depth = params["plate_length"] * scale * grains.paint(
+        per_image(rngs, lambda rng: rng.uniform(0.6, 1.4, grains.num_cells)))
     width = params["plate_width"] * scale
     length = max(4 * width, 0.6 * params["plate_length"] * scale)
     fields = _random_fields(rngs, canvas, planar_covariance(length, width, angles))
@@ -324,7 +332,8 @@ def _voronoi(rngs: Rngs, canvas: int, cell_size: float) -> _Tessellation:
     (nearest, nearest_id), (second, second_id) = _two_nearest_seeds(seed_y, seed_x, centres, home)
     flat_y, flat_x = seed_y.reshape(len(rngs), -1), seed_x.reshape(len(rngs), -1)
     separation = np.hypot(
-        _gather(flat_y, nearest_id) - _gather(flat_y, second_id), _gather(flat_x, nearest_id) - _gather(flat_x, second_id)
+        _gather(flat_y, nearest_id) - _gather(flat_y, second_id),
+        _gather(flat_x, nearest_id) - _gather(flat_x, second_id),
     )
     # Distance to the bisector of the two nearest seeds: exact near a boundary, which is where it matters.
     boundary_distance = (second - nearest) / (2 * np.maximum(separation, 1e-6))
@@ -366,7 +375,8 @@ def _gather(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.take_along_axis(values, ids.reshape(len(ids), -1), axis=1).reshape(ids.shape)
 
 
-def _disc_coverage(rngs: Rngs, canvas: int, cell_size: float, radius: float, dispersion: float, occupancy: float) -> np.ndarray:
+def _disc_coverage(rngs: Rngs, canvas: int, cell_size: float, radius: float, dispersion: float,
+                   occupancy: float) -> np.ndarray:
     """Anti-aliased cover (B, R, R) of round particles: at most one per grid square, present with
     probability `occupancy`, radius log-normal about `radius`. Radii are capped below the square
     size so each pixel need only look at the 3 x 3 squares around it."""

@@ -35,7 +35,8 @@ def _is_5_smooth(number: int) -> bool:
 def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
     """Rotation R = Rz(a) Ry(b) Rx(c) for angles (a, b, c) in degrees about the z, y and x axes."""
     about_z, about_y, about_x = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
-    cz, sz, cy, sy, cx, sx = np.cos(about_z), np.sin(about_z), np.cos(about_y), np.sin(about_y), np.cos(about_x), np.sin(about_x)
+    cz, sz, cy, sy, cx, sx = (np.cos(about_z), np.sin(about_z), np.cos(about_y), np.sin(about_y),
+                              np.cos(about_x), np.sin(about_x))
     rz = np.array([[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]])
     ry = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
     rx = np.array([[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]])
@@ -81,7 +82,8 @@ def gaussian_transfer(height: int, width: int, covariance_xy: np.ndarray) -> np.
     freq_y = np.fft.fftfreq(height)[:, None]
     freq_x = np.fft.rfftfreq(width)[None, :]
     cov = np.asarray(covariance_xy, dtype=np.float64)[..., None, None]
-    quadratic = cov[..., 0, 0, :, :] * freq_x**2 + 2 * cov[..., 0, 1, :, :] * freq_x * freq_y + cov[..., 1, 1, :, :] * freq_y**2
+    quadratic = (cov[..., 0, 0, :, :] * freq_x**2 + 2 * cov[..., 0, 1, :, :] * freq_x * freq_y
+                 + cov[..., 1, 1, :, :] * freq_y**2)
     return np.exp(-2 * np.pi**2 * quadratic).astype(np.float32)
 
 

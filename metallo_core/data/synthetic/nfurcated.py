@@ -76,7 +76,8 @@ def nfurcated_batches(
     return _generate(_image_order(images_per_combination, seed), size, seed, batch_size, fraction_jitter)
 
 
-def _generate(order: np.ndarray, size: int, seed: int, batch_size: int, fraction_jitter: float) -> Iterator[NfurcatedBatch]:
+def _generate(order: np.ndarray, size: int, seed: int, batch_size: int,
+              fraction_jitter: float) -> Iterator[NfurcatedBatch]:
     covariances = np.stack([morphology.section_covariance(size) for morphology in MORPHOLOGIES])
     for start in range(0, len(order), batch_size):
         yield _render_batch(order[start : start + batch_size], covariances, size, seed, fraction_jitter)
@@ -84,11 +85,13 @@ def _generate(order: np.ndarray, size: int, seed: int, batch_size: int, fraction
 
 def _check_arguments(images_per_combination: int, size: int, batch_size: int, fraction_jitter: float) -> None:
     if images_per_combination < 1 or batch_size < 1:
-        raise ConfigError(f"images_per_combination ({images_per_combination}) and batch_size ({batch_size}) must be >= 1")
+        raise ConfigError(f"images_per_combination ({images_per_combination}) and batch_size ({batch_size}) "
+                          "must be >= 1")
     if size < 16:
         raise ConfigError(f"size={size} is too small for the nfurcated morphologies; use at least 16 px")
     if not 0 <= fraction_jitter < 0.05:
-        raise ConfigError(f"fraction_jitter={fraction_jitter} must lie in [0, 0.05) so the volume-fraction classes stay apart")
+        raise ConfigError(f"fraction_jitter={fraction_jitter} must lie in [0, 0.05) "
+                          "so the volume-fraction classes stay apart")
 
 
 def _image_order(images_per_combination: int, seed: int) -> np.ndarray:
@@ -102,7 +105,8 @@ def _image_order(images_per_combination: int, seed: int) -> np.ndarray:
     return np.concatenate(rounds).astype(np.int64)
 
 
-def _render_batch(rows: np.ndarray, covariances: np.ndarray, size: int, seed: int, fraction_jitter: float) -> NfurcatedBatch:
+def _render_batch(rows: np.ndarray, covariances: np.ndarray, size: int, seed: int,
+                  fraction_jitter: float) -> NfurcatedBatch:
     morphology, fraction_class, replicate = rows.T
     combination = morphology * len(VOLUME_FRACTIONS) + fraction_class
     rngs = [np.random.default_rng([seed, int(c), int(r), _IMAGE_STREAM]) for c, r in zip(combination, replicate)]
