@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -26,6 +27,21 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 # Never reach a real MLflow server or store from tests.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture
+def restore_console(monkeypatch):
+    """`main` configures this process's console (metallo_core.console); undo it for the next tests."""
+    for name in ("METALLO_VERBOSE", "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+                 "RAY_DATA_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(name, "")  # recorded, so the test's value is undone afterwards
+        monkeypatch.delenv(name)
+    root, package = logging.getLogger(), logging.getLogger("metallo_core")
+    saved = (root.level, list(root.handlers), package.level)
+    yield
+    root.setLevel(saved[0])
+    root.handlers = saved[1]
+    package.setLevel(saved[2])
 
 
 @pytest.fixture

@@ -7,22 +7,7 @@ import pytest
 from metallo_core.cli import build_parser, main
 from tests.image_fixtures import make_image_folder
 
-
-@pytest.fixture(autouse=True)
-def restore_console(monkeypatch):
-    """`main` configures this process's console (metallo_core.console); undo it for the next tests."""
-    import logging
-
-    for name in ("METALLO_VERBOSE", "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
-                 "RAY_DATA_DISABLE_PROGRESS_BARS"):
-        monkeypatch.setenv(name, "")  # recorded, so the test's value is undone afterwards
-        monkeypatch.delenv(name)
-    root, package = logging.getLogger(), logging.getLogger("metallo_core")
-    saved = (root.level, list(root.handlers), package.level)
-    yield
-    root.setLevel(saved[0])
-    root.handlers = saved[1]
-    package.setLevel(saved[2])
+pytestmark = pytest.mark.usefixtures("restore_console")  # main() configures the console
 
 
 def test_only_existing_subcommands_are_listed(capsys):

@@ -21,22 +21,8 @@ RAY_INTERNALS = ("Running Dataset", "Execution plan", "Starting execution", "Set
                  "Started training worker group", "Reporting training result", "Downloading artifacts")
 
 
-@pytest.fixture
-def restore_logging(monkeypatch):
-    for name in ("METALLO_VERBOSE", "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
-                 "RAY_DATA_DISABLE_PROGRESS_BARS"):
-        monkeypatch.setenv(name, "")  # recorded, so the test's value is undone afterwards
-        monkeypatch.delenv(name)
-    root, package = logging.getLogger(), logging.getLogger("metallo_core")
-    saved = (root.level, list(root.handlers), package.level)
-    yield
-    root.setLevel(saved[0])
-    root.handlers = saved[1]
-    package.setLevel(saved[2])
-
-
 @pytest.mark.parametrize("verbose", [False, True])
-def test_quiet_shows_metallo_info_and_library_warnings_verbose_shows_library_info(verbose, restore_logging,
+def test_quiet_shows_metallo_info_and_library_warnings_verbose_shows_library_info(verbose, restore_console,
                                                                                    capsys):
     console.configure(verbose=verbose)
     console.configure(verbose=verbose)  # configuring twice must not print lines twice
@@ -115,7 +101,7 @@ def test_a_stage_on_ray_prints_its_result_on_stdout_and_only_its_own_lines_on_st
     assert len(err_lines) <= 15, done.stderr
 
 
-def test_a_quiet_driver_gives_its_workers_a_quiet_console(restore_logging, monkeypatch):
+def test_a_quiet_driver_gives_its_workers_a_quiet_console(restore_console, monkeypatch):
     """What a Ray worker runs first (ray_setup.prepare_worker): the driver's choice arrives in the job's env."""
     from ray.data import DataContext
 
