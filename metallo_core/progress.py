@@ -15,6 +15,7 @@ class Progress:
         self.done = 0
         self.started = time.perf_counter()
         self._last_print = self.started
+        self._printed_done: int | None = None  # the count the last line showed
 
     def advance(self, count: int = 1, note: str = "") -> None:
         self.done += count
@@ -24,7 +25,9 @@ class Progress:
             self._print(note)
 
     def finish(self, note: str = "") -> float:
-        self._print(note)
+        """The closing line (unless the last line already showed every item); returns items/s."""
+        if self._printed_done != self.done or note:
+            self._print(note)
         return self.rate
 
     @property
@@ -44,11 +47,11 @@ class Progress:
 
     def _print(self, note: str) -> None:
         total = f"/{self.total}" if self.total else ""
-        eta = f", ETA {self.eta_s:.0f}s" if self.eta_s and self.done < (self.total or 0) else ""
         extra = f" {note}" if note else ""
         eta = ""
         if self.total and 0 < self.done < self.total:
             eta = f", ETA {format_duration((self.total - self.done) / max(self.rate, 1e-9))}"
+        self._printed_done = self.done
         print(
             f"[{self.label}] {self.done}{total} in {self.elapsed:.1f}s ({self.rate:.1f}/s{eta}){extra}",
             file=self.stream,

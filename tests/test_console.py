@@ -125,3 +125,18 @@ def test_a_quiet_driver_gives_its_workers_a_quiet_console(restore_console, monke
 
     console.configure(verbose=True)
     assert ray_setup.worker_runtime_env()["env_vars"] == {"METALLO_VERBOSE": "1"}
+
+
+def test_a_progress_line_is_not_repeated_by_finish():
+    import io
+
+    stream = io.StringIO()
+    tasks = Progress("evaluate protonet", total=3, every_s=0.0, stream=stream)
+    tasks.advance(3)  # prints 3/3
+    tasks.finish()  # nothing new to say
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "3/3" in lines[0]
+    quiet = Progress("evaluate finetune", total=3, every_s=3600.0, stream=io.StringIO())
+    quiet.advance(3)
+    quiet.finish()
+    assert len(quiet.stream.getvalue().splitlines()) == 1  # the closing line when advance printed nothing

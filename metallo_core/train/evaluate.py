@@ -146,7 +146,7 @@ class ParallelScorer:
     """Spreads task chunks over a `ray.util.ActorPool` of TaskScorer actors (an idle actor takes the next
     chunk) and returns per-task results in task order, printing progress on stderr as chunks finish."""
 
-    def __init__(self, config: EvaluateConfig, split: str, progress_every_s: float = 10.0):
+    def __init__(self, config: EvaluateConfig, split: str, progress_every_s: float = 30.0):
         import ray
 
         actor = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(TaskScorer)
