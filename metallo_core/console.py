@@ -108,4 +108,5 @@ class _StderrHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, value) -> None:
-        pass  # always the current sys.stderr
+        """Ignored on purpose: StreamHandler.__init__/setStream assign a stream; this handler has none of its
+        own and always writes to the current sys.stderr (the getter above)."""

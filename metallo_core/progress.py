@@ -48,9 +48,8 @@ class Progress:
     def _print(self, note: str) -> None:
         total = f"/{self.total}" if self.total else ""
         extra = f" {note}" if note else ""
-        eta = ""
-        if self.total and 0 < self.done < self.total:
-            eta = f", ETA {format_duration((self.total - self.done) / max(self.rate, 1e-9))}"
+        seconds_left = self.eta_s
+        eta = f", ETA {format_duration(seconds_left)}" if seconds_left and self.done < (self.total or 0) else ""
         self._printed_done = self.done
         print(
             f"[{self.label}] {self.done}{total} in {self.elapsed:.1f}s ({self.rate:.1f}/s{eta}){extra}",

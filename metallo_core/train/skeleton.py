@@ -141,16 +141,17 @@ def fit_or_reuse(run: RunSettings, epochs: int, fit: Callable[[], FitOutcome]) -
 
 
 def fit_on_ray(worker_loop: Callable[[dict], None], loop_config: dict[str, Any], *, config: Any,
-               compute: ComputeSettings, run: RunSettings, run_id: str, stage: str, **trainer_options) -> FitOutcome:
+               compute: ComputeSettings, run: RunSettings, run_id: str, stage: str, callbacks: tuple = (),
+               **trainer_options) -> FitOutcome:
     """Fit `worker_loop` on a `TorchTrainer` (joining $RAY_ADDRESS or starting a local cluster) and load its final
     checkpoint. `loop_config` gets the config, the MLflow run id, the tracking URI and the storage added;
-    `trainer_options` go to `TorchTrainer` (datasets, dataset_config). Raises MetalloError when the run ends
+    `callbacks` join the run config (Tune's report bridge); `trainer_options` go to `TorchTrainer` (datasets,
+    dataset_config). Raises MetalloError when the run ends
     without a checkpoint."""
     ray_setup.connect(compute.ray_address)
     from ray.train.torch import TorchTrainer
 
     storage = ray_setup.storage_uri(run)
-    callbacks = trainer_options.pop("callbacks", ())
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={**loop_config, CONFIG: to_dict(config), RUN_ID: run_id,
