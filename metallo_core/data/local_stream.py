@@ -134,6 +134,11 @@ class LocalBatchStream:
         self.epoch = 0
         rank_slices([], rank, world_size)  # validates rank/world_size now, not at the first epoch
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration read epoch `epoch` (its row-group order and shuffle), as a resumed run
+        needs; iterating moves on to the next epoch by itself."""
+        self.epoch = epoch
+
     def __len__(self) -> int:
         rows = sum(group.num_rows for group in self.groups) // self.world_size  # the smallest rank's share
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)

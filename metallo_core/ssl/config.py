@@ -19,10 +19,19 @@ class DinoData:
     # Images are decoded to base_size x base_size (shorter side resized, centre crop) on CPU workers;
     # crops are then cut from that. 0 means global_size * 8/7 (256 for 224-px global crops).
     base_size: int = 0
+    # stream: every Train worker reads its own contiguous share of the split's Parquet row groups and
+    # decodes it in threads of its own process (on its GPU with nvJPEG when it has one): no object-store
+    # copies, no task scheduling; measured 2.3x ImageFolder + DataLoader where Ray Data managed 0.45x
+    # (benchmarks/read_throughput.py). The worker's cpus_per_worker must then cover the decoding.
+    # ray_data: shards are decoded by Ray Data tasks on any CPU of the cluster, for workers whose own
+    # CPUs cannot keep up with their GPU (CPU-only nodes then join the decoding).
+    reader: Literal["stream", "ray_data"] = "stream"
+    decode_threads: int = 0  # stream only: decoding threads per worker; 0 is the worker's CPUs (at least 1)
 
     def validate(self) -> None:
         require(bool(self.uri), "data.uri is required: the dataset to pretrain on (a directory or s3://bucket/prefix)")
         require(self.base_size == 0 or self.base_size >= 16, f"data.base_size must be 0 or >= 16, got {self.base_size}")
+        require(self.decode_threads >= 0, f"data.decode_threads must be >= 0, got {self.decode_threads}")
 
 
 @dataclass

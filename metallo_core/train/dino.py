@@ -1,4 +1,7 @@
-"""DINO pretraining on Ray Train: shards stream through Ray Data, each worker runs a `DinoTrainer`.
+"""DINO pretraining on Ray Train: each worker runs a `DinoTrainer` on its share of the shards.
+
+Workers read their share straight from the Parquet row groups (`data.reader: stream`, the default) or
+through Ray Data (`ray_data`); `training_batches` hides which.
 
 The driver (`run_dino_pretraining`) validates inputs, opens (or reopens) the MLflow run, fits a
 `TorchTrainer`, and registers the teacher backbone of the final checkpoint as `metallo-backbone`.
@@ -9,13 +12,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from metallo_core import tracking
 from metallo_core.config import config_hash, to_dict
 from metallo_core.data.manifest import read_manifest
-from metallo_core.data.stream import DecodeImages, read_split
+from metallo_core.data.stream import decoded_split
 from metallo_core.errors import MetalloError
 from metallo_core.progress import EpochProgress
 from metallo_core.ssl.config import DinoConfig
@@ -38,8 +42,6 @@ class PretrainResult:
 def dino_train_worker(loop_config: dict) -> None:
     """What every Ray Train worker runs: a `DinoTrainer` on this worker's split of the shards."""
     import numpy as np
-    import ray.train
-    import torch
 
     from metallo_core.data.class_index import ClassIndexedImages
     from metallo_core.ssl.health import collapse_warning
@@ -63,20 +65,14 @@ def dino_train_worker(loop_config: dict) -> None:
     if rank == 0 and config.knn.every_epochs:
         probe = ClassIndexedImages.load(config.knn.uri or config.data.uri, config.knn.split,
                                         image_size=config.backbone.image_size, max_images=config.knn.max_images)
-    shard = ray.train.get_dataset_shard("train")
+    epoch_batches = training_batches(config, rank, world_size, worker.device)
     progress = EpochProgress("pretrain", config.epochs, first_epoch=start_epoch)
     for epoch in range(start_epoch, config.epochs):
         epoch_losses, started = [], time.perf_counter()
-        batches = shard.iter_torch_batches(
-            batch_size=config.optim.batch_size_per_worker,
-            drop_last=True,
-            prefetch_batches=config.compute.prefetch_batches,
-            dtypes={"image": torch.uint8},
-        )
         last_step_time = time.perf_counter()
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(epoch_batches(epoch)):
             if index >= steps:
-                continue  # every rank drains its share, so the next epoch's split starts cleanly
+                continue  # every rank drains its share, so the next epoch's Ray Data split starts cleanly
             step = epoch * steps + index
             _maybe_inject_failure(config, step, rank, worker.storage, steps)
             log_now = step % config.run.log_every_steps == 0 or index == steps - 1
@@ -117,6 +113,48 @@ def dino_train_worker(loop_config: dict) -> None:
             "config_hash": config_hash(config),
             "backbone_spec": to_dict(config.backbone),
         })
+
+
+def training_batches(config: DinoConfig, rank: int, world_size: int,
+                     device: Any) -> Callable[[int], Iterable[dict[str, Any]]]:
+    """This worker's batches of one epoch, by epoch: {"image": (B, S, S, 3) uint8} with B =
+    optim.batch_size_per_worker and S = base_size, at least `steps_per_epoch` of them.
+
+    With `data.reader: stream` the worker reads rows [rank * N / world, (rank + 1) * N / world) of the
+    epoch's shuffled row-group order itself and decodes them in its own threads, on its GPU when it has
+    one; with `ray_data` it iterates the shard Ray Train split off the dataset `_fit` passed in."""
+    import torch
+
+    if config.data.reader == "ray_data":
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        return lambda epoch: shard.iter_torch_batches(
+            batch_size=config.optim.batch_size_per_worker,
+            drop_last=True,
+            prefetch_batches=config.compute.prefetch_batches,
+            dtypes={"image": torch.uint8},
+        )
+    from metallo_core.data.local_stream import LocalBatchStream
+
+    stream = LocalBatchStream(
+        config.data.uri, config.data.split,
+        batch_size=config.optim.batch_size_per_worker,
+        image_size=config.base_size,
+        seed=config.seed,
+        prefetch_batches=config.compute.prefetch_batches,
+        decode_threads=config.data.decode_threads or max(1, round(config.compute.cpus_per_worker)),
+        rank=rank,
+        world_size=world_size,
+        device=device if torch.device(device).type == "cuda" else "cpu",  # nvJPEG where the crops are cut
+        label_column=None,  # DINO needs no labels (and an unlabelled set has none)
+    )
+
+    def epoch_batches(epoch: int) -> Iterable[dict[str, Any]]:
+        stream.set_epoch(epoch)
+        return stream
+
+    return epoch_batches
 
 
 def _knn_probe(trainer, probe, config: DinoConfig, knn_accuracy, split_bank_and_queries) -> float:
@@ -251,12 +289,13 @@ def _fit(config: DinoConfig, num_images: int, run_id: str) -> skeleton.FitOutcom
     ray_setup.connect(config.compute.ray_address)  # Ray Data plans the dataset on the cluster it joins
     from ray.train import DataConfig
 
-    dataset = read_split(config.data.uri, config.data.split, columns=("image",)).map_batches(
-        DecodeImages(config.base_size), batch_size=config.optim.batch_size_per_worker
-    )
+    data_options: dict[str, Any] = {}
+    if config.data.reader == "ray_data":
+        dataset = decoded_split(config.data.uri, config.data.split, config.base_size, columns=("image",))
+        data_options = {"datasets": {"train": dataset}, "dataset_config": DataConfig(datasets_to_split="all")}
     return skeleton.fit_on_ray(dino_train_worker, {"num_images": num_images}, config=config,
                                compute=config.compute, run=config.run, run_id=run_id, stage="DINO",
-                               datasets={"train": dataset}, dataset_config=DataConfig(datasets_to_split="all"))
+                               **data_options)
 
 
 def register_teacher_backbone(config: DinoConfig, state: dict, record: dict, run_id: str,

@@ -89,3 +89,22 @@ def test_ranks_take_equal_steps_and_shuffle(numbered_dataset):
     assert all(len(batch) == 64 for batch in first_epoch)
     flat = [number for batch in first_epoch for number in batch]
     assert flat != sorted(flat)  # shuffled within windows, not in storage order
+
+
+def test_a_resumed_stream_reads_the_epoch_it_is_set_to(numbered_dataset):
+    """A restarted worker builds a new stream and sets the epoch it resumes at: it must read exactly what
+    the uninterrupted stream read in that epoch (same row-group order, same shuffle), not epoch 0 again."""
+    def stream():
+        return LocalBatchStream(numbered_dataset, "train", batch_size=32, image_size=8, rank=1, world_size=2,
+                                seed=9, decode_threads=1, label_column=None)
+
+    uninterrupted = stream()
+    epochs = [[numbers_of(batch) for batch in uninterrupted] for _ in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    resumed = stream()
+    resumed.set_epoch(1)
+    assert [numbers_of(batch) for batch in resumed] == epochs[1]
+    assert [numbers_of(batch) for batch in resumed] == epochs[2]  # and then moves on by itself
+    fresh = stream()
+    batch = next(iter(fresh))
+    assert (batch["label"] == -1).all()  # no label column asked for (DINO's unlabelled input)

@@ -1,4 +1,5 @@
-"""DINO on Ray Train with 2 CPU workers: checkpoints, a killed worker survived, registry, no rework on rerun."""
+"""DINO on Ray Train with 2 CPU workers: checkpoints, a killed worker survived, registry, no rework on rerun
+(workers reading their own row groups, the default), and the Ray Data reader."""
 
 import pytest
 import torch
@@ -14,18 +15,29 @@ from metallo_core.train.dino import run_dino_pretraining
 pytestmark = pytest.mark.ray
 
 
-def test_pretraining_resumes_after_a_worker_dies_and_registers_the_backbone(tmp_path, ray_cluster, monkeypatch):
-    data = tmp_path / "fewshot"
-    write_fewshot(str(data), num_classes=15, images_per_class=16, size=20)  # train split: 5 classes, 80 images
-    steps = (80 // 2) // 8  # per-worker share in batches of 8: 5 steps per epoch
+TINY_DINO = {
+    "backbone": {"arch": "resnet18", "small_input": True, "image_size": 16},
+    "head": {"out_dim": 128, "hidden_dim": 64, "bottleneck_dim": 32},
+    "multicrop": {"global_size": 16, "local_size": 8, "local_crops": 2, "micrograph": True},
+    "optim": {"batch_size_per_worker": 8, "warmup_epochs": 1},
+    "compute": {"num_workers": 2},
+}
+STEPS = (80 // 2) // 8  # the train split's 80 images shared by 2 workers in batches of 8: 5 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    uri = tmp_path_factory.mktemp("dino") / "fewshot"
+    write_fewshot(str(uri), num_classes=15, images_per_class=16, size=20)  # train split: 5 classes, 80 images
+    return uri
+
+
+def test_pretraining_resumes_after_a_worker_dies_and_registers_the_backbone(data, ray_cluster, monkeypatch):
+    steps = STEPS
     config = from_dict(DinoConfig, {
+        **TINY_DINO,
         "data": {"uri": str(data), "base_size": 20},
-        "backbone": {"arch": "resnet18", "small_input": True, "image_size": 16},
-        "head": {"out_dim": 128, "hidden_dim": 64, "bottleneck_dim": 32},
-        "multicrop": {"global_size": 16, "local_size": 8, "local_crops": 2, "micrograph": True},
-        "optim": {"batch_size_per_worker": 8, "warmup_epochs": 1},
         "knn": {"every_epochs": 1, "split": "val"},
-        "compute": {"num_workers": 2},
         "run": {"name": "dino-test", "max_failures": 1, "log_every_steps": 1},
         "debug": {"fail_at_step": steps + 2, "fail_rank": 1},  # mid-way through epoch 1
         "epochs": 2,
@@ -63,3 +75,20 @@ def test_pretraining_resumes_after_a_worker_dies_and_registers_the_backbone(tmp_
     again = run_dino_pretraining(config)
     assert again.model_uri == result.model_uri and again.run_id == result.run_id
     assert sorted({m.step for m in client.get_metric_history(result.run_id, "loss")}) == logged_steps
+
+
+def test_pretraining_through_ray_data_takes_every_step(data, ray_cluster):
+    """The Ray Data reader (decode in Ray Data tasks, shards split by Ray Train) feeds both workers a full
+    epoch: every step is logged (a short shard raises instead)."""
+    config = from_dict(DinoConfig, {
+        **TINY_DINO,
+        "data": {"uri": str(data), "base_size": 20, "reader": "ray_data"},
+        "knn": {"every_epochs": 0},
+        "registry": {"register": False},
+        "run": {"name": "dino-ray-data", "log_every_steps": 1},
+        "epochs": 1,
+    })
+    result = run_dino_pretraining(config)
+    assert result.epochs_done == 1 and result.model_uri is None
+    client = tracking.client()
+    assert sorted({m.step for m in client.get_metric_history(result.run_id, "loss")}) == list(range(STEPS))
