@@ -268,6 +268,7 @@ def adapt_to_support(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            forget_autocast_casts()
             if on_step is not None:
                 on_step(step, float(loss.detach()))
 
@@ -359,6 +360,19 @@ def apply_augmentations(images: Tensor, names: tuple[str, ...], generator: torch
 # ------------------------------------------------------------------------------------------ state
 
 
+def forget_autocast_casts() -> None:
+    """Drop autocast's cached low-precision copies of the weights; call it after changing weights in place.
+
+    Inside one autocast region, torch casts each weight that requires grad to bf16/fp16 once and reuses that
+    copy until the outermost region exits. Callers score a whole task (every fine-tuning step, then the
+    queries) inside one region, so without this the forward passes kept using the weights from before the
+    first step: under bf16 only the BatchNorm affine parameters, which autocast does not cast, were really
+    fine-tuned, and bf16 and fp32 evaluations of the same settings disagreed by 25 points (issue 16).
+    Outside autocast the cache is empty and this does nothing."""
+    torch.clear_autocast_cache()
+
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     modes = [(module, module.training) for module in model.modules()]
@@ -382,6 +396,7 @@ def restored_afterwards(model: ProtoNet) -> Iterator[None]:
         yield
     finally:
         model.backbone.load_state_dict(saved_state)
+        forget_autocast_casts()
         for module, training in saved_modes:
             module.training = training
         for parameter, requires_grad, grad in saved_parameters:
