@@ -40,9 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "finetune: section (an evaluate config, a search's best_config.yaml)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (overrides the chosen settings)")
     parser.add_argument("--lr", type=float, default=None, help="fine-tuning lr (overrides the chosen settings)")
-    parser.add_argument("--update", choices=["all", "last_stage", "last_block"], default=None,
-                        help="layers fine-tuned (overrides the chosen settings): all, last_stage (a ResNet's layer4) "
-                             "or last_block (its last residual block; an EfficientNet's last block and head conv)")
+    parser.add_argument("--update", choices=["all", "last_stage", "last_block", "batchnorm"], default=None,
+                        help="layers fine-tuned (overrides the chosen settings): all, last_stage (a ResNet's layer4), "
+                             "last_block (its last residual block; an EfficientNet's last block and head conv) or "
+                             "batchnorm (only every BatchNorm layer's scale and shift)")
     parser.add_argument("--bn-mode", choices=["train", "eval"], default=None,
                         help="BatchNorm while fine-tuning (overrides the chosen settings)")
     parser.add_argument("--crop", default=None, metavar="SPEC",

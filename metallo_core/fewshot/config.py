@@ -111,7 +111,8 @@ class EvaluateConfig:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     # Fine-tuning lr and steps are picked on meta-validation tasks, never on test tasks.
     select_on_val: bool = False
-    select_lrs: list[float] = field(default_factory=lambda: [1e-4, 5e-4, 1e-3, 5e-3])
+    # lr 0 is plain ProtoNet (P>M>F's lr search has it too): fine-tuning has to beat it on meta-val to be used.
+    select_lrs: list[float] = field(default_factory=lambda: [0.0, 1e-4, 5e-4, 1e-3, 5e-3])
     select_steps: list[int] = field(default_factory=lambda: [])  # empty: keep finetune.steps
     select_tasks: int = 50
     seed: int = 0

@@ -203,6 +203,25 @@ def test_only_the_chosen_layers_change_during_the_task(update):
     assert not changed["scale"]  # as in P>M>F, the meta-trained head stays
 
 
+def test_batchnorm_update_moves_only_the_batchnorm_scales_and_shifts():
+    model = tiny_protonet()
+    initial = {name: parameter.detach().clone() for name, parameter in model.backbone.named_parameters()}
+    moved: set[str] = set()
+
+    def record_moves(module, inputs):
+        moved.update(name for name, parameter in model.backbone.named_parameters()
+                     if not torch.equal(parameter, initial[name]))
+
+    handle = model.backbone.register_forward_pre_hook(record_moves)
+    support, support_labels, query, _ = random_task()
+    settings = FinetuneSettings(steps=4, lr=1e-2, bn_mode="eval", update="batchnorm")
+    finetune_task(model, support, support_labels, query, 3, settings, normalizer=NORMALIZER, generator=seeded())
+    handle.remove()
+    batchnorm = {f"{layer}.1.{kind}" for layer in ("layer1", "layer4") for kind in ("weight", "bias")}
+    assert moved == batchnorm  # every BatchNorm scale and shift, no convolution
+    assert all(torch.equal(parameter, initial[name]) for name, parameter in model.backbone.named_parameters())
+
+
 def test_last_stage_needs_a_layer4():
     model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)))
     support, support_labels, query, _ = random_task()

@@ -1,6 +1,7 @@
 """Few-shot stages on Ray: meta-training learns (the registered model beats the untrained backbone on
-fixed TEST tasks, which played no part in choosing the epoch), and on the same test tasks fine-tuning
-beats plain ProtoNet, both by more than the paired 95% interval; registry and JSON output.
+fixed TEST tasks, which played no part in choosing the epoch, by more than the paired 95% interval);
+registry, per-task, confusion, JSON and report output of the evaluation; and whether fine-tuning beats
+plain ProtoNet on the same test tasks, which at this scale it does not (a known gap, reported as xfail).
 
 Effect sizes, measured with the same data, model and settings in-process (40 test tasks, 5-way 5-shot):
 meta-trained - untrained ProtoNet +16.9 +- 2.2 points. The fine-tuning gains measured here before issue 16
@@ -8,7 +9,10 @@ meta-trained - untrained ProtoNet +16.9 +- 2.2 points. The fine-tuning gains mea
 bf16 cast for the whole task, so only BatchNorm's affine parameters adapted. Fine-tuning the whole backbone
 as configured (15 Adam steps at lr 5e-3, BatchNorm train mode) loses 14.5 +- 3.3 points in fp32 and
 22.2 +- 3.4 in bf16 on an fp32-meta-trained model (Ray-free, 40 test tasks); on 20 meta-val tasks, lr 1e-3
-gave -4.6 +- 4.5 and lr 1e-4 -0.4 +- 3.3 (BatchNorm eval mode: -31.0 +- 3.5 and +0.5 +- 2.0)."""
+gave -4.6 +- 4.5 and lr 1e-4 -0.4 +- 3.3 (BatchNorm eval mode: -31.0 +- 3.5 and +0.5 +- 2.0). Updating only
+BatchNorm's scales and shifts (finetune.update "batchnorm", lr 5e-3, train mode) gained +11.0 +- 2.9 on the
+test tasks but -3.9 +- 2.2 on 20 meta-val tasks (eval mode, lr 1e-3 / 5e-3 / 2e-2: -0.6 / -1.0 / +1.6, each
++- 2-2.5): no setting chosen on meta-val beats ProtoNet here, and choosing on the test tasks is not allowed."""
 
 import json
 from pathlib import Path
@@ -65,12 +69,7 @@ def paired_interval(baseline: np.ndarray, method: np.ndarray) -> tuple[float, fl
     return float(difference.mean()), float(1.96 * difference.std(ddof=1) / np.sqrt(len(difference)))
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 16): fine-tuning the whole meta-trained tiny ResNet-18 "
-                   "(15 Adam steps at lr 5e-3) loses to ProtoNet in every precision (-14.5 +- 3.3 points in fp32, "
-                   "-22.2 +- 3.4 in bf16); the bf16 gains seen before came from autocast's stale weight casts "
-                   "(only BatchNorm adapted), fixed in finetune.forget_autocast_casts; strict: this fails the "
-                   "suite once it passes")
-def test_metatraining_learns_and_finetuning_beats_protonet(fewshot_data, ray_cluster, tmp_path):
+def test_metatraining_learns_and_evaluation_reports_finetuning_against_protonet(fewshot_data, ray_cluster, tmp_path):
     config = from_dict(MetaTrainConfig, {
         "data": {"uri": fewshot_data},
         "backbone": {"source": "scratch", "spec": SPEC},
@@ -112,10 +111,9 @@ def test_metatraining_learns_and_finetuning_beats_protonet(fewshot_data, ray_clu
     learned, learned_ci95 = paired_interval(untrained, protonet_per_task)
     assert learned - learned_ci95 > 0.05, (learned, learned_ci95)
 
-    # Fine-tuning beats ProtoNet by more than the noise: the lower end of the paired interval is > 2 points.
+    # The paired gain the job reports is the oracle's, over the same tasks.
     gain, gain_ci95 = evaluation.gains["finetune"]
     assert (gain, gain_ci95) == pytest.approx(paired_interval(protonet_per_task, finetune_per_task), abs=1e-6)
-    assert gain - gain_ci95 > 0.02, (gain, gain_ci95)
     summary = summary_json(evaluation)
     assert json.loads(json.dumps(summary))["modes"]["finetune"]["ci95"] == pytest.approx(finetune.ci95)
     assert (summary["way"], summary["shot"], summary["tasks"]) == (5, 5, 40)
@@ -135,3 +133,12 @@ def test_metatraining_learns_and_finetuning_beats_protonet(fewshot_data, ray_clu
     assert f"{100 * finetune.mean:.2f}% ± {100 * finetune.ci95:.2f}" in html
     assert f"{100 * gain:+.2f} ± {100 * gain_ci95:.2f}" in html
     assert "protonet-test" in html and "none (scratch)" in html and html.count("<svg") >= 3
+
+    # Last, and only after everything above held: does fine-tuning beat ProtoNet by more than the noise
+    # (lower end of the paired interval > 2 points)? At this scale it does not (module docstring), a known
+    # gap of issue 16, reported as an expected failure with the measured figure. Kept strict: once it
+    # passes, the test fails so that the gap is turned back into an assertion.
+    if gain - gain_ci95 > 0.02:
+        pytest.fail(f"fine-tuning now beats ProtoNet ({gain:+.3f} +- {gain_ci95:.3f}): make this an assertion again")
+    pytest.xfail(f"known gap (issue 16): fine-tuning - ProtoNet {gain:+.3f} +- {gain_ci95:.3f} on the test tasks, "
+                 "not above 2 points")
