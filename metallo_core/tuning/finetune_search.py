@@ -146,7 +146,6 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
         best_config = copy.deepcopy(config.evaluate)
         best_config.finetune = best_settings
         written = runner.write_best_config(settings, _best_yaml(best_config, best, settings.name), parent)
-        parent.log_params(runner.flat_params(best.params))
         # Whole, on the parent run and the model version: what classify --finetune uses for this model.
         record_chosen_settings(parent.run_id, model_uri, best_settings,
                                f"search {settings.name!r}, best of {len(rows)} trials on {config.val_tasks} "

@@ -130,7 +130,6 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
         final_config.run = copy.deepcopy(base.run)
         final_config.registry = copy.deepcopy(base.registry)
         written = runner.write_best_config(settings, _best_yaml(final_config, best, settings.name), parent)
-        parent.log_params(runner.flat_params(best.params))
         print(f"search {settings.name!r}: best trial {best.trial_id}, meta-val accuracy {100 * best.objective:.2f}% "
               f"({describe_params(best.params)}); registered {model_uri}", flush=True)
 

@@ -425,9 +425,12 @@ def log_search_summary(parent, rows: list[TrialRow], best: TrialRow, spec: Searc
         "trials_stopped_early": sum(row.status == "stopped early" for row in rows),
         "trials_failed": sum(row.status == "failed" for row in rows),
     })
-    parent.set_tags({"metallo.tune.best_trial": best.trial_id})
+    # Tags, not params: a search extended with more samples may find a new best, and MLflow params cannot change.
+    parent.set_tags({"metallo.tune.best_trial": best.trial_id, **best_setting_tags(best.params)})
     return table
 
 
-def flat_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {f"best/{key}": value for key, value in decode_params(params).items()}
+def best_setting_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """The best trial's settings as parent-run tags, `metallo.tune.best.<setting>` (lists as JSON)."""
+    return {f"metallo.tune.best.{key}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            for key, value in decode_params(params).items()}

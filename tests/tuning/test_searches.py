@@ -210,3 +210,10 @@ def test_a_search_run_again_with_changed_settings_extends_or_is_refused(fewshot_
     assert len(parents) == 1 and len(children) == 3
     assert {child.data.tags["metallo.tune.status"] for child in children} == {"completed"}
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+    # The parent names the best of all three trials, also when the extension found a new best (which MLflow
+    # params could not record: they cannot change).
+    parent_tags = client.get_run(first.parent_run_id).data.tags
+    best_child = next(child for child in children if child.data.tags["metallo.tune.trial_id"] == extended.best_trial)
+    assert parent_tags["metallo.tune.best_trial"] == extended.best_trial
+    best_lr = float(best_child.data.params["finetune.lr"])
+    assert float(parent_tags["metallo.tune.best.finetune.lr"]) == pytest.approx(best_lr)
