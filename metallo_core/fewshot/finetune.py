@@ -32,7 +32,7 @@ from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.models.stages import LastStage, last_block, last_stage
 
 PARTIAL_UPDATES = {"last_stage": last_stage, "last_block": last_block}
-FINETUNE_UPDATES = ("all", *PARTIAL_UPDATES, "batchnorm")
+FINETUNE_UPDATES = ("all", *PARTIAL_UPDATES, "batchnorm")  # FinetuneSettings.update spells them out for its docs
 
 MetaTestMode = Literal["protonet", "finetune", "finetune_autolr"]
 META_TEST_MODES: tuple[str, ...] = get_args(MetaTestMode)
@@ -377,7 +377,6 @@ def forget_autocast_casts() -> None:
     fine-tuned, and bf16 and fp32 evaluations of the same settings disagreed by 25 points (issue 16).
     Outside autocast the cache is empty and this does nothing."""
     torch.clear_autocast_cache()
-
 
 
 @contextmanager
