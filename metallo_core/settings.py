@@ -63,3 +63,37 @@ class RegistrySettings:
                 f"registry.alias must be letters, digits, '-' or '_', got {self.alias!r}")
         require(self.alias.lower() != "latest" and re.fullmatch(r"[vV]\d+", self.alias) is None,
                 f"registry.alias {self.alias!r} is reserved by MLflow; pick another (e.g. current, champion)")
+
+
+@dataclass
+class GateSettings:
+    """Whether a stage's output replaces its baseline at the registry alias: both are scored on the same fixed
+    labelled selection tasks (cosine ProtoNet, paired per task), and the alias moves only if the lower end
+    of the paired gain's 95% interval is above min_gain. The new version is registered either way."""
+
+    # A labelled shard dataset holding the selection tasks; "" turns the gate off (the alias always moves).
+    uri: str = ""
+    split: str = "val"  # held apart from what the stage trains on
+    way: int = 5
+    shot: int = 1
+    query: int = 15
+    tasks: int = 100
+    seed: int = 0
+    # alias: the model at registry.name@registry.alias (the stage's starting weights while there is none);
+    # input: the stage's starting weights (pretrain: init_weights; metatrain: backbone.source).
+    # A scratch start has no baseline: the output is kept.
+    baseline: Literal["alias", "input"] = "alias"
+    min_gain: float = 0.0  # a fraction of accuracy: 0.01 asks for one point
+    force: bool = False  # move the alias even when the stage did not help (metallo pretrain/metatrain --force)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.uri)
+
+    def validate(self) -> None:
+        require(self.way >= 2, f"gate.way must be >= 2, got {self.way}")
+        require(self.shot >= 1, f"gate.shot must be >= 1, got {self.shot}")
+        require(self.query >= 1, f"gate.query must be >= 1, got {self.query}")
+        require(self.tasks >= 2, f"gate.tasks must be >= 2 (a 95% interval needs them), got {self.tasks}")
+        require(-1 < self.min_gain < 1, f"gate.min_gain is a fraction of accuracy in (-1, 1), got {self.min_gain}")
+        require(bool(self.split), "gate.split must name a split of gate.uri")

@@ -26,11 +26,13 @@ TUNE_RESUME_HELP = (
 
 @dataclass(frozen=True)
 class Shortcut:
-    """A flag that stands for one config override, e.g. `--data URI` for `data.uri=URI`."""
+    """A flag that stands for one config override, e.g. `--data URI` for `data.uri=URI`; with `value`, a
+    switch that takes no argument, e.g. `--force` for `gate.force=true`."""
 
     flag: str
     key: str
     help: str
+    value: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,10 @@ class Stage:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for shortcut in self.shortcuts:
-            parser.add_argument(shortcut.flag, default=None, help=shortcut.help)
+            if shortcut.value is None:
+                parser.add_argument(shortcut.flag, default=None, help=shortcut.help)
+            else:
+                parser.add_argument(shortcut.flag, action="store_true", help=shortcut.help)
         add_stage_arguments(parser)
         parser.set_defaults(func=self.run_from_arguments, stage=self.name)
 
@@ -85,7 +90,7 @@ class Stage:
         for shortcut in self.shortcuts:
             value = getattr(args, _dest(shortcut.flag))
             if value:
-                args.overrides = [*args.overrides, f"{shortcut.key}={value}"]
+                args.overrides = [*args.overrides, f"{shortcut.key}={shortcut.value or value}"]
         runner = self.runner_function()
         if self.to_json and args.json:
             to_json = self._resolve_to_json()
@@ -97,15 +102,18 @@ class Stage:
 
 
 _DATA_URI = Shortcut("--data", "data.uri", "dataset URI (sets data.uri; a directory or s3://bucket/prefix)")
+_FORCE = Shortcut("--force", "gate.force", "move the registry alias to the new model even if the gate (gate.uri) "
+                  "finds it no better than its baseline (sets gate.force=true)", value="true")
 
 STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "jobs.pretrain_dino", "metallo_core.ssl.config:DinoConfig",
           "metallo_core.train.dino:run_dino_pretraining", "metallo_core.train.dino:describe_result",
+          shortcuts=(_FORCE,),
           help="DINO self-supervised pretraining of a backbone on Ray Train, from scratch or from pretrained "
                "weights (init_weights)"),
     Stage("metatrain", "jobs.metatrain", "metallo_core.fewshot.config:MetaTrainConfig",
           "metallo_core.train.metatrain:run_metatraining", "metallo_core.train.metatrain:describe_result",
-          help="ProtoNet meta-training on N-way K-shot episodes (Ray Train)"),
+          shortcuts=(_FORCE,), help="ProtoNet meta-training on N-way K-shot episodes (Ray Train)"),
     Stage("evaluate", "jobs.evaluate", "metallo_core.fewshot.config:EvaluateConfig",
           "metallo_core.train.evaluate:run_evaluation", "metallo_core.train.evaluate:describe_result",
           help="meta-test a model over many fixed tasks: ProtoNet and/or fine-tuning, mean and 95%% interval"),

@@ -9,7 +9,7 @@ from metallo_core.config import require
 from metallo_core.fewshot.finetune import FinetuneSettings, MetaTestMode
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.sources import SourceKind, source_kind
-from metallo_core.settings import ComputeSettings, RegistrySettings, RunSettings
+from metallo_core.settings import ComputeSettings, GateSettings, RegistrySettings, RunSettings
 
 
 @dataclass
@@ -90,6 +90,8 @@ class MetaTrainConfig:
     compute: ComputeSettings = field(default_factory=ComputeSettings)
     run: RunSettings = field(default_factory=lambda: RunSettings(name="protonet", experiment="metallo-metatrain"))
     registry: RegistrySettings = field(default_factory=lambda: RegistrySettings(name="metallo-protonet"))
+    # Scores the meta-trained backbone against its baseline on held-apart labelled tasks before the alias moves.
+    gate: GateSettings = field(default_factory=GateSettings)
 
     def validate(self) -> None:
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

@@ -8,7 +8,7 @@ from typing import Literal
 from metallo_core.config import require
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.sources import OFFLINE_IMAGENET, SCRATCH, offline_imagenet_spec
-from metallo_core.settings import ComputeSettings, RegistrySettings, RunSettings
+from metallo_core.settings import ComputeSettings, GateSettings, RegistrySettings, RunSettings
 from metallo_core.ssl.multicrop import MultiCropConfig
 
 
@@ -125,6 +125,8 @@ class DinoConfig:
     compute: ComputeSettings = field(default_factory=ComputeSettings)
     run: RunSettings = field(default_factory=lambda: RunSettings(name="dino", experiment="metallo-pretrain"))
     registry: RegistrySettings = field(default_factory=lambda: RegistrySettings(name="metallo-backbone"))
+    # Scores the new backbone against its baseline on held-apart labelled tasks before the alias moves.
+    gate: GateSettings = field(default_factory=GateSettings)
     debug: DebugSettings = field(default_factory=DebugSettings)
     epochs: int = 100
     seed: int = 0

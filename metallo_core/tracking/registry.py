@@ -1,7 +1,8 @@
-"""The MLflow model registry: model URIs read in one place, an alias pinned to the version it points at,
-torch models logged (safe `pt2` format, no active run needed) and registered with tags and an alias,
-and a model's files downloaded for rebuilding. What a model holds is for its owner (models.registry for
-backbones, models.protonet_store for ProtoNets, multilabel.model_store for multi-label networks)."""
+"""The MLflow model registry: model URIs read in one place, an alias pinned to the version it points at or
+pointed at a new one, torch models logged (safe `pt2` format, no active run needed) and registered with
+tags and an alias, and a model's files downloaded for rebuilding. What a model holds is for its owner
+(models.registry for backbones, models.protonet_store for ProtoNets, multilabel.model_store for multi-label
+networks)."""
 
 from __future__ import annotations
 
@@ -133,10 +134,38 @@ def log_torch_model(
         return info.model_uri, None
     version = mlflow.register_model(info.model_uri, registered_name, tags=string_tags)
     if alias:
-        client().set_registered_model_alias(registered_name, alias, version.version)
+        point_alias(version_uri(registered_name, version.version), alias)
     registered = RegisteredModel(registered_name, str(version.version), version_uri(registered_name, version.version),
                                  info.model_id)
     return info.model_uri, registered
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version number `name@alias` points at now, or None when there is no such model or alias yet."""
+    try:
+        registered = client().get_registered_model(name)
+    except Exception:  # noqa: BLE001 - the model may not exist yet
+        return None
+    version = dict(registered.aliases or {}).get(alias)  # not search_model_versions (mlflow#9783)
+    return None if version is None else str(version)
+
+
+def point_alias(model_uri: str, alias: str) -> None:
+    """Point `alias` of the registered model at the version `model_uri` (models:/name/N) names."""
+    ref = parse_model_uri(model_uri)
+    if ref is None or ref.version is None:
+        raise TrackingError(f"an alias points at a registered version (models:/<name>/<version>), not {model_uri!r}")
+    client().set_registered_model_alias(ref.name, alias, ref.version)
+
+
+def tag_version(model_uri: str, tags: Mapping[str, Any]) -> None:
+    """Set `tags` (as strings) on the registered version `model_uri` (models:/name/N) names."""
+    ref = parse_model_uri(model_uri)
+    if ref is None or ref.version is None:
+        raise TrackingError(f"tags go on a registered version (models:/<name>/<version>), not {model_uri!r}")
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(ref.name, ref.version, key, str(value))
 
 
 def find_versions(name: str, tags: Mapping[str, str]) -> list:

@@ -4,7 +4,8 @@ Workers read their share straight from the Parquet row groups (`data.reader: str
 through Ray Data (`ray_data`); `training_batches` hides which.
 
 The driver (`run_dino_pretraining`) validates inputs, opens (or reopens) the MLflow run, fits a
-`TorchTrainer`, and registers the teacher backbone of the final checkpoint as `metallo-backbone`.
+`TorchTrainer`, and registers the teacher backbone of the final checkpoint as `metallo-backbone`; with a gate
+(`gate.uri`), its alias moves only if the backbone beat its baseline on the gate's selection tasks.
 A rerun with the same run name resumes from the latest checkpoint; a finished run is not redone.
 """
 
@@ -21,9 +22,11 @@ from metallo_core.config import config_hash, to_dict
 from metallo_core.data.manifest import read_manifest
 from metallo_core.data.stream import decoded_split
 from metallo_core.errors import MetalloError
+from metallo_core.fewshot.stage_gate import StageVerdict
 from metallo_core.progress import EpochProgress
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.storage import locate
+from metallo_core.train import gate as stage_gate
 from metallo_core.train import ray_setup, skeleton
 from metallo_core.train.checkpoint_commit import wait_for_committed_checkpoint
 
@@ -37,6 +40,8 @@ class PretrainResult:
     final_metrics: dict[str, Any]
     model_uri: str | None  # models:/metallo-backbone/<version>
     checkpoint_path: str | None
+    gate: StageVerdict | None = None  # None: no gate (gate.uri empty)
+    alias_moved: bool = False  # whether registry.alias now points at model_uri
 
 
 def dino_train_worker(loop_config: dict) -> None:
@@ -196,6 +201,7 @@ def validate_inputs(config: DinoConfig) -> int:
         read_manifest(config.knn.uri or config.data.uri).split(config.knn.split)
     locate(ray_setup.storage_uri(config.run)).check_access()
     check_init_weights(config)
+    stage_gate.check_selection_split(config.gate)
     from metallo_core.ssl.trainer import steps_per_epoch
 
     try:
@@ -242,6 +248,10 @@ def describe_result(result: PretrainResult) -> str:
             lines.append(f"  {key}: {result.final_metrics[key]:.4f}")
     if result.model_uri:
         lines.append(f"  registered backbone: {result.model_uri}")
+    if result.gate is not None:
+        lines.append(f"  {result.gate.line()}")
+    if result.model_uri:
+        lines.append(f"  alias moved to it: {'yes' if result.alias_moved else 'no'}")
     lines.append(f"  see it in MLflow: {tracking.ui_command()}")
     return "\n".join(lines)
 
@@ -251,6 +261,8 @@ def with_absolute_uris(config: DinoConfig) -> DinoConfig:
     config.data.uri = locate(config.data.uri).uri
     if config.knn.uri:
         config.knn.uri = locate(config.knn.uri).uri
+    if config.gate.uri:
+        config.gate.uri = locate(config.gate.uri).uri
     if config.run.storage:
         config.run.storage = locate(config.run.storage).uri
     if config.init_weights:
@@ -273,15 +285,15 @@ def run_dino_pretraining(config: DinoConfig) -> PretrainResult:
         outcome = skeleton.fit_or_reuse(config.run, config.epochs, lambda: _fit(config, num_images, run.run_id))
         skeleton.log_training_curves(run.run_id, ["loss", "epoch_loss", "knn_accuracy"],
                                      title=f"DINO pretraining: {config.run.name}")
-        model_uri = None
-        if config.registry.register:
-            model_uri = register_teacher_backbone(config, outcome.state, outcome.record, run.run_id, lineage)
+        registration = register_teacher_backbone(config, outcome.state, outcome.record, run.run_id, lineage)
         return PretrainResult(
             run_id=run.run_id,
             epochs_done=outcome.epochs_done,
             final_metrics=outcome.metrics,
-            model_uri=model_uri,
+            model_uri=registration.model_uri,
             checkpoint_path=outcome.checkpoint.uri,
+            gate=registration.verdict,
+            alias_moved=registration.alias_moved,
         )
 
 
@@ -298,24 +310,39 @@ def _fit(config: DinoConfig, num_images: int, run_id: str) -> skeleton.FitOutcom
                                **data_options)
 
 
+def teacher_backbone(config: DinoConfig, state: dict):
+    """The teacher's backbone of a DINO checkpoint state (the network DINO hands on)."""
+    from metallo_core.models.backbones import build_backbone
+
+    backbone = build_backbone(config.backbone)
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)})
+    return backbone
+
+
 def register_teacher_backbone(config: DinoConfig, state: dict, record: dict, run_id: str,
-                              lineage: dict[str, str]) -> str:
-    """Register the final teacher backbone once per (run, epoch); a rerun of a finished run reuses it."""
+                              lineage: dict[str, str]) -> stage_gate.GatedRegistration:
+    """Register the final teacher backbone once per (run, epoch) (a rerun of a finished run reuses it) and
+    point registry.alias at it unless the gate (gate.uri) found it no better than its baseline."""
+    backbone = teacher_backbone(config, state)
+    origin = config.init_weights or "scratch"  # where DINO started
+    registered_spec = replace(config.backbone, weights=origin)
+
     def register(identity: dict[str, str]) -> str:
-        from metallo_core.models.backbones import build_backbone
         from metallo_core.models.registry import log_backbone
 
-        backbone = build_backbone(config.backbone)
-        prefix = "backbone."
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)})
-        return log_backbone(
+        registered = log_backbone(
             run_id,
             backbone,
-            replace(config.backbone, weights=config.init_weights or "scratch"),  # where DINO started
+            registered_spec,
             registered_name=config.registry.name,
             tags={**lineage, **identity, "metallo.arch": config.backbone.arch},
-            alias=config.registry.alias,
             artifact_name="teacher_backbone",
-        ).uri
+        )
+        assert registered is not None
+        return registered.uri
 
-    return skeleton.register_once(config.registry, run_id, record["epoch"] + 1, register)
+    return stage_gate.gate_and_register(
+        stage="pretrain", gate=config.gate, registry=config.registry, run_id=run_id, epochs_done=record["epoch"] + 1,
+        candidate=backbone, candidate_spec=registered_spec, input_source=origin, input_spec=config.backbone,
+        trained_on=stage_gate.data_in_words(config.data.uri, config.data.split), register=register)

@@ -3,7 +3,8 @@
 The driver plans the fixed meta-validation episodes (stored with the run so every epoch and every run
 is scored on the same tasks), pins the starting backbone (registry alias -> version), fits a
 `TorchTrainer`, and registers the best meta-trained backbone as `metallo-protonet` with lineage tags
-pointing at the backbone it started from.
+pointing at the backbone it started from; with a gate (`gate.uri`), its alias moves only if the backbone beat
+its baseline on the gate's selection tasks.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from metallo_core.fewshot.episodes import (
     episodes_to_json,
     fixed_episodes,
 )
+from metallo_core.fewshot.stage_gate import StageVerdict
 from metallo_core.progress import EpochProgress
 from metallo_core.storage import locate
+from metallo_core.train import gate as stage_gate
 from metallo_core.train import ray_setup, skeleton
 
 VAL_EPISODES_ARTIFACT = "episodes/meta_val_episodes.json"
@@ -38,6 +41,8 @@ class MetaTrainResult:
     best_epoch: int
     model_uri: str | None
     backbone_source: str
+    gate: StageVerdict | None = None  # None: no gate (gate.uri empty)
+    alias_moved: bool = False  # whether registry.alias now points at model_uri
 
 
 def metatrain_worker(loop_config: dict) -> None:
@@ -143,6 +148,8 @@ def with_absolute_uris(config: MetaTrainConfig) -> MetaTrainConfig:
         config.backbone.source = pin_backbone_source(config.backbone)
     if config.run.storage:
         config.run.storage = locate(config.run.storage).uri
+    if config.gate.uri:
+        config.gate.uri = locate(config.gate.uri).uri
     return config
 
 
@@ -163,6 +170,7 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
     val_episodes = plan_validation_episodes(config)
     backbone_source = pin_backbone_source(config.backbone)
     check_backbone_source(config.backbone, backbone_source)  # a file that does not fit fails here, named
+    stage_gate.check_selection_split(config.gate)
     locate(ray_setup.storage_uri(config.run)).check_access()
     lineage = {
         "metallo.stage": "metatrain",
@@ -181,46 +189,67 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
         record = outcome.record
         skeleton.log_training_curves(run.run_id, ["train_loss", "val_accuracy"], intervals={"val_accuracy": "val_ci95"},
                                      title=f"ProtoNet meta-training: {config.run.name}")
-        model_uri = None
-        if config.registry.register:
-            model_uri = register_protonet(config, outcome.state, record, run.run_id, lineage)
+        registration = gate_and_register_protonet(config, outcome.state, record, run.run_id, lineage)
         return MetaTrainResult(
             run_id=run.run_id,
             epochs_done=outcome.epochs_done,
             best_val_accuracy=record["best_val_accuracy"],
             best_epoch=record["best_epoch"],
-            model_uri=model_uri,
+            model_uri=registration.model_uri,
             backbone_source=backbone_source,
+            gate=registration.verdict,
+            alias_moved=registration.alias_moved,
         )
 
 
 def register_protonet(config: MetaTrainConfig, state: dict, record: dict, run_id: str,
-                      lineage: dict[str, str]) -> str:
-    """Register the best meta-trained ProtoNet once per (run, epochs done)."""
+                      lineage: dict[str, str]) -> str | None:
+    """Register the best meta-trained ProtoNet once per (run, epochs done), gated as `gate_and_register_protonet`;
+    its models:/name/N URI (None when registry.register is off)."""
+    return gate_and_register_protonet(config, state, record, run_id, lineage).model_uri
+
+
+def best_protonet(config: MetaTrainConfig, state: dict, record: dict):
+    """The ProtoNet of a meta-training checkpoint's best epoch (its last when none was noted), and its spec."""
+    from metallo_core.fewshot.protonet import ProtoNet
+    from metallo_core.models.backbones import BackboneSpec, build_backbone
+
+    spec = from_dict(BackboneSpec, record["backbone_spec"])
+    model = ProtoNet(build_backbone(spec), distance=config.distance)
+    model.load_state_dict(state["best"] if state.get("best") is not None else state["model"])
+    return model, spec
+
+
+def gate_and_register_protonet(config: MetaTrainConfig, state: dict, record: dict, run_id: str,
+                               lineage: dict[str, str]) -> stage_gate.GatedRegistration:
+    """Register the best meta-trained ProtoNet once per (run, epochs done) and point registry.alias at it
+    unless the gate (gate.uri) found its backbone no better than its baseline."""
+    from metallo_core.models.protonet_store import pin_backbone_source, protonet_metadata
+    from metallo_core.models.registry import log_backbone
+
+    model, spec = best_protonet(config, state, record)
+    input_source = lineage.get("metallo.backbone_source") or pin_backbone_source(config.backbone)
 
     def register(identity: dict[str, str]) -> str:
-        from metallo_core.fewshot.protonet import ProtoNet
-        from metallo_core.models.backbones import BackboneSpec, build_backbone
-        from metallo_core.models.protonet_store import protonet_metadata
-        from metallo_core.models.registry import log_backbone
-
-        spec = from_dict(BackboneSpec, record["backbone_spec"])
-        model = ProtoNet(build_backbone(spec), distance=config.distance)
-        model.load_state_dict(state["best"] if state.get("best") is not None else state["model"])
-        return log_backbone(
+        registered = log_backbone(
             run_id,
             model.backbone,
             spec,
             registered_name=config.registry.name,
             tags={**lineage, **identity, "metallo.best_val_accuracy": f"{record['best_val_accuracy']:.4f}",
                   "metallo.best_epoch": str(record["best_epoch"]), "metallo.arch": spec.arch},
-            alias=config.registry.alias,
             artifact_name="protonet",
             metadata=protonet_metadata(model, trained_way=config.episodes.way, trained_shot=config.episodes.shot,
                                        bn_mode=config.bn_mode),
-        ).uri
+        )
+        assert registered is not None
+        return registered.uri
 
-    return skeleton.register_once(config.registry, run_id, record["epoch"] + 1, register)
+    return stage_gate.gate_and_register(
+        stage="metatrain", gate=config.gate, registry=config.registry, run_id=run_id,
+        epochs_done=record["epoch"] + 1, candidate=model.backbone, candidate_spec=spec, input_source=input_source,
+        input_spec=config.backbone.spec,
+        trained_on=stage_gate.data_in_words(config.data.uri, config.data.train_split), register=register)
 
 
 def describe_result(result: MetaTrainResult) -> str:
@@ -231,5 +260,9 @@ def describe_result(result: MetaTrainResult) -> str:
     ]
     if result.model_uri:
         lines.append(f"  registered: {result.model_uri}")
+    if result.gate is not None:
+        lines.append(f"  {result.gate.line()}")
+    if result.model_uri:
+        lines.append(f"  alias moved to it: {'yes' if result.alias_moved else 'no'}")
     lines.append(f"  see it in MLflow: {tracking.ui_command()}")
     return "\n".join(lines)

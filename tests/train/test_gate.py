@@ -1,0 +1,160 @@
+"""The stage gate in the driver, without Ray: a stage output that does worse than its baseline on the selection
+tasks is registered (lineage) but does not get the alias unless forced; one that does better gets it; with
+nothing to compare with, the alias moves as it always did.
+
+The two backbones are the offline ImageNet EfficientNet-Lite0 run at 32 px (pretrained: about 50% on these
+5-way 1-shot tasks) and the same network with random weights (about 25%, chance being 20%)."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from metallo_core import tracking
+from metallo_core.cli import main
+from metallo_core.fewshot.selection_probe import SelectionTasks
+from metallo_core.models.backbones import build_backbone
+from metallo_core.models.registry import log_backbone
+from metallo_core.models.sources import OFFLINE_IMAGENET, backbone_from_source, offline_imagenet_spec
+from metallo_core.settings import GateSettings, RegistrySettings
+from metallo_core.tracking.registry import alias_version
+from metallo_core.train.gate import VERDICT_ARTIFACT, gate_and_register
+from tests.fewshot_fixtures import write_tiny_fewshot
+
+SPEC = offline_imagenet_spec(32)
+REGISTRY = RegistrySettings(name="metallo-backbone", alias="current")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_fewshot(tmp_path_factory.mktemp("gate"))
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_torch_thread):
+    yield
+
+
+def random_backbone(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_backbone(SPEC)
+
+
+def pretrained_backbone():
+    backbone, spec = backbone_from_source(OFFLINE_IMAGENET, SPEC)
+    assert spec.image_size == SPEC.image_size
+    return backbone
+
+
+def new_run() -> str:
+    tracking.configure()
+    mlflow.set_experiment(experiment_id=tracking.ensure_experiment("test-gate"))
+    with mlflow.start_run() as run:
+        pass
+    return run.info.run_id
+
+
+def register_at_alias(backbone) -> str:
+    registered = log_backbone(new_run(), backbone, SPEC, registered_name=REGISTRY.name, tags={},
+                              alias=REGISTRY.alias)
+    return registered.version
+
+
+def gate_settings(data, **changes) -> GateSettings:
+    settings = dict(uri=data, split="val", way=5, shot=1, query=5, tasks=30, seed=0)
+    return GateSettings(**{**settings, **changes})
+
+
+def gated(candidate, gate: GateSettings, input_source: str = "scratch"):
+    run_id = new_run()
+
+    def register(identity):
+        return log_backbone(run_id, candidate, SPEC, registered_name=REGISTRY.name, tags=identity).uri
+
+    outcome = gate_and_register(stage="pretrain", gate=gate, registry=REGISTRY, run_id=run_id, epochs_done=1,
+                                candidate=candidate, candidate_spec=SPEC, input_source=input_source,
+                                input_spec=SPEC, trained_on="synthetic-fewshot (train split)", register=register)
+    return run_id, outcome
+
+
+def version_tags(version: str) -> dict[str, str]:
+    return dict(tracking.client().get_model_version(REGISTRY.name, version).tags)
+
+
+def test_the_probe_scores_the_same_tasks_and_separates_the_two_backbones(data):
+    tasks = SelectionTasks(data, "val", way=5, shot=1, query=5, tasks=30, seed=0)
+    pretrained, random = tasks.score(pretrained_backbone(), SPEC), tasks.score(random_backbone(), SPEC)
+    assert len(pretrained.task_accuracies) == len(random.task_accuracies) == 30
+    assert sum(pretrained.task_accuracies) / 30 > sum(random.task_accuracies) / 30 + 0.1
+    assert pretrained.knn_accuracy > random.knn_accuracy + 0.1
+    again = SelectionTasks(data, "val", way=5, shot=1, query=5, tasks=30, seed=0).score(random_backbone(), SPEC)
+    assert again.task_accuracies == random.task_accuracies  # same tasks, same order
+
+
+def test_an_output_worse_than_the_alias_is_registered_but_does_not_get_the_alias(data):
+    previous = register_at_alias(pretrained_backbone())
+    run_id, outcome = gated(random_backbone(), gate_settings(data))
+    assert not outcome.verdict.kept and not outcome.alias_moved
+    assert outcome.verdict.gain.mean + outcome.verdict.gain.ci95 < 0
+    assert outcome.verdict.baseline == f"metallo-backbone@current (v{previous})"
+    assert alias_version(REGISTRY.name, REGISTRY.alias) == previous  # the alias did not move
+    new_version = outcome.model_uri.rsplit("/", 1)[1]
+    assert new_version != previous
+    assert version_tags(new_version)["metallo.gate.kept"] == "false"
+    assert version_tags(new_version)["metallo.gate.forced"] == "false"
+    run = tracking.client().get_run(run_id)
+    assert run.data.tags["metallo.gate.kept"] == "false" and run.data.tags["metallo.gate.alias_moved"] == "false"
+    assert run.data.metrics["gate_gain"] < 0 and run.data.metrics["gate_after"] < run.data.metrics["gate_before"]
+    assert {"gate_before", "gate_gain_ci95", "gate_knn_before", "gate_knn_after"} <= set(run.data.metrics)
+    verdict = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{VERDICT_ARTIFACT}"))
+    assert verdict["kept"] is False and verdict["tasks"] == 30 and "the baseline stays" in verdict["reason"]
+
+
+def test_force_moves_the_alias_to_an_output_that_did_not_help(data):
+    register_at_alias(pretrained_backbone())
+    _, outcome = gated(random_backbone(), gate_settings(data, force=True))
+    assert not outcome.verdict.kept and outcome.alias_moved
+    new_version = outcome.model_uri.rsplit("/", 1)[1]
+    assert alias_version(REGISTRY.name, REGISTRY.alias) == new_version
+    assert version_tags(new_version)["metallo.gate.forced"] == "true"
+
+
+def test_an_output_better_than_the_alias_gets_the_alias(data):
+    register_at_alias(random_backbone())
+    _, outcome = gated(pretrained_backbone(), gate_settings(data))
+    assert outcome.verdict.kept and outcome.alias_moved and outcome.verdict.gain.mean > 0.1
+    assert alias_version(REGISTRY.name, REGISTRY.alias) == outcome.model_uri.rsplit("/", 1)[1]
+    assert version_tags(outcome.model_uri.rsplit("/", 1)[1])["metallo.gate.kept"] == "true"
+
+
+def test_baseline_input_compares_with_the_starting_weights_not_the_alias(data):
+    register_at_alias(random_backbone(seed=1))  # as bad as the candidate: the gain would include 0
+    _, outcome = gated(random_backbone(), gate_settings(data, baseline="input"), input_source=OFFLINE_IMAGENET)
+    assert not outcome.verdict.kept and not outcome.alias_moved
+    assert outcome.verdict.baseline == f"the starting weights {OFFLINE_IMAGENET}"
+    assert outcome.verdict.gain.mean + outcome.verdict.gain.ci95 < 0
+
+
+def test_a_scratch_start_with_no_alias_yet_has_nothing_to_compare_and_moves_the_alias(data):
+    _, outcome = gated(random_backbone(), gate_settings(data))
+    assert outcome.verdict.kept and not outcome.verdict.compared and outcome.alias_moved
+    assert "no baseline to compare with" in outcome.verdict.reason
+    assert "no model at metallo-backbone@current" in outcome.verdict.reason
+    assert alias_version(REGISTRY.name, REGISTRY.alias) == outcome.model_uri.rsplit("/", 1)[1]
+
+
+def test_without_a_gate_the_alias_moves_as_before(data):
+    previous = register_at_alias(pretrained_backbone())
+    _, outcome = gated(random_backbone(), GateSettings())
+    assert outcome.verdict is None and outcome.alias_moved
+    assert alias_version(REGISTRY.name, REGISTRY.alias) == outcome.model_uri.rsplit("/", 1)[1] != previous
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "metatrain"])
+def test_force_on_the_command_line_sets_gate_force(stage, capsys):
+    config = {"pretrain": "configs/pretrain/tiny_cpu.yaml", "metatrain": None}[stage]
+    arguments = [stage] + (["--config", config] if config else ["data.uri=/d"]) + ["--force", "--print-config"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "gate:" in printed and "  force: true" in printed
