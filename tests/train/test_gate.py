@@ -2,8 +2,8 @@
 tasks is registered (lineage) but does not get the alias unless forced; one that does better gets it; with
 nothing to compare with, the alias moves as it always did.
 
-The two backbones are the offline ImageNet EfficientNet-Lite0 run at 32 px (pretrained: about 50% on these
-5-way 1-shot tasks) and the same network with random weights (about 25%, chance being 20%)."""
+The two backbones are the offline ImageNet EfficientNet-Lite0 run at 32 px (pretrained) and the same network
+with random weights, whose features barely separate the synthetic classes (the first test checks the gap)."""
 
 import json
 
