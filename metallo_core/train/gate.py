@@ -90,7 +90,9 @@ def gate_and_register(*, stage: str, gate: GateSettings, registry: RegistrySetti
     """Judge the stage output `candidate` against its baseline (when `gate` is on), log the verdict on run
     `run_id`, register the output once per (run, epochs done) through `register(identity_tags)` (which must
     register it without moving any alias and return its models:/name/N URI), tag the version with the
-    verdict, and point registry.alias at it if the gate is off, the output was kept, or `gate.force`.
+    verdict, and point registry.alias at it: with the gate off, when the version is new (as before gates: a
+    finished run submitted again leaves the alias where it is); with the gate on, when the output was kept or
+    `gate.force` (also for a version registered before: rerun a finished run with --force to move the alias).
 
     `input_source` is the stage's (pinned) starting weights, built with `input_spec` where the source brings
     no spec of its own."""
@@ -101,12 +103,13 @@ def gate_and_register(*, stage: str, gate: GateSettings, registry: RegistrySetti
         verdict = judge_stage(stage=stage, gate=gate, registry=registry, run_id=run_id, candidate=candidate,
                               candidate_spec=candidate_spec, input_source=input_source, input_spec=input_spec,
                               trained_on=trained_on)
-    model_uri = None
+    model_uri, new = None, False
     if registry.register:
-        model_uri = skeleton.register_once(registry, run_id, epochs_done, register)
+        model_uri, new = skeleton.register_once(registry, run_id, epochs_done, register)
         if verdict is not None:
             tag_version(model_uri, {**verdict_tags(verdict), f"{TAG_PREFIX}forced": str(gate.force).lower()})
-    move = model_uri is not None and bool(registry.alias) and (verdict is None or verdict.kept or gate.force)
+    wanted = new if verdict is None else verdict.kept or gate.force
+    move = model_uri is not None and bool(registry.alias) and wanted
     if move:
         assert model_uri is not None
         point_alias(model_uri, registry.alias)

@@ -9,7 +9,8 @@ Worker side (runs in every Ray Train worker):
 Driver side (the `ray job submit` entrypoint process):
 - `fit_or_reuse`: a run whose last checkpoint already holds every epoch is not trained again;
 - `fit_on_ray`: one `TorchTrainer` over the stage's worker function, its final checkpoint loaded back;
-- `register_once`: the trained model is registered once per (run, epochs done), however often the job reruns;
+- `register_once`: the trained model is registered once per (run, epochs done), however often the job reruns
+  (`train/gate.py` then decides whether the registry alias moves to it);
 - `log_training_curves`: the run's curves as a picture on its MLflow run page (`curves/training.png`).
 
 Metrics are logged by rank 0 of the workers, not by a driver-side Ray Train callback: the stages log per-step
@@ -170,9 +171,10 @@ def fit_on_ray(worker_loop: Callable[[dict], None], loop_config: dict[str, Any],
 
 
 def register_once(registry: RegistrySettings, run_id: str, epochs_done: int,
-                  register: Callable[[dict[str, str]], str]) -> str:
-    """The model URI of the version of `registry.name` registered for (run, epochs done), calling
-    `register(identity_tags)` (which must tag the new version with them) only when there is none yet."""
+                  register: Callable[[dict[str, str]], str]) -> tuple[str, bool]:
+    """The model URI of the version of `registry.name` registered for (run, epochs done), and whether it is
+    new: `register(identity_tags)` (which must tag the new version with them) is called only when there is
+    none yet. Registering moves no alias (`train/gate.py` decides that)."""
     from metallo_core.models.registry import find_versions
 
     identity = {"metallo.run_id": run_id, "metallo.epochs_done": str(epochs_done)}
@@ -180,8 +182,8 @@ def register_once(registry: RegistrySettings, run_id: str, epochs_done: int,
     if existing:
         version = max(existing, key=lambda v: int(v.version))
         logger.info("already registered as %s v%s", registry.name, version.version)
-        return f"models:/{registry.name}/{version.version}"
-    return register(identity)
+        return f"models:/{registry.name}/{version.version}", False
+    return register(identity), True
 
 
 CURVES_ARTIFACT = "curves/training.png"

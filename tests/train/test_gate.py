@@ -66,8 +66,8 @@ def gate_settings(data, **changes) -> GateSettings:
     return GateSettings(**{**settings, **changes})
 
 
-def gated(candidate, gate: GateSettings, input_source: str = "scratch"):
-    run_id = new_run()
+def gated(candidate, gate: GateSettings, input_source: str = "scratch", run_id: str | None = None):
+    run_id = run_id or new_run()
 
     def register(identity):
         return log_backbone(run_id, candidate, SPEC, registered_name=REGISTRY.name, tags=identity).uri
@@ -120,6 +120,15 @@ def test_force_moves_the_alias_to_an_output_that_did_not_help(data):
     assert version_tags(new_version)["metallo.gate.forced"] == "true"
 
 
+def test_a_finished_run_submitted_again_with_force_moves_the_alias_to_the_version_it_registered(data):
+    previous = register_at_alias(pretrained_backbone())
+    run_id, first = gated(random_backbone(), gate_settings(data))
+    assert not first.alias_moved and alias_version(REGISTRY.name, REGISTRY.alias) == previous
+    _, again = gated(random_backbone(), gate_settings(data, force=True), run_id=run_id)
+    assert again.model_uri == first.model_uri  # registered once per (run, epochs done)
+    assert again.alias_moved and alias_version(REGISTRY.name, REGISTRY.alias) == first.model_uri.rsplit("/", 1)[1]
+
+
 def test_an_output_better_than_the_alias_gets_the_alias(data):
     register_at_alias(random_backbone())
     _, outcome = gated(pretrained_backbone(), gate_settings(data))
@@ -144,11 +153,16 @@ def test_a_scratch_start_with_no_alias_yet_has_nothing_to_compare_and_moves_the_
     assert alias_version(REGISTRY.name, REGISTRY.alias) == outcome.model_uri.rsplit("/", 1)[1]
 
 
-def test_without_a_gate_the_alias_moves_as_before(data):
+def test_without_a_gate_the_alias_moves_to_a_new_version_as_before(data):
     previous = register_at_alias(pretrained_backbone())
-    _, outcome = gated(random_backbone(), GateSettings())
+    run_id, outcome = gated(random_backbone(), GateSettings())
     assert outcome.verdict is None and outcome.alias_moved
     assert alias_version(REGISTRY.name, REGISTRY.alias) == outcome.model_uri.rsplit("/", 1)[1] != previous
+    # A finished run submitted again registers nothing new and leaves the alias where it is now.
+    newer = register_at_alias(pretrained_backbone())
+    _, again = gated(random_backbone(), GateSettings(), run_id=run_id)
+    assert again.model_uri == outcome.model_uri and not again.alias_moved
+    assert alias_version(REGISTRY.name, REGISTRY.alias) == newer
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "metatrain"])
