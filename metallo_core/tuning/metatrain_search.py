@@ -47,11 +47,12 @@ class MetaTrainSearchResult:
 def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str,
                  context: dict[str, Any]) -> MetaTrainConfig:
     """The meta-training config of one trial: the base with the sampled params, its own run name and
-    storage, in the search's MLflow experiment, not registered (only the winner is)."""
+    storage, in the search's MLflow experiment, not registered and not gated (only the winner is)."""
     plain = apply_params(base, params)
     plain["run"] = {**plain["run"], "name": f"{context['search']}-{trial_id}", "experiment": context["experiment"],
                     "storage": context["train_storage"]}
     plain["registry"] = {**plain["registry"], "register": False}
+    plain["gate"] = {**plain.get("gate", {}), "uri": ""}
     return from_dict(MetaTrainConfig, plain)
 
 
