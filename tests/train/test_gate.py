@@ -172,3 +172,43 @@ def test_force_on_the_command_line_sets_gate_force(stage, capsys):
     assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert "gate:" in printed and "  force: true" in printed
+
+
+def test_pretraining_gates_its_teacher_backbone_against_its_starting_weights(data, capsys):
+    from metallo_core.ssl.config import DinoConfig
+    from metallo_core.train.dino import PretrainResult, describe_result, register_teacher_backbone
+
+    config = DinoConfig(backbone=SPEC, init_weights=OFFLINE_IMAGENET, gate=gate_settings(data, baseline="input"))
+    config.data.uri = data
+    teacher = {f"backbone.{key}": value for key, value in random_backbone().state_dict().items()}
+    run_id = new_run()
+    registration = register_teacher_backbone(config, {"teacher": teacher}, {"epoch": 0}, run_id, {})
+    verdict = registration.verdict
+    assert not verdict.kept and not registration.alias_moved and registration.model_uri is not None
+    assert verdict.stage == "pretrain" and verdict.trained_on == "synthetic-fewshot (train split)"
+    assert alias_version("metallo-backbone", "current") is None
+    assert "pretrain gate: selection accuracy" in capsys.readouterr().out
+    text = describe_result(PretrainResult(run_id, 1, {}, registration.model_uri, None, verdict,
+                                          registration.alias_moved))
+    assert "the baseline stays" in text and "alias moved to it: no" in text
+
+
+def test_metatraining_gates_its_protonet_against_the_model_at_the_alias(data):
+    from metallo_core.config import to_dict
+    from metallo_core.fewshot.config import BackboneInit, MetaTrainConfig
+    from metallo_core.fewshot.protonet import ProtoNet
+    from metallo_core.train.metatrain import gate_and_register_protonet
+
+    registry = RegistrySettings(name="metallo-protonet", alias="current")
+    previous = log_backbone(new_run(), random_backbone(), SPEC, registered_name=registry.name, tags={},
+                            alias=registry.alias).version
+    config = MetaTrainConfig(backbone=BackboneInit(source=OFFLINE_IMAGENET, spec=SPEC), registry=registry,
+                             gate=gate_settings(data))
+    config.data.uri = data
+    state = {"model": ProtoNet(pretrained_backbone()).state_dict(), "best": None}
+    record = {"epoch": 1, "best_epoch": 1, "best_val_accuracy": 0.5, "backbone_spec": to_dict(SPEC)}
+    registration = gate_and_register_protonet(config, state, record, new_run(),
+                                              {"metallo.backbone_source": OFFLINE_IMAGENET})
+    assert registration.verdict.kept and registration.alias_moved
+    assert registration.verdict.baseline == f"metallo-protonet@current (v{previous})"
+    assert alias_version(registry.name, registry.alias) == registration.model_uri.rsplit("/", 1)[1] != previous
