@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from metallo_core.errors import StorageError
+from metallo_core.user_paths import expand_path
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
@@ -183,7 +184,7 @@ class Location:
 
 def locate(uri: str | os.PathLike) -> Location:
     """Resolve a local path or `s3://bucket/prefix` to a Location."""
-    text = os.fspath(uri)
+    text = expand_path(os.fspath(uri), "the location")
     if text.startswith("s3://"):
         path = text[len("s3://"):].strip("/")
         if not path:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from metallo_core.config import require
 from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
 from metallo_core.tuning.space import validate_space
+from metallo_core.user_paths import OutputPathSetting, PathSetting
 
 
 @dataclass
@@ -31,7 +32,7 @@ class SearchSettings:
     # would change which trials count is refused (metallo_core/tuning/resume.py); a new name starts afresh.
     name: str = "search"
     experiment: str = "metallo-tune"  # MLflow experiment of the parent run and its child runs
-    storage: str = ""  # local directory or s3://bucket/prefix; "" is $METALLO_HOME/tune
+    storage: PathSetting = ""  # local directory or s3://bucket/prefix; "" is $METALLO_HOME/tune
     num_samples: int = 8
     max_concurrent_trials: int = 2
     searcher: Literal["optuna", "random"] = "optuna"
@@ -45,7 +46,7 @@ class SearchSettings:
     max_failures: int = 1  # retries of a failed trial
     seed: int = 0
     ray_address: str | None = None
-    best_config_out: str = ""  # also write the best trial's config here (it always goes to storage and MLflow)
+    best_config_out: OutputPathSetting = ""  # also write the best trial's config here (it always goes to storage and MLflow)
     # Testing aid: behave like Ctrl-C after this many trials have finished (0: never).
     interrupt_after_trials: int = 0
 
