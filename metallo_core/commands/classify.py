@@ -25,8 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True,
                         help="any MLflow model URI: models:/metallo-protonet@alias, models:/name/3, "
                              "runs:/<id>/protonet")
-    parser.add_argument("--support", required=True, type=cli_path, help="folder with one sub-folder of 1-5 images per class")
-    parser.add_argument("--query", required=True, type=cli_path, help="an image, or a folder of images (searched recursively)")
+    parser.add_argument("--support", required=True, type=cli_path,
+                        help="folder with one sub-folder of 1-5 images per class")
+    parser.add_argument("--query", required=True, type=cli_path,
+                        help="an image, or a folder of images (searched recursively)")
     parser.add_argument("--out", required=True, type=cli_path,
                         help="CSV to write; written only when the whole run succeeds (a failed write leaves no "
                              "temporary file); bytes of file names that are not valid UTF-8 are written as \\xNN")

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "figures/*.svg into the output folder.",
     )
     parser.add_argument("--experiment", required=True, help="MLflow experiment name, e.g. metallo-quickstart")
-    parser.add_argument("--out", required=True, type=cli_path, help="folder to write report.html, report.md and figures/ into")
+    parser.add_argument("--out", required=True, type=cli_path,
+                        help="folder to write report.html, report.md and figures/ into")
     parser.add_argument("--title", default=None, help="the report's title (default: metallo report: EXPERIMENT)")
     parser.add_argument("--log", action="store_true",
                         help="also log the files as artifacts of a new run in the experiment (stage 'report')")

@@ -46,7 +46,8 @@ class SearchSettings:
     max_failures: int = 1  # retries of a failed trial
     seed: int = 0
     ray_address: str | None = None
-    best_config_out: OutputPathSetting = ""  # also write the best trial's config here (it always goes to storage and MLflow)
+    # Also write the best trial's config here (it always goes to storage and MLflow); never over --config.
+    best_config_out: OutputPathSetting = ""
     # Testing aid: behave like Ctrl-C after this many trials have finished (0: never).
     interrupt_after_trials: int = 0
 
