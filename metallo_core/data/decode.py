@@ -338,12 +338,15 @@ def _alpha_or_none(alpha: np.ndarray, notes: list[str]) -> np.ndarray | None:
 
 
 def _tiff_needs_tifffile(image: Image.Image) -> bool:
-    """True when Pillow would misread the TIFF: more than 8 bits in several channels, or float colour."""
+    """True when Pillow would misread the TIFF: more than 8 bits in several channels, float colour, or
+    32-bit unsigned grey (Pillow's mode I is signed: 2^32-1 would show black)."""
     tags = getattr(image, "tag_v2", {})
     bits = tags.get(258, (8,))
     bits = bits if isinstance(bits, tuple) else (bits,)
     samples = tags.get(277, 1)
-    return samples > 1 and max(bits) > 8
+    sample_format = tags.get(339, 1)
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    return (samples > 1 and max(bits) > 8) or (max(bits) == 32 and sample_format == 1)
 
 
 def _is_deep_colour_png(data: bytes) -> bool:
@@ -376,6 +379,7 @@ def _read_tiff_with_tifffile(data: bytes, source: str, why: str) -> RawPixels:
             page = tiff.pages[0]
             if len(tiff.pages) > 1:
                 notes.append(f"has {len(tiff.pages)} pages; using the first")
+            _refuse_too_large((int(page.imagewidth), int(page.imagelength)), source)
             array = page.asarray()
             axes = page.axes
             photometric = int(page.photometric)
@@ -402,11 +406,33 @@ def _read_tiff_with_tifffile(data: bytes, source: str, why: str) -> RawPixels:
     if photometric == 0:  # MINISWHITE: 0 is white (the colour samples only, never the alpha)
         array = -array if array.dtype.kind == "f" else np.invert(array)
         notes.append("stored as min-is-white; inverted")
+    array, alpha = _block_reduced(array, alpha, notes)
     if orientation in _ORIENTATIONS:
         array = _ORIENTATIONS[orientation](array)
         alpha = _ORIENTATIONS[orientation](alpha) if alpha is not None else None
         notes.append(f"rotated/flipped as its orientation tag ({orientation}) says")
     return RawPixels(np.ascontiguousarray(array), alpha, "tiff", notes)
+
+
+def _block_reduced(array: np.ndarray, alpha: np.ndarray | None,
+                   notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The tifffile path's reduction over DOWNSCALE_ABOVE_PIXELS: the mean of factor x factor blocks (edge
+    rows and columns that fill no whole block are dropped), in the array's own type."""
+    height, width = array.shape[:2]
+    factor = _reduction_factor((width, height))
+    if factor == 1:
+        return array, alpha
+
+    def reduce(values: np.ndarray) -> np.ndarray:
+        rows, cols = values.shape[0] // factor, values.shape[1] // factor
+        blocks = values[:rows * factor, :cols * factor].reshape(rows, factor, cols, factor, *values.shape[2:])
+        mean = blocks.mean(axis=(1, 3), dtype=np.float64)
+        return np.rint(mean).astype(values.dtype) if values.dtype.kind in "uib" else mean.astype(values.dtype)
+
+    reduced = reduce(array)
+    notes.append(f"{width} x {height} pixels, more than {DOWNSCALE_ABOVE_PIXELS} (8192 x 8192): reduced to "
+                 f"{reduced.shape[1]} x {reduced.shape[0]} while decoding")
+    return reduced, (reduce(alpha) if alpha is not None else None)
 
 
 def _split_extra_samples(array: np.ndarray, extra_samples: tuple[int, ...],
