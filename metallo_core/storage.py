@@ -81,6 +81,8 @@ class Location:
 
     def read_bytes(self) -> bytes:
         try:
+            if not self.is_s3:  # Python's open() takes any local name; pyarrow only UTF-8 ones
+                return Path(self.path).read_bytes()
             with self.fs.open_input_stream(self.path) as stream:
                 return stream.read()
         except FileNotFoundError as exc:
