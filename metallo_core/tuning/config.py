@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from metallo_core.config import require
+from metallo_core.config import require, to_dict
 from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
-from metallo_core.tuning.space import validate_space
+from metallo_core.tuning.space import check_point, validate_space
 from metallo_core.user_paths import OutputPathSetting, PathSetting
 
 
@@ -94,7 +94,10 @@ class MetaTrainSearchConfig:
     final_test: FinalTestSettings = field(default_factory=FinalTestSettings)
 
     def validate(self) -> None:
-        validate_space(self.space, MetaTrainConfig, forbidden=METATRAIN_FIXED)
+        base = to_dict(self.base)
+        validate_space(self.space, MetaTrainConfig, forbidden=METATRAIN_FIXED, base=base)
+        for point in self.search.points_to_evaluate:
+            check_point(point, MetaTrainConfig, base)
         require(self.search.cpus_per_trial <= 1,
                 "search.cpus_per_trial is the meta-training trial's driver; its Ray Train workers take "
                 "base.compute resources (keep it <= 1, e.g. 0.25)")
@@ -123,5 +126,8 @@ class FinetuneSearchConfig:
         require(self.report_every_tasks >= 1, "report_every_tasks must be >= 1")
         require(all(key.startswith("finetune.") for key in self.space),
                 "the fine-tuning search's space holds finetune.* keys only, e.g. finetune.lr")
+        base = to_dict(self.evaluate.finetune)
         validate_space({key.removeprefix("finetune."): spec for key, spec in self.space.items()},
-                       FinetuneSettings, forbidden=FINETUNE_FIXED)
+                       FinetuneSettings, forbidden=FINETUNE_FIXED, base=base, where="finetune.")
+        for point in self.search.points_to_evaluate:
+            check_point(point, FinetuneSettings, base, where="finetune.")
