@@ -24,6 +24,10 @@ class TrackingError(MetalloError, RuntimeError):
     """The MLflow tracking server or model registry cannot serve the request."""
 
 
+class TrainingDiverged(MetalloError, FloatingPointError):
+    """A training loss went non-finite (the message names the step and the settings to change)."""
+
+
 class ClusterError(MetalloError, ConnectionError):
     """The Ray cluster named by a setting or $RAY_ADDRESS cannot be joined."""
 

@@ -7,6 +7,7 @@ import argparse
 import socket
 
 import pytest
+import yaml
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
@@ -68,3 +69,22 @@ def test_a_bug_keeps_its_traceback():
 
     with pytest.raises(RuntimeError):
         cli._run(argparse.Namespace(func=fails, verbose=False), "metallo")
+
+
+@pytest.mark.ray
+def test_a_diverging_metatraining_run_reports_the_trainers_message(ray_cluster, tmp_path, capsys):
+    from tests.fewshot_fixtures import TINY_SPEC, write_tiny_fewshot
+
+    data = write_tiny_fewshot(tmp_path / "fewshot")
+    config = tmp_path / "metatrain.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"uri": data}, "backbone": {"source": "scratch", "spec": TINY_SPEC},
+        "episodes": {"way": 5, "shot": 1, "query": 2}, "episodes_per_epoch": 2, "val_episodes": 2, "val_shot": 1,
+        "optim": {"name": "sgd", "lr": float("inf")}, "epochs": 1,
+        "run": {"name": "diverges", "max_failures": 0}, "registry": {"register": False},
+    }))
+    code = cli.main(["metatrain", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "metallo: error: meta-training loss is " in err and "lower optim.lr" in err
+    assert "TrainingFailedError" not in err and "WorkerGroupError" not in err
