@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from metallo_core import __version__, console, stages
-from metallo_core.errors import MetalloError
+from metallo_core.errors import user_error_in
 
 # Each module defines register(subparsers); stages are added from the table, after `data`.
 COMMAND_MODULES = (
@@ -63,12 +64,19 @@ def _run(args: argparse.Namespace, name: str) -> int:
     console.configure(verbose=args.verbose)
     try:
         return args.func(args) or 0
-    except MetalloError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A MetalloError raised in a Ray worker arrives wrapped (TrainingFailedError, RayTaskError): the user
+        # gets its message and exit code; the Ray details only with --verbose.
+        user_error = user_error_in(exc)
+        if user_error is None:
+            raise
+        if args.verbose and user_error is not exc:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"{name}: error: {user_error}", file=sys.stderr)
+        return 2
 
 
 def _accept_verbose_after_the_command(parser: argparse.ArgumentParser) -> None:

@@ -38,13 +38,48 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = load_yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML says keys are
+    unique, and PyYAML would silently keep the last (a second `optim:` block further down wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges may be overridden, by design
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = first_lines.setdefault(key, line)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error follows
+            if first != line:
+                raise _DuplicateKey(key, first, line)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(key)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML `text` (from `where`, e.g. "config file x.yaml") safely; invalid YAML and a key given
+    twice in one mapping are ConfigErrors naming `where`, the key and both line numbers."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{where}: the key {exc.key!r} is given twice, on line {exc.first_line} and line "
+                          f"{exc.second_line} (YAML would keep only the second); merge them into one") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -55,8 +90,10 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         if not sep or not key.strip():
             raise ConfigError(f"override {override!r} must look like key.sub=value")
         try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw_value, f"override {override!r}") if raw_value.strip() else ""
+        except ConfigError as exc:
+            if isinstance(exc.__cause__, _DuplicateKey):
+                raise
             value = raw_value
         node = result
         parts = key.strip().split(".")

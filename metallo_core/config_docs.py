@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import re
 import textwrap
 import tokenize
 from typing import Any, get_args, get_type_hints
@@ -118,7 +119,7 @@ def _field_default(field: dataclasses.Field) -> Any:
 
 def _type_name(annotation: Any) -> str:
     if isinstance(annotation, str):  # modules with `from __future__ import annotations`
-        return annotation
+        return re.sub(r"\b(Output)?PathSetting\b", "str", annotation)  # a path is a str; ~ and $VARS expanded
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,18 @@ def escape_name(text: str) -> str:
         return os.fsencode(text).decode("utf-8", errors="backslashreplace")
 
 
+def escape_names(data: Any) -> Any:
+    """Plain data (dicts, lists, strings) with `escape_name` applied to every string, keys included: for the
+    JSON and YAML files a writer stores (manifests, exported configs)."""
+    if isinstance(data, str):
+        return escape_name(data)
+    if isinstance(data, dict):
+        return {escape_names(key): escape_names(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [escape_names(item) for item in data]
+    return data
+
+
 def escaped_names(names: Iterable[str]) -> list[tuple[str, str]]:
     """(name, escaped) for each name that needs escaping, in order, each once."""
     seen: dict[str, str] = {}
@@ -40,6 +52,17 @@ def escaped_names(names: Iterable[str]) -> list[tuple[str, str]]:
         if name not in seen and escape_name(name) != name:
             seen[name] = escape_name(name)
     return list(seen.items())
+
+
+def create_temporary(target: Path) -> tuple[int, str]:
+    """(descriptor, path) of a new file `.<name>.<random>` next to `target`, created as open() would create
+    `target` (mode 0666 less the umask; mkstemp's would be 0600, and the table is meant to be shared)."""
+    while True:
+        temporary = str(target.parent / f".{target.name}.{secrets.token_hex(6)}")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:
+            continue
 
 
 def write_csv_atomically(out: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]],
@@ -51,7 +74,7 @@ def write_csv_atomically(out: str | os.PathLike, header: Sequence[str], rows: It
     temporary = None
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+        handle, temporary = create_temporary(out_path)
         with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
             writer.writerow([escape_name(str(cell)) for cell in header])

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from metallo_core.config import load_config, to_yaml
+from metallo_core.output_guard import output_settings, refuse_output_over_inputs
+from metallo_core.user_paths import cli_path
 
 ConfigT = TypeVar("ConfigT")
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
+    parser.add_argument("--config", default=None, type=cli_path, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config settings")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
     parser.add_argument("--print-config", action="store_true",
@@ -31,6 +33,7 @@ def run_stage(args: argparse.Namespace, config_type: type[ConfigT], runner: Call
     """Load and validate the config, run the stage, print its result (or, with --print-config, print the
     config and run nothing)."""
     config = load_config(config_type, args.config, args.overrides)
+    refuse_output_over_inputs(output_settings(config), {"--config": args.config})
     if getattr(args, "print_config", False):
         print(to_yaml(config), end="")
         return 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from metallo_core.config import require
+from metallo_core.user_paths import PathSetting
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ComputeSettings:
 class RunSettings:
     name: str = "run"  # a rerun with the same name resumes from the latest checkpoint
     experiment: str = "metallo"
-    storage: str = ""  # checkpoints: local directory or s3://bucket/prefix; "" is $METALLO_HOME/ray
+    storage: PathSetting = ""  # checkpoints: local directory or s3://bucket/prefix; "" is $METALLO_HOME/ray
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails

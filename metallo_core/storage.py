@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from metallo_core.errors import StorageError
+from metallo_core.user_paths import expand_path
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
@@ -80,6 +81,8 @@ class Location:
 
     def read_bytes(self) -> bytes:
         try:
+            if not self.is_s3:  # Python's open() takes any local name; pyarrow only UTF-8 ones
+                return Path(self.path).read_bytes()
             with self.fs.open_input_stream(self.path) as stream:
                 return stream.read()
         except FileNotFoundError as exc:
@@ -183,7 +186,7 @@ class Location:
 
 def locate(uri: str | os.PathLike) -> Location:
     """Resolve a local path or `s3://bucket/prefix` to a Location."""
-    text = os.fspath(uri)
+    text = expand_path(os.fspath(uri), "the location")
     if text.startswith("s3://"):
         path = text[len("s3://"):].strip("/")
         if not path:

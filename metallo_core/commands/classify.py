@@ -10,6 +10,7 @@ import json
 
 from metallo_core.data.decode import DECODE_HELP
 from metallo_core.data.listing import LISTING_HELP
+from metallo_core.user_paths import cli_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True,
                         help="any MLflow model URI: models:/metallo-protonet@alias, models:/name/3, "
                              "runs:/<id>/protonet")
-    parser.add_argument("--support", required=True, help="folder with one sub-folder of 1-5 images per class")
-    parser.add_argument("--query", required=True, help="an image, or a folder of images (searched recursively)")
-    parser.add_argument("--out", required=True,
+    parser.add_argument("--support", required=True, type=cli_path,
+                        help="folder with one sub-folder of 1-5 images per class")
+    parser.add_argument("--query", required=True, type=cli_path,
+                        help="an image, or a folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, type=cli_path,
                         help="CSV to write; written only when the whole run succeeds (a failed write leaves no "
                              "temporary file); bytes of file names that are not valid UTF-8 are written as \\xNN")
     parser.add_argument("--finetune", action="store_true",
@@ -34,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "steps, update, bn_mode, augmentations) an evaluation or search chose for this model "
                              "version (recorded on it; the defaults when none is); which ones, and where from, is "
                              "printed")
-    parser.add_argument("--finetune-from", default="", metavar="SOURCE",
+    parser.add_argument("--finetune-from", default="", metavar="SOURCE", type=cli_path,
                         help="take the fine-tuning settings from here instead (implies --finetune): a run id "
                              "(an evaluation or a search's parent run), a models:/ URI, or a YAML file with a "
                              "finetune: section (an evaluate config, a search's best_config.yaml)")
@@ -65,7 +68,10 @@ def _classify(args: argparse.Namespace) -> int:
     from metallo_core.csv_output import escape_name
     from metallo_core.data.crop import EdgeCrop
     from metallo_core.fewshot.classify import ClassifySettings, classify
+    from metallo_core.output_guard import refuse_output_over_inputs
 
+    refuse_output_over_inputs({"--out": args.out}, {"--support": args.support, "--query": args.query,
+                                                    "--finetune-from": args.finetune_from})
     settings = ClassifySettings(tile=args.tile, query_scale=args.query_scale,
                                 finetune=args.finetune or bool(args.finetune_from), steps=args.steps, lr=args.lr,
                                 update=args.update, bn_mode=args.bn_mode, finetune_from=args.finetune_from,

@@ -13,6 +13,8 @@ from metallo_core.data.ingest.common import parse_split_sizes
 from metallo_core.data.listing import LISTING_HELP
 from metallo_core.data.manifest import Manifest, read_manifest
 from metallo_core.data.shards import verify_dataset
+from metallo_core.output_guard import refuse_output_over_inputs
+from metallo_core.user_paths import cli_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--kind", choices=("nfurcated", "fewshot"), required=True,
                        help="nfurcated: 7 morphologies x 10 volume fractions (seed 002); "
                             "fewshot: class-disjoint benchmark")
-    synth.add_argument("--out", required=True, help="dataset URI: a local directory or s3://bucket/prefix")
+    synth.add_argument("--out", required=True, type=cli_path, help="dataset URI: a local directory or s3://bucket/prefix")
     synth.add_argument("--images-per-class", type=int, default=None,
                        help="per class (fewshot, default 60) or per morphology x fraction (nfurcated, default 50)")
     synth.add_argument("--classes", type=int, default=100, help="fewshot only: number of classes (default 100)")
@@ -40,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "images only as one class 'unlabelled' (for DINO on your own images). "
                     + LISTING_HELP + " " + DECODE_HELP)
     ingest_parser.add_argument("--format", required=True, choices=FORMATS)
-    ingest_parser.add_argument("--src", required=True, help="the source dataset (directory)")
-    ingest_parser.add_argument("--out", required=True, help="dataset URI: a local directory or s3://bucket/prefix")
+    ingest_parser.add_argument("--src", required=True, type=cli_path, help="the source dataset (directory)")
+    ingest_parser.add_argument("--out", required=True, type=cli_path, help="dataset URI: a local directory or s3://bucket/prefix")
     ingest_parser.add_argument("--size", type=int, default=None,
                                help="re-encode so the shorter side is PX pixels (default: keep the bytes as ingested)")
     ingest_parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
@@ -58,14 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                help="imagefolder: seeded class-disjoint split, e.g. 15,5,5 (train,val,test)")
     ingest_parser.add_argument("--split-rows", default=None,
                                help="imagefolder: seeded per-class row split, e.g. 0.8,0.1,0.1")
-    ingest_parser.add_argument("--splits-dir", default=None,
+    ingest_parser.add_argument("--splits-dir", default=None, type=cli_path,
                                help="cifar-fs: folder with train.txt, val.txt, test.txt (one class per line); default "
                                     "<src>/splits/bertinetto/ if present, else the built-in Bertinetto et al. split")
     ingest_parser.add_argument("--workers", type=int, default=None,
                                help="imagenet: at most N Ray ingest tasks at once (default: the cluster's CPUs)")
     ingest_parser.add_argument("--chunk-size", type=int, default=None,
                                help="imagenet: images per Ray task (default 1000)")
-    ingest_parser.add_argument("--synset-names", default=None,
+    ingest_parser.add_argument("--synset-names", default=None, type=cli_path,
                                help="imagenet, miniimagenet: 'WNID name' lines kept in the manifest source "
                                     "(default: <src>/LOC_synset_mapping.txt if present)")
     ingest_parser.add_argument("--name", default=None,
@@ -76,12 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ingest_parser.set_defaults(func=_ingest)
 
     info = commands.add_parser("info", help="summarise a dataset's manifest")
-    info.add_argument("uri")
+    info.add_argument("uri", type=cli_path)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_info)
 
     verify = commands.add_parser("verify", help="check every shard against the manifest's sizes and checksums")
-    verify.add_argument("uri")
+    verify.add_argument("uri", type=cli_path)
     verify.set_defaults(func=_verify)
 
 
@@ -110,6 +112,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    refuse_output_over_inputs({"--out": args.out}, {"--src": args.src, "--splits-dir": args.splits_dir,
+                                                    "--synset-names": args.synset_names})
     options = IngestOptions(
         size=args.size, on_error=args.on_error, overwrite=args.overwrite, seed=args.seed, name=args.name,
         crop=EdgeCrop.parse(args.crop),

@@ -15,6 +15,7 @@ import json
 from metallo_core.data.decode import DECODE_HELP
 from metallo_core.data.listing import LISTING_HELP
 from metallo_core.stages import add_stage_parsers
+from metallo_core.user_paths import cli_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--model", required=True,
                          help="model URI: models:/metallo-multilabel@current, models:/<name>/<version>, "
                               "runs:/..., m-...")
-    predict.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    predict.add_argument("--out", required=True, help="CSV file to write (one row per image)")
+    predict.add_argument("--images", required=True, type=cli_path, help="folder of images (searched recursively)")
+    predict.add_argument("--out", required=True, type=cli_path, help="CSV file to write (one row per image)")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--json", action="store_true", help="print a summary as one JSON object")
     predict.set_defaults(func=_predict)
@@ -40,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from metallo_core.multilabel.predict import predict_folder
+    from metallo_core.output_guard import refuse_output_over_inputs
 
+    refuse_output_over_inputs({"--out": args.out}, {"--images": args.images})
     if args.batch_size < 1:
         print("metallo: --batch-size must be at least 1")
         return 2

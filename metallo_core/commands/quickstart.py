@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import json
 
+from metallo_core.user_paths import cli_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -19,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrained", action="store_true",
                         help="a real start instead: the offline ImageNet EfficientNet-Lite0, registered as "
                              "models:/metallo-protonet@pretrained, scored with and without fine-tuning on real images")
-    parser.add_argument("--eval-images", metavar="DIR",
+    parser.add_argument("--eval-images", metavar="DIR", type=cli_path,
                         help="with --pretrained: a labelled folder (<DIR>/<class>/<image>) to score on; default "
                              "../shared/data/x-sdd next to the repository if present, else synthetic test classes")
     parser.set_defaults(func=_quickstart)

@@ -19,8 +19,17 @@ is reported once per file, as an `ImageDecodeWarning` naming it (never silently)
   value relative to its type's range.
 - Non-finite float pixels are left out of the range; NaN is drawn at the median, +inf at white, -inf at
   black (reported with counts). An image with no finite pixel at all is refused.
-- Alpha: a fully opaque alpha channel is dropped; any transparency is composited on white, as a viewer
-  shows it on a white page (reported).
+- Alpha: a fully opaque alpha channel is dropped, and so is one that is 0 everywhere (32-bit BMPs from
+  Photoshop and Windows carry such a mask; viewers show them opaque; reported); any other transparency
+  is composited on white, as a viewer shows it on a white page (reported). TIFF extra samples say what
+  the 4th channel is: unassociated alpha as above, associated (premultiplied) alpha un-premultiplied
+  first, an unspecified extra sample dropped (reported).
+- TIFF photometric interpretation: min-is-white grey (tag 262 = 0) is inverted at every bit depth and
+  through either reader (Pillow, tifffile), so 0 shows white as the file says (reported).
+- Size: images over DOWNSCALE_ABOVE_PIXELS (8192 x 8192) are reduced by a whole factor while decoding
+  (JPEG by libjpeg's draft scaling, then a box average; reported with both sizes), so a 20000 x 15000
+  micrograph decodes in bounded memory; over MAX_DECODE_PIXELS (2^30) the file is refused, naming its
+  size. Any failure of a decoder, whatever its kind, is a DataError naming the file.
 - Multi-frame files (multi-page TIFF): the first frame is used (reported).
 - EXIF/TIFF orientation: applied, as viewers do (reported).
 - Colour deeper than 8 bits per channel is read from TIFF with `tifffile` when it is installed; without
@@ -30,17 +39,21 @@ is reported once per file, as an `ImageDecodeWarning` naming it (never silently)
 from __future__ import annotations
 
 import io
+import math
 import threading
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from metallo_core.errors import DataError
 
 # Micrographs from SEMs are often large; PIL's bomb check would refuse legitimate 16k x 16k images.
-Image.MAX_IMAGE_PIXELS = 1 << 30
+# Above MAX_DECODE_PIXELS the decoder refuses the file itself (Pillow would only warn up to twice that).
+MAX_DECODE_PIXELS = 1 << 30
+Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
+DOWNSCALE_ABOVE_PIXELS = 1 << 26  # 8192 x 8192: larger images are reduced while decoding (reported)
 
 FORMAT_NAMES = {"PNG": "png", "JPEG": "jpeg", "TIFF": "tiff", "BMP": "bmp", "MPO": "jpeg"}
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.1, 99.9
@@ -50,10 +63,10 @@ _PERCENTILE_SAMPLE = 1 << 22  # above this many values the range is estimated on
 # The policy in one paragraph, for the --help of every command that reads images.
 DECODE_HELP = ("Decoding: 8-bit images as stored; 16/32-bit and float data mapped to 8 bits from their own "
                "0.1-99.9 percentile range (at least 16 pixels clipped per end; non-finite pixels left out and "
-               "replaced); orientation tags applied; transparency composited on white; multi-page files use the "
-               "first page; each such change is warned once per file, and an unreadable or all-NaN file is an "
-               "error naming it.")
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError)
+               "replaced); orientation tags applied; min-is-white TIFFs inverted; transparency composited on "
+               "white (an alpha channel that is 0 everywhere counts as opaque); images over 8192 x 8192 reduced "
+               "by a whole factor, over 2^30 pixels refused; multi-page files use the first page; each such "
+               "change is warned once per file, and an unreadable or all-NaN file is an error naming it.")
 
 
 _REPORTED: set[int] = set()
@@ -91,8 +104,11 @@ def read_pixels(data: bytes, source: str, draft_size: int | None = None) -> RawP
         if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             return _read_tiff_with_tifffile(data, source, f"Pillow cannot read it ({exc})")
         raise DataError(f"{source}: not a readable image ({exc})") from exc
-    except _DECODE_ERRORS as exc:
-        raise DataError(f"{source}: not a readable image ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{source}: too large to decode ({exc}); metallo decodes up to {MAX_DECODE_PIXELS} "
+                        "pixels: downscale or tile the image first") from exc
+    except Exception as exc:  # any decoder failure (Pillow raises many kinds, MemoryError included)
+        raise DataError(f"{source}: not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
 def render_rgb8(raw: RawPixels, source: str) -> np.ndarray:
@@ -212,16 +228,73 @@ def _read_with_pillow(image: Image.Image, data: bytes, source: str, draft_size: 
     if frames > 1:
         image.seek(0)
         notes.append(f"has {frames} frames/pages; using the first")
-    if draft_size and encoding == "jpeg":
-        # Let libjpeg decode at a reduced scale when the image is much larger than needed.
-        image.draft("RGB", (draft_size, draft_size))
+    stored_size = image.size
+    _refuse_too_large(stored_size, source)
+    factor = _reduction_factor(stored_size)
+    if encoding == "jpeg" and (draft_size or factor > 1):
+        # Let libjpeg decode at a reduced scale (1/2 .. 1/8) when the image is much larger than needed.
+        wanted = (draft_size, draft_size) if draft_size else (-(-stored_size[0] // factor),
+                                                                -(-stored_size[1] // factor))
+        image.draft("RGB", wanted)
+    min_is_white = encoding == "tiff" and getattr(image, "tag_v2", {}).get(262) == 0
     image.load()  # a truncated file fails here, not at open()
     orientation = image.getexif().get(0x0112, 1)
-    if orientation not in (1, 0, None):
-        image = ImageOps.exif_transpose(image)
+    stored_mode = image.mode
+    image = _downscaled(image, stored_size, notes)
+    if orientation in _TRANSPOSES:
+        image = image.transpose(_TRANSPOSES[orientation])
         notes.append(f"rotated/flipped as its orientation tag ({orientation}) says")
     values, alpha = _pillow_values(image, source, notes)
+    if min_is_white and stored_mode in ("I;16", "I;16B", "I", "F"):
+        values = _inverted(values, stored_mode)  # Pillow inverts 1/2/4/8-bit min-is-white itself, not these
+        notes.append("stored as min-is-white; inverted")
     return RawPixels(values, alpha, encoding, notes)
+
+
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _refuse_too_large(size: tuple[int, int], source: str) -> None:
+    if size[0] * size[1] > MAX_DECODE_PIXELS:
+        raise DataError(f"{source}: {size[0]} x {size[1]} pixels is more than metallo decodes "
+                        f"({MAX_DECODE_PIXELS} pixels, e.g. 32768 x 32768); downscale or tile the image first")
+
+
+def _reduction_factor(size: tuple[int, int]) -> int:
+    """The smallest whole factor that brings `size` within DOWNSCALE_ABOVE_PIXELS (1: none needed)."""
+    pixels = size[0] * size[1]
+    return 1 if pixels <= DOWNSCALE_ABOVE_PIXELS else math.ceil(math.sqrt(pixels / DOWNSCALE_ABOVE_PIXELS))
+
+
+def _downscaled(image: Image.Image, stored_size: tuple[int, int], notes: list[str]) -> Image.Image:
+    """`image` reduced by a whole factor (box average) when over DOWNSCALE_ABOVE_PIXELS; a JPEG may already
+    have been reduced by libjpeg (draft), which counts towards the factor."""
+    factor = _reduction_factor(image.size)
+    if factor > 1:
+        if image.mode in ("P", "PA"):
+            image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+        elif image.mode == "1":
+            image = image.convert("L")
+        elif image.mode.startswith("I;16"):
+            image = image.convert("I")  # reduce() takes 8-bit bands, I and F; the values are kept
+        image = image.reduce(factor)
+    if _reduction_factor(stored_size) > 1:  # (a draft for a small training size alone is not reported)
+        notes.append(f"{stored_size[0]} x {stored_size[1]} pixels, more than {DOWNSCALE_ABOVE_PIXELS} "
+                     f"(8192 x 8192): reduced to {image.width} x {image.height} while decoding")
+    return image
+
+
+def _inverted(values: np.ndarray, stored_mode: str) -> np.ndarray:
+    """Min-is-white values as min-is-black: the type's maximum minus the value (negated for floats)."""
+    if values.dtype.kind == "f":
+        return -values
+    if stored_mode.startswith("I;16"):
+        return (65535 - values.astype(np.int64)).astype(values.dtype)  # an I;16 image reduced to int32 too
+    return np.invert(values)
 
 
 def _pillow_values(image: Image.Image, source: str, notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -242,7 +315,7 @@ def _pillow_values(image: Image.Image, source: str, notes: list[str]) -> tuple[n
         array = np.asarray(image)
         colour, alpha = array[..., :-1], array[..., -1]
         colour = colour[..., 0] if mode == "LA" else colour
-        return colour, (None if (alpha == 255).all() else alpha.astype(np.float32) / 255.0)
+        return colour, _alpha_or_none(alpha.astype(np.float32) / 255.0, notes)
     if mode.startswith("I;16") or mode in ("I", "F"):
         return np.asarray(image), None
     if mode == "CMYK":
@@ -253,13 +326,27 @@ def _pillow_values(image: Image.Image, source: str, notes: list[str]) -> tuple[n
     raise DataError(f"{source}: images of colour mode {mode!r} are not supported; save it as grey or RGB")
 
 
+def _alpha_or_none(alpha: np.ndarray, notes: list[str]) -> np.ndarray | None:
+    """`alpha` (0..1), or None when it carries no transparency: 1 everywhere, or 0 everywhere (a mask
+    that was never filled in, as Photoshop's and Windows' 32-bit BMPs have; viewers show them opaque)."""
+    if (alpha >= 1).all():
+        return None
+    if (alpha <= 0).all():
+        notes.append("its alpha channel is 0 everywhere, which carries no transparency: shown opaque")
+        return None
+    return alpha
+
+
 def _tiff_needs_tifffile(image: Image.Image) -> bool:
-    """True when Pillow would misread the TIFF: more than 8 bits in several channels, or float colour."""
+    """True when Pillow would misread the TIFF: more than 8 bits in several channels, float colour, or
+    32-bit unsigned grey (Pillow's mode I is signed: 2^32-1 would show black)."""
     tags = getattr(image, "tag_v2", {})
     bits = tags.get(258, (8,))
     bits = bits if isinstance(bits, tuple) else (bits,)
     samples = tags.get(277, 1)
-    return samples > 1 and max(bits) > 8
+    sample_format = tags.get(339, 1)
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    return (samples > 1 and max(bits) > 8) or (max(bits) == 32 and sample_format == 1)
 
 
 def _is_deep_colour_png(data: bytes) -> bool:
@@ -292,9 +379,11 @@ def _read_tiff_with_tifffile(data: bytes, source: str, why: str) -> RawPixels:
             page = tiff.pages[0]
             if len(tiff.pages) > 1:
                 notes.append(f"has {len(tiff.pages)} pages; using the first")
+            _refuse_too_large((int(page.imagewidth), int(page.imagelength)), source)
             array = page.asarray()
             axes = page.axes
             photometric = int(page.photometric)
+            extra_samples = tuple(int(kind) for kind in np.atleast_1d(page.extrasamples))
             orientation_tag = page.tags.get(274)
             orientation = int(orientation_tag.value) if orientation_tag is not None else 1
     except Exception as exc:  # tifffile raises many types (codecs missing, malformed tags)
@@ -303,29 +392,75 @@ def _read_tiff_with_tifffile(data: bytes, source: str, why: str) -> RawPixels:
         array = np.moveaxis(array, 0, -1)  # planar (separate) samples -> pixel-interleaved
     if array.ndim not in (2, 3):
         raise DataError(f"{source}: TIFF page of shape {array.shape} ({axes}) is not a single 2-D image")
-    if photometric == 0 and array.dtype == np.bool_:
-        array = ~array
-        notes.append("stored as min-is-white; inverted")
-    elif photometric == 0:  # MINISWHITE: 0 is white
-        array = np.iinfo(array.dtype).max - array if array.dtype.kind in "ui" else -array
-        notes.append("stored as min-is-white; inverted")
-    elif photometric not in (1, 2):
+    if photometric not in (0, 1, 2):
         raise DataError(f"{source}: TIFF colour model (photometric {photometric}) is not supported; "
                         "save it as grey or RGB")
     alpha = None
     if array.ndim == 3:
         channels = array.shape[2]
-        if channels in (2, 4):
-            array, alpha_values = array[..., :-1], array[..., -1].astype(np.float64)
-            top = np.iinfo(array.dtype).max if array.dtype.kind in "ui" else 1.0
-            alpha = np.clip(alpha_values / top, 0, 1).astype(np.float32)
-            alpha = None if (alpha >= 1).all() else alpha
+        array, alpha = _split_extra_samples(array, extra_samples, notes)
         if array.shape[2] == 1:
             array = array[..., 0]
         elif array.shape[2] != 3:
             raise DataError(f"{source}: TIFF with {channels} channels; metallo reads grey or RGB(A)")
+    if photometric == 0:  # MINISWHITE: 0 is white (the colour samples only, never the alpha)
+        array = -array if array.dtype.kind == "f" else np.invert(array)
+        notes.append("stored as min-is-white; inverted")
+    array, alpha = _block_reduced(array, alpha, notes)
     if orientation in _ORIENTATIONS:
         array = _ORIENTATIONS[orientation](array)
         alpha = _ORIENTATIONS[orientation](alpha) if alpha is not None else None
         notes.append(f"rotated/flipped as its orientation tag ({orientation}) says")
     return RawPixels(np.ascontiguousarray(array), alpha, "tiff", notes)
+
+
+def _block_reduced(array: np.ndarray, alpha: np.ndarray | None,
+                   notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The tifffile path's reduction over DOWNSCALE_ABOVE_PIXELS: the mean of factor x factor blocks (edge
+    rows and columns that fill no whole block are dropped), in the array's own type."""
+    height, width = array.shape[:2]
+    factor = _reduction_factor((width, height))
+    if factor == 1:
+        return array, alpha
+
+    def reduce(values: np.ndarray) -> np.ndarray:
+        rows, cols = values.shape[0] // factor, values.shape[1] // factor
+        blocks = values[:rows * factor, :cols * factor].reshape(rows, factor, cols, factor, *values.shape[2:])
+        mean = blocks.mean(axis=(1, 3), dtype=np.float64)
+        return np.rint(mean).astype(values.dtype) if values.dtype.kind in "uib" else mean.astype(values.dtype)
+
+    reduced = reduce(array)
+    notes.append(f"{width} x {height} pixels, more than {DOWNSCALE_ABOVE_PIXELS} (8192 x 8192): reduced to "
+                 f"{reduced.shape[1]} x {reduced.shape[0]} while decoding")
+    return reduced, (reduce(alpha) if alpha is not None else None)
+
+
+def _split_extra_samples(array: np.ndarray, extra_samples: tuple[int, ...],
+                         notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(colour, alpha 0..1 or None) of an (H, W, C) TIFF array by its ExtraSamples tag (338): 1 associated
+    (premultiplied) alpha, 2 unassociated alpha, 0 unspecified (dropped). Without the tag, a 2nd or 4th
+    channel is taken as unassociated alpha, as Pillow and viewers do."""
+    channels = array.shape[2]
+    if not extra_samples and channels in (2, 4):
+        extra_samples = (2,)
+    if not extra_samples or len(extra_samples) >= channels:
+        return array, None
+    colour, extras = array[..., :channels - len(extra_samples)], array[..., channels - len(extra_samples):]
+    if extra_samples[0] == 0:
+        notes.append(f"{len(extra_samples)} unspecified extra sample(s) dropped")
+        return colour, None
+    top = float(np.iinfo(array.dtype).max) if array.dtype.kind in "ui" else 1.0
+    alpha = np.clip(extras[..., 0].astype(np.float64) / top, 0, 1).astype(np.float32)
+    if len(extra_samples) > 1:
+        notes.append(f"{len(extra_samples) - 1} further extra sample(s) dropped")
+    if extra_samples[0] == 1 and not (alpha >= 1).all():
+        # Premultiplied: colour = true colour * alpha. Undo it where alpha > 0 so compositing is done once.
+        scale = np.where(alpha > 0, 1.0 / np.maximum(alpha, 1e-12), 0.0)
+        scale = scale[..., None] if colour.ndim == 3 else scale
+        restored = colour.astype(np.float64) * scale
+        if colour.dtype.kind in "ui":
+            info = np.iinfo(colour.dtype)
+            restored = np.clip(np.rint(restored), info.min, info.max)
+        colour = restored.astype(colour.dtype)
+        notes.append("associated (premultiplied) alpha un-premultiplied")
+    return colour, _alpha_or_none(alpha, notes)

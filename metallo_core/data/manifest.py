@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from metallo_core.csv_output import escape_name, escape_names
 from metallo_core.errors import DataError
 from metallo_core.storage import Location, locate
 
@@ -91,7 +92,7 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data["classes"] = {str(key): value for key, value in sorted(self.classes.items())}
-        return json.dumps(data, indent=2)
+        return json.dumps(escape_names(data), indent=2)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
@@ -160,6 +161,10 @@ def build_manifest(
     skipped: list[dict[str, str]] | None = None,
 ) -> Manifest:
     """Aggregate shard infos into a manifest and check the dataset is usable (no empty class or split)."""
+    # Class names as the shard writer stores them (a name that is not valid UTF-8 escaped as \xNN).
+    class_names = [escape_name(name) for name in class_names]
+    if split_classes:
+        split_classes = {split: [escape_name(name) for name in names] for split, names in split_classes.items()}
     counts: dict[str, dict[str, int]] = {}
     encodings: dict[str, int] = {}
     for shard in shards:

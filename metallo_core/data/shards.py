@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metallo_core.csv_output import escape_name
 from metallo_core.data.manifest import (
     MANIFEST_NAME,
     ColumnInfo,
@@ -131,17 +132,20 @@ class ShardWriter:
         if missing:
             raise DataError(f"{row.source}: missing value(s) for label column(s) {sorted(missing)}")
         buffer = self._buffer
+        # A file or folder name that is not valid UTF-8 is stored with its bytes as \xNN (csv_output.escape_name):
+        # Parquet strings are UTF-8, and the manifest escapes the same names the same way.
+        class_name = escape_name(row.class_name)
         buffer["image"].append(row.image)
         buffer["label"].append(row.label)
-        buffer["class_name"].append(row.class_name)
-        buffer["source"].append(row.source)
+        buffer["class_name"].append(class_name)
+        buffer["source"].append(escape_name(row.source))
         buffer["height"].append(row.height)
         buffer["width"].append(row.width)
         buffer["split"].append(self.split)
         for name in self.extra_columns:
             buffer[name].append(row.extras[name])
         self._buffer_bytes += len(row.image)
-        self._shard_counts[row.class_name] = self._shard_counts.get(row.class_name, 0) + 1
+        self._shard_counts[class_name] = self._shard_counts.get(class_name, 0) + 1
         self._shard_encodings[row.encoding] = self._shard_encodings.get(row.encoding, 0) + 1
         if len(buffer["image"]) >= self.row_group_max_rows or self._buffer_bytes >= self.row_group_max_bytes:
             self._flush_row_group()

@@ -10,6 +10,7 @@ from metallo_core.fewshot.finetune import FinetuneSettings, MetaTestMode
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.sources import SourceKind, source_kind
 from metallo_core.settings import ComputeSettings, GateSettings, RegistrySettings, RunSettings
+from metallo_core.user_paths import PathSetting
 
 
 @dataclass
@@ -28,7 +29,7 @@ class EpisodeSettings:
 
 @dataclass
 class FewShotData:
-    uri: str = ""
+    uri: PathSetting = ""
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

@@ -11,6 +11,7 @@ from typing import Any
 
 from metallo_core.config import require
 from metallo_core.models.backbones import BackboneSpec
+from metallo_core.user_paths import PathSetting
 
 METHOD_LABELS = {"protonet": "ProtoNet (PN)", "finetune": "PN+FT", "finetune_autolr": "PN+FT (auto lr)"}
 
@@ -29,7 +30,7 @@ class GridBackbone:
 @dataclass
 class GridMetaTrainSet:
     name: str  # the table's "Meta-training" label
-    uri: str = ""  # "" means the target dataset
+    uri: PathSetting = ""  # "" means the target dataset
     train_split: str = "train"
     val_split: str = "val"
 
@@ -37,7 +38,7 @@ class GridMetaTrainSet:
 @dataclass
 class GridConfig:
     name: str = "seed000"
-    target_uri: str = ""
+    target_uri: PathSetting = ""
     target_name: str = "target"
     target_split: str = "test"
     backbones: list[GridBackbone] = field(default_factory=list)
@@ -48,7 +49,7 @@ class GridConfig:
     metatrain: dict[str, Any] = field(default_factory=dict)  # shared MetaTrainConfig settings
     evaluate: dict[str, Any] = field(default_factory=dict)  # shared EvaluateConfig settings
     experiment: str = "metallo-grid"
-    out: str = ""  # where the table files go; "" is $METALLO_HOME/grid/<name>
+    out: PathSetting = ""  # where the table files go; "" is $METALLO_HOME/grid/<name>
 
     def validate(self) -> None:
         require(bool(self.target_uri), "target_uri is required: the dataset whose test classes are scored")

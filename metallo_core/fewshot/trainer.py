@@ -25,6 +25,7 @@ from torch import nn
 
 from metallo_core.data import tensor_augment
 from metallo_core.data.class_index import ClassIndexedImages
+from metallo_core.errors import TrainingDiverged
 from metallo_core.fewshot.config import MetaTrainConfig
 from metallo_core.fewshot.episodes import Episode, EpisodeSampler
 from metallo_core.fewshot.metrics import mean_and_ci95
@@ -127,7 +128,7 @@ class ProtoNetTrainer:
             logits = self.trained(batch.support, batch.support_labels, batch.query, batch.way)
         loss = F.cross_entropy(logits.float(), batch.query_labels)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"meta-training loss is {loss.item()} at step {step}; lower optim.lr or "
+            raise TrainingDiverged(f"meta-training loss is {loss.item()} at step {step}; lower optim.lr or "
                                      "check the data")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:

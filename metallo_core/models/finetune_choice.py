@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from metallo_core import tracking
-from metallo_core.config import from_dict, to_dict
+from metallo_core.config import from_dict, load_yaml, to_dict
 from metallo_core.errors import ConfigError, TrackingError
 from metallo_core.fewshot.finetune import FinetuneSettings
 
@@ -111,7 +109,7 @@ def settings_from(source: str) -> ChosenFinetune:
 def _from_yaml(path: Path) -> ChosenFinetune:
     if not path.is_file():
         raise ConfigError(f"--finetune-from {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text(), f"--finetune-from {path}") or {}
     section = data.get("finetune") if isinstance(data, dict) else None
     if section is None and isinstance(data, dict) and isinstance(data.get("evaluate"), dict):
         section = data["evaluate"].get("finetune")
@@ -137,7 +135,7 @@ def _from_run(run_id: str) -> ChosenFinetune:
     for name in ("best_config.yaml", "config.yaml"):
         if name not in artifacts:
             continue
-        data = yaml.safe_load(_read_artifact(client, run_id, name)) or {}
+        data = load_yaml(_read_artifact(client, run_id, name), f"{name} of run {run_id}") or {}
         section = data.get("finetune") or (data.get("evaluate") or {}).get("finetune")
         if not isinstance(section, dict):
             continue

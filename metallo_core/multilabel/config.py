@@ -8,6 +8,7 @@ from typing import Literal
 
 from metallo_core.config import require
 from metallo_core.settings import RegistrySettings
+from metallo_core.user_paths import PathSetting
 
 PROPERTY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -31,7 +32,7 @@ class PropertySettings:
 
 @dataclass
 class MultilabelData:
-    uri: str = ""  # dataset URI: local directory or s3://bucket/prefix
+    uri: PathSetting = ""  # dataset URI: local directory or s3://bucket/prefix
     split: str = "train"
     # "" carves `test_fraction` of `split` out as the test set, stratified by the dataset's class label
     # (for the nfurcated set: every morphology x volume-fraction combination); else a split of the dataset.
@@ -75,7 +76,7 @@ class BackboneSettings:
     library: Literal["torchvision", "timm"] = "torchvision"  # which library builds `arch`
     small_input: bool = False  # torchvision ResNets only: CIFAR-style stem for inputs under ~96 px
     # auto / torchvision only: a local torchvision state dict (e.g. resnet50-11ad3fa6.pth) for `arch`.
-    weights_path: str | None = None
+    weights_path: PathSetting | None = None
     # Train the last stage (ResNet `layer4`; EfficientNet: last block group and head conv) with the heads.
     # Features then change every step, so the feature cache cannot be used: each epoch runs the whole
     # backbone on the images.
@@ -89,7 +90,7 @@ class BackboneSettings:
     final_features: bool = True
     extract_batch_size: int = 64
     cache: bool = True  # reuse features computed before for the same backbone, image size and dataset
-    cache_dir: str = ""  # "": $METALLO_HOME/cache/features
+    cache_dir: PathSetting = ""  # "": $METALLO_HOME/cache/features
 
     def validate(self) -> None:
         require(is_backbone_source(self.source),

@@ -108,7 +108,7 @@ def run_sweep(config: ExperimentsConfig, specs: list[dict[str, Any]], tables: di
 
     from metallo_core.train import ray_setup
 
-    ray_setup.connect(config.tune.ray_address)
+    ray_setup.connect(config.tune.ray_address, "tune.ray_address")
     settings = SearchSettings(
         name=f"{config.run.name}-{parent_run_id[:12]}", experiment=config.run.experiment,
         storage=str(tracking.local_home() / "ray"), num_samples=1,

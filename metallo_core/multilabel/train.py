@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from metallo_core.errors import TrainingDiverged
 from metallo_core.multilabel.config import OptimSettings
 from metallo_core.multilabel.model import MultiTaskLoss, images_to_unit_tensor
 from metallo_core.multilabel.properties import PropertyInfo
@@ -209,7 +210,7 @@ def fit(
             loss_sum += loss.detach() * len(rows)
         epoch_loss = float(loss_sum) / count
         if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"training loss became {epoch_loss} at epoch {epoch}; lower optim.lr")
+            raise TrainingDiverged(f"training loss became {epoch_loss} at epoch {epoch}; lower optim.lr")
         watched = validation_score(network, loss_fn, validation_inputs, validation_targets, properties) \
             if validating else (0.0, epoch_loss)
         improved = (watched[0] < best[0] - 1e-12

@@ -10,11 +10,12 @@ from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.sources import OFFLINE_IMAGENET, SCRATCH, offline_imagenet_spec
 from metallo_core.settings import ComputeSettings, GateSettings, RegistrySettings, RunSettings
 from metallo_core.ssl.multicrop import MultiCropConfig
+from metallo_core.user_paths import PathSetting
 
 
 @dataclass
 class DinoData:
-    uri: str = ""  # dataset URI: local directory or s3://bucket/prefix
+    uri: PathSetting = ""  # dataset URI: local directory or s3://bucket/prefix
     split: str = "train"
     # Images are decoded to base_size x base_size (shorter side resized, centre crop) on CPU workers;
     # crops are then cut from that. 0 means global_size * 8/7 (256 for 224-px global crops).
@@ -88,7 +89,7 @@ class DinoOptimSettings:
 @dataclass
 class KnnProbeSettings:
     every_epochs: int = 0  # 0 disables the probe
-    uri: str | None = None  # labelled dataset; None means data.uri
+    uri: PathSetting | None = None  # labelled dataset; None means data.uri
     split: str = "val"
     k: int = 20
     temperature: float = 0.07
@@ -134,7 +135,7 @@ class DinoConfig:
     # or any source of metallo_core.models.sources: imagenet-offline, a weights file (torchvision, timm or
     # DINO checkpoint: /path/w.pth, file:/path/checkpoint.pth#student), download[:tag] (explicit opt-in),
     # models:/metallo-backbone@alias. `backbone` must describe that network (checked before training).
-    init_weights: str | None = None
+    init_weights: PathSetting | None = None
     # BatchNorm of the student's and the teacher's backbones while training. "batch": train mode, as in DINO
     # (batch statistics, running statistics re-estimated on the augmented crops). "frozen": eval mode, the
     # running statistics of `init_weights` are used and kept (the affine weights still train). "auto": frozen

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from metallo_core.errors import TrainingDiverged
 from metallo_core.models.backbones import build_backbone, convert_sync_batchnorm
 from metallo_core.models.sources import backbone_from_source
 from metallo_core.precision import autocast, resolve_precision
@@ -164,7 +165,7 @@ class DinoTrainer:
             teacher_temperature=scheduled["teacher_temperature"],
         )
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"DINO loss is {loss.item()} at step {step} (epoch {epoch}); last metrics: {self.last_metrics}. "
                 "Lower optim.lr, use compute.precision bf16 or fp32 instead of fp16, or check the data"
             )

@@ -8,6 +8,7 @@ import ssl
 from pathlib import Path
 
 from metallo_core.errors import TrackingError
+from metallo_core.user_paths import expand_env_path
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_HOME = "METALLO_HOME"
@@ -19,7 +20,7 @@ PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
 
 def local_home() -> Path:
     """Where embedded-default runs, artifacts and checkpoints live (`$METALLO_HOME` or ./metallo-runs)."""
-    return Path(os.environ.get(ENV_HOME) or Path.cwd() / "metallo-runs").resolve()
+    return Path(expand_env_path(ENV_HOME) or Path.cwd() / "metallo-runs").resolve()
 
 
 def tracking_uri() -> str:

@@ -241,7 +241,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     _, class_names = load_split_labels(config.data.uri, config.split)
     # Pinned before Ray starts: a clear error for a wrong name or alias, and one version for every task.
     model_uri = config.model = pin_model_uri(config.model)
-    ray_setup.connect(config.ray_address)
+    ray_setup.connect(config.ray_address, "ray_address")
     lineage = {
         "metallo.stage": "evaluate",
         "metallo.model_uri": model_uri,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from metallo_core.config import require
+from metallo_core.config import require, to_dict
 from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
-from metallo_core.tuning.space import validate_space
+from metallo_core.tuning.space import check_point, validate_space
+from metallo_core.user_paths import OutputPathSetting, PathSetting
 
 
 @dataclass
@@ -31,7 +32,7 @@ class SearchSettings:
     # would change which trials count is refused (metallo_core/tuning/resume.py); a new name starts afresh.
     name: str = "search"
     experiment: str = "metallo-tune"  # MLflow experiment of the parent run and its child runs
-    storage: str = ""  # local directory or s3://bucket/prefix; "" is $METALLO_HOME/tune
+    storage: PathSetting = ""  # local directory or s3://bucket/prefix; "" is $METALLO_HOME/tune
     num_samples: int = 8
     max_concurrent_trials: int = 2
     searcher: Literal["optuna", "random"] = "optuna"
@@ -45,7 +46,8 @@ class SearchSettings:
     max_failures: int = 1  # retries of a failed trial
     seed: int = 0
     ray_address: str | None = None
-    best_config_out: str = ""  # also write the best trial's config here (it always goes to storage and MLflow)
+    # Also write the best trial's config here (it always goes to storage and MLflow); never over --config.
+    best_config_out: OutputPathSetting = ""
     # Testing aid: behave like Ctrl-C after this many trials have finished (0: never).
     interrupt_after_trials: int = 0
 
@@ -92,7 +94,10 @@ class MetaTrainSearchConfig:
     final_test: FinalTestSettings = field(default_factory=FinalTestSettings)
 
     def validate(self) -> None:
-        validate_space(self.space, MetaTrainConfig, forbidden=METATRAIN_FIXED)
+        base = to_dict(self.base)
+        validate_space(self.space, MetaTrainConfig, forbidden=METATRAIN_FIXED, base=base)
+        for point in self.search.points_to_evaluate:
+            check_point(point, MetaTrainConfig, base)
         require(self.search.cpus_per_trial <= 1,
                 "search.cpus_per_trial is the meta-training trial's driver; its Ray Train workers take "
                 "base.compute resources (keep it <= 1, e.g. 0.25)")
@@ -121,5 +126,8 @@ class FinetuneSearchConfig:
         require(self.report_every_tasks >= 1, "report_every_tasks must be >= 1")
         require(all(key.startswith("finetune.") for key in self.space),
                 "the fine-tuning search's space holds finetune.* keys only, e.g. finetune.lr")
+        base = to_dict(self.evaluate.finetune)
         validate_space({key.removeprefix("finetune."): spec for key, spec in self.space.items()},
-                       FinetuneSettings, forbidden=FINETUNE_FIXED)
+                       FinetuneSettings, forbidden=FINETUNE_FIXED, base=base, where="finetune.")
+        for point in self.search.points_to_evaluate:
+            check_point(point, FinetuneSettings, base, where="finetune.")

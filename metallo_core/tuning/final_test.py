@@ -33,7 +33,7 @@ def score_variants_on_test(config: EvaluateConfig, variants: dict[str, Variant],
 
     config = copy.deepcopy(config)
     config.model = pin_model_uri(config.model)
-    ray_setup.connect(config.ray_address)
+    ray_setup.connect(config.ray_address, "evaluate.ray_address")
     tasks, tasks_json = plan_tasks(config.data.uri, config.split, config, config.tasks, seed=config.seed)
     parent.log_text(tasks_json, f"final_test/episodes_{config.split}.json")
     scorer = ParallelScorer(config, config.split)

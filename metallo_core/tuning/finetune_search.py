@@ -106,7 +106,7 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
     # refusal never marks a finished search failed); the model is pinned and the data URI absolute first.
     stored_spec = search_spec(config)
     runner.check_stored_spec(settings, stored_spec)
-    ray_setup.connect(config.search.ray_address)
+    ray_setup.connect(config.search.ray_address, "search.ray_address")
     lineage = {
         "metallo.stage": "tune-finetune",
         "metallo.model_uri": model_uri,

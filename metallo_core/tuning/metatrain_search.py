@@ -104,7 +104,8 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
     }
     from metallo_core.train import ray_setup
 
-    ray_setup.connect(settings.ray_address or base.compute.ray_address)
+    ray_setup.connect(settings.ray_address or base.compute.ray_address,
+                      "search.ray_address" if settings.ray_address else "base.compute.ray_address")
     from ray import tune
 
     with tracking.open_run(settings.experiment, f"search-{settings.name}", config=config, tags=lineage) as parent:

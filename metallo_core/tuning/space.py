@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -25,17 +26,67 @@ DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "qloguniform", "randint", 
 ENCODED_PREFIX = "json:"
 
 
-def validate_space(space: Mapping[str, Any], config_type: type, *, forbidden: tuple[str, ...] = ()) -> None:
+def validate_space(space: Mapping[str, Any], config_type: type, *, forbidden: tuple[str, ...] = (),
+                   base: Mapping[str, Any] | None = None, where: str = "") -> None:
     """Every key must name a field of `config_type` (dotted through nested dataclasses), with a known
-    distribution and sane bounds; `forbidden` prefixes (run names, data locations) cannot be searched."""
+    distribution and sane bounds; `forbidden` prefixes (run names, data locations) cannot be searched.
+    With `base` (the plain config every trial starts from), every value a trial could get is checked
+    against the field before any trial starts: each choice and grid value, both bounds of a range and a
+    fixed value must make a valid config (the field's type, its Literal choices, its `validate()` ranges),
+    and a range that draws fractions cannot feed an integer setting. `where` prefixes keys in messages."""
     if not space:
         raise ConfigError("space is empty: name at least one setting to search (see tuning/configs/)")
     for key, spec in space.items():
         if any(key == prefix or key.startswith(prefix + ".") for prefix in forbidden):
             raise ConfigError(f"space: {key!r} cannot be searched (the search sets it for every trial)")
-        _field_type(config_type, key)
+        annotation = _field_type(config_type, key)
         if isinstance(spec, Mapping):
-            _validate_distribution(key, spec)
+            _validate_distribution(f"{where}{key}", spec)
+        if base is not None:
+            _check_values(key, spec, annotation, config_type, base, where)
+
+
+def check_point(point: Mapping[str, Any], config_type: type, base: Mapping[str, Any], where: str = "") -> None:
+    """A known configuration (search.points_to_evaluate) must make a valid config as a whole."""
+    from metallo_core.config import from_dict
+
+    try:
+        from_dict(config_type, apply_params(base, {key.removeprefix(where): value for key, value in point.items()}))
+    except ConfigError as exc:
+        raise ConfigError(f"search.points_to_evaluate: the point {dict(point)} is not a valid config ({exc})") from exc
+
+
+def _check_values(key: str, spec: Any, annotation: Any, config_type: type, base: Mapping[str, Any],
+                  where: str) -> None:
+    from metallo_core.config import from_dict
+
+    name = f"space.{where}{key}"
+    if not isinstance(spec, Mapping):
+        candidates = [("the fixed value", spec)]
+    else:
+        (kind, args), = spec.items()
+        if kind in ("choice", "grid"):
+            candidates = [(kind, value) for value in args]
+        else:
+            integer = _without_optional(annotation) is int
+            if integer and kind in ("uniform", "loguniform"):
+                raise ConfigError(f"{name}: {kind} draws fractions, but {where}{key} is an integer setting; "
+                                  "use randint [low, high], or quniform/qloguniform with a whole step")
+            if integer and kind.startswith("q") and float(args[2]) != int(float(args[2])):
+                raise ConfigError(f"{name}: {kind} step {args[2]} is not whole, but {where}{key} is an integer")
+            convert = int if kind == "randint" or integer else float
+            candidates = [("lower bound", convert(args[0])), ("upper bound", convert(args[1]))]
+    for label, value in candidates:
+        try:
+            from_dict(config_type, apply_params(base, {key: value}))
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {label} {value!r} is not a valid value ({exc})") from exc
+
+
+def _without_optional(annotation: Any) -> Any:
+    options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return options[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(options) == 1 \
+        else annotation
 
 
 def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
