@@ -1,15 +1,29 @@
-"""`metallo quickstart`: the whole pipeline at small scale on embedded defaults.
+"""`metallo quickstart`: seed 000's chain on real images, from pretrained weights to a model `classify` uses.
 
-Synthetic few-shot shards -> DINO pretraining -> ProtoNet meta-training -> meta-testing with and without
-fine-tuning -> both models registered. Local Ray, the sqlite MLflow store, data generated on the fly;
-sized to finish in under 10 minutes on a 2-core CPU. Every default can be overridden (`key=value`).
+Offline, on the local Ray and the sqlite MLflow store, from the ImageNet EfficientNet-Lite0 that installs with
+metallo, on real images (the built-in X-SDD, or `--images DIR`):
+
+1. ingest the labelled folder into shards, each class cut (seeded) into three disjoint pools: `train` (DINO's
+   unlabelled images), `val` (selection tasks: every choice is made here) and `test` (reported only);
+   render the synthetic base classes meta-training learns from (no class and no image shared with the test);
+2. domain-adaptive DINO on the `train` pool without its labels (Ray Train, the shard stream);
+3. ProtoNet meta-training on episodes of the synthetic base classes (Ray Train), from the backbone step 2 kept;
+4. fine-tuning settings chosen on the selection tasks (lr 0, i.e. no fine-tuning, is a candidate);
+5. plain ProtoNet (PN) and PN + fine-tuning on the test pool (Ray actors), beside the frozen ImageNet
+   backbone's PN on the same tasks, paired.
+
+Each stage is scored against its input on the selection tasks (`fewshot.stage_gate`, paired 95% interval)
+and kept only where it helped; `models:/metallo-protonet@quickstart` is the best of them, registered with its
+lineage, a description a person reads in the MLflow UI, and the fine-tuning settings classify uses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from metallo_core import tracking
@@ -19,45 +33,61 @@ from metallo_core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# The embedded defaults: every stage's config in one place, small enough for a laptop CPU.
+EXPERIMENT = "metallo-quickstart"
+BACKBONE_NAME, PROTONET_NAME, ALIAS = "metallo-backbone", "metallo-protonet", "quickstart"
+START_ALIAS = "quickstart-start"  # the chain's starting point, registered so the test pool can score it too
+# A ProtoNet that was not meta-trained has no learnt logit scale; the fine-tuning loss uses this one
+# (ranking prototypes, i.e. plain ProtoNet, does not depend on it).
+UNTRAINED_COSINE_SCALE = 5.0
+
+LITE0 = {"library": "timm", "arch": "tf_efficientnet_lite0", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+# The embedded defaults: every stage's config in one place, sized for 10 minutes on a 2-core CPU. Epochs and
+# task counts are small; the protocol (disjoint pools, choices on selection tasks only) is not.
 DEFAULTS: dict[str, Any] = {
-    "data": {"classes": 40, "images_per_class": 40, "size": 40, "seed": 0},
+    "images": "",  # a labelled folder <dir>/<class>/<image>; "" is the built-in X-SDD
+    # X-SDD's own 128 px; the registered model runs at this size (classify resizes or tiles to it).
+    "image_size": 128,
+    # Per class: DINO's unlabelled pool, the selection pool, the test pool (seeded, disjoint).
+    "pools": {"fractions": [0.2, 0.2, 0.6], "seed": 0},
+    "base": {"classes": 40, "images_per_class": 30, "seed": 0},  # synthetic base classes of meta-training
+    # The selection tasks each stage is judged on (the `val` pool); the same tasks for input and output.
+    "gate": {"way": 5, "shot": 1, "query": 10, "tasks": 100, "seed": 0},
     "pretrain": {
-        "backbone": {"arch": "resnet18", "small_input": True, "image_size": 32},
-        "data": {"base_size": 36},
-        "head": {"out_dim": 1024, "hidden_dim": 512, "bottleneck_dim": 128},
-        "multicrop": {"global_size": 32, "local_size": 16, "local_crops": 2, "global_scale": [0.5, 1.0],
-                      "local_scale": [0.15, 0.5], "micrograph": True},
-        "optim": {"batch_size_per_worker": 32, "warmup_epochs": 1, "freeze_last_layer_epochs": 1},
-        "knn": {"every_epochs": 1, "split": "val", "max_images": 400},
-        # Two epochs: on this little data DINO's k-NN accuracy does not improve within the budget (it needs
-        # hundreds of epochs); the stage is here to show the pipeline, the meta-training does the learning.
-        "epochs": 2,
+        "backbone": LITE0,
+        "init_weights": "imagenet-offline",
+        "backbone_batchnorm": "frozen",
+        "data": {"split": "train"},
+        "head": {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256, "norm_last_layer": True},
+        "multicrop": {"local_crops": 4, "global_scale": [0.25, 1.0], "local_scale": [0.05, 0.25],
+                      "micrograph": True, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "optim": {"name": "adamw", "batch_size_per_worker": 32, "lr": 1e-4, "min_lr": 1e-6, "warmup_epochs": 1,
+                  "weight_decay": 0.04, "weight_decay_end": 0.04, "momentum_teacher": 0.998, "clip_grad": 3.0,
+                  "freeze_last_layer_epochs": 1},
+        "loss": {"teacher_temperature": 0.04, "warmup_teacher_temperature": 0.04},
+        "knn": {"every_epochs": 0},
+        "epochs": 3,
         "run": {"log_every_steps": 5},
     },
     "metatrain": {
         "episodes": {"way": 5, "shot": 5, "query": 10},
-        "episodes_per_epoch": 50,
-        "val_episodes": 30,
+        "episodes_per_epoch": 20,
+        "val_episodes": 20,
         "val_shot": 1,
-        "optim": {"name": "sgd", "lr": 0.01},
-        "epochs": 3,
-        "run": {"log_every_steps": 10},
+        "distance": "cosine",
+        "bn_mode": "eval",  # keep ImageNet's BatchNorm statistics, as fine-tuning and DINO do
+        "optim": {"name": "sgd", "lr": 0.001, "weight_decay": 0.0005},
+        "epochs": 2,
+        "run": {"log_every_steps": 5},
     },
-    # 5-way 5-shot, fine-tuning layer4 (the frozen trunk is embedded once per task: a 5-shot task ~2.5x
-    # cheaper than updating the whole backbone, 2.0 vs 4.9 s on 2 cores, which fits the 10-minute budget).
-    # The lr is chosen on meta-validation tasks, never on the test tasks, and lr 0 (plain ProtoNet) is a
-    # candidate: on these in-domain synthetic classes fine-tuning has not beaten ProtoNet (test tasks:
-    # -4.2 +- 1.7 points with lr 0.01, the best fine-tuning lr on meta-val); P>M>F sees its gains under
-    # domain shift, which the real-image quickstart (quickstart_pretrained) shows.
     "evaluate": {
-        "episodes": {"way": 5, "shot": 5, "query": 10},
-        "tasks": 80,
+        "episodes": {"way": 5, "shot": 1, "query": 15, "cap_query": True},
+        "tasks": 100,
         "modes": ["protonet", "finetune"],
-        "finetune": {"steps": 10, "lr": 0.003, "update": "last_stage", "bn_mode": "train"},
+        "finetune": {},  # the engine's defaults (fewshot.finetune.FinetuneSettings)
         "select_on_val": True,
-        "select_lrs": [0.0, 0.003, 0.01],
-        "select_tasks": 16,
+        "select_lrs": [0.0, 0.003],
+        "select_tasks": 40,
         "parallelism": 2,
     },
 }
@@ -65,23 +95,23 @@ DEFAULTS: dict[str, Any] = {
 
 @dataclass
 class QuickstartResult:
-    protonet: dict[str, float]
-    finetune: dict[str, float]
-    models: dict[str, str]
-    dataset: str
-    way: int = 0
-    shot: int = 0
-    tasks: int = 0
-    finetune_lr: float | None = None  # chosen on meta-validation tasks
-    # fine-tuning minus ProtoNet, per task over the same tasks: mean and 95% interval
-    gain: dict[str, float] = field(default_factory=dict)
+    images: str  # the labelled folder the chain ran on
+    pools: dict[str, str]  # pool -> which images, in words
+    real_uri: str = ""  # its shards, pools as splits train / val / test
+    base_uri: str = ""  # the synthetic base classes' shards
+    settings: dict[str, Any] = field(default_factory=dict)  # the embedded defaults with the overrides applied
+    stages: list[dict] = field(default_factory=list)  # fewshot.stage_gate.StageVerdict as dicts
+    stage_table: str = ""
+    test: dict[str, Any] = field(default_factory=dict)  # the test-pool figures (see `test_figures`)
+    models: dict[str, str] = field(default_factory=dict)
     runs: dict[str, str] = field(default_factory=dict)
+    finetune_settings: dict[str, Any] = field(default_factory=dict)
     minutes: float = 0.0
 
 
-def run_quickstart(overrides: list[str] = (), *, tag: str | None = None) -> QuickstartResult:
-    from metallo_core.data.synth_dataset import write_fewshot
+def run_quickstart(overrides: list[str] = (), *, images: str | None = None, tag: str | None = None) -> QuickstartResult:
     from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
+    from metallo_core.fewshot.stage_gate import stage_table
     from metallo_core.ssl.config import DinoConfig
     from metallo_core.train.dino import run_dino_pretraining
     from metallo_core.train.evaluate import run_evaluation
@@ -89,91 +119,329 @@ def run_quickstart(overrides: list[str] = (), *, tag: str | None = None) -> Quic
 
     started = time.perf_counter()
     settings = apply_overrides(DEFAULTS, list(overrides))
+    if images:
+        settings["images"] = images
     tag = tag or time.strftime("%Y%m%d-%H%M%S")
     tracking.configure()
     home = tracking.local_home() / "quickstart"
-    data = settings["data"]
-    uri = str(home / f"fewshot-c{data['classes']}-n{data['images_per_class']}-s{data['size']}-seed{data['seed']}")
+    folder = labelled_folder(settings["images"])
+    size = settings["image_size"]
 
-    _step(1, "synthetic few-shot shards", uri)
+    _step(1, "data", f"{folder} -> shards with disjoint pools; synthetic base classes for meta-training")
+    real_uri = ingest_pools(folder, home, settings)
+    base_uri = synthetic_base(home, settings)
+    pools = describe_pools(real_uri, base_uri)
+    for line in pools.values():
+        logger.info("  %s", line)
+    gate = {"uri": real_uri, "split": "val", "baseline": "input", **settings["gate"]}
+    result = QuickstartResult(images=str(folder), pools=pools, real_uri=real_uri, base_uri=base_uri,
+                              settings=settings)
+
+    with tracking.start_run(EXPERIMENT, f"quickstart-{tag}", config=settings,
+                            tags={"metallo.stage": "quickstart", **tracking.dataset_tags(real_uri, split="test")}
+                            ) as parent:
+        log_other_inputs(parent.run_id, real_uri, base_uri)
+        start_uri = register_start(parent.run_id, size)
+        result.models["start"] = start_uri
+
+        _step(2, "domain-adaptive DINO", f"from the ImageNet weights on {pools['train']}")
+        dino = from_dict(DinoConfig, deep_merge(settings["pretrain"], {
+            "backbone": {"image_size": size},
+            "data": {"uri": real_uri, "base_size": size},
+            "multicrop": {"global_size": size, "local_size": local_crop_size(size)},
+            "gate": gate,
+            "run": {"name": f"quickstart-dino-{tag}", "experiment": EXPERIMENT},
+            "registry": {"name": BACKBONE_NAME, "alias": ALIAS},
+        }))
+        pretrained = run_dino_pretraining(dino)
+        result.runs["pretrain"] = pretrained.run_id
+        verdicts = [pretrained.gate]
+        result.models["dino"] = pretrained.model_uri or ""
+        backbone_source = pretrained.model_uri if pretrained.alias_moved else "imagenet-offline"
+
+        _step(3, "ProtoNet meta-training", f"from {backbone_source} on {pools['base']}")
+        metatrain = from_dict(MetaTrainConfig, deep_merge(settings["metatrain"], {
+            "data": {"uri": base_uri, "image_size": size},
+            "backbone": {"source": backbone_source, "spec": {**LITE0, "image_size": size}},
+            "gate": gate,
+            "run": {"name": f"quickstart-protonet-{tag}", "experiment": EXPERIMENT},
+            "registry": {"name": PROTONET_NAME, "alias": ALIAS},
+        }))
+        metatrained = run_metatraining(metatrain, parent_run_id=parent.run_id)
+        result.runs["metatrain"] = metatrained.run_id
+        verdicts.append(metatrained.gate)
+        result.models["metatrained"] = metatrained.model_uri or ""
+        if metatrained.alias_moved and metatrained.model_uri:
+            protonet_uri = metatrained.model_uri
+        else:  # meta-training did not help: the kept backbone becomes the ProtoNet, unchanged
+            protonet_uri = register_unchanged_protonet(parent.run_id, backbone_source, size, pretrained,
+                                                       metatrained)
+
+        _step(4, "fine-tuning settings on the selection tasks, then the test pool",
+              f"{protonet_uri} (and the frozen ImageNet start on the same tasks)")
+        evaluate = deep_merge(settings["evaluate"], {
+            "data": {"uri": real_uri, "image_size": size, "val_split": "val"},
+            "split": "test", "experiment": EXPERIMENT,
+        })
+        evaluation = run_evaluation(from_dict(EvaluateConfig, deep_merge(evaluate, {
+            "model": protonet_uri, "run_name": f"quickstart-eval-{tag}"})))
+        baseline = run_evaluation(from_dict(EvaluateConfig, deep_merge(evaluate, {
+            "model": start_uri, "modes": ["protonet"], "select_on_val": False,
+            "run_name": f"quickstart-eval-imagenet-{tag}"})))
+        result.runs.update(evaluate=evaluation.run_id, evaluate_imagenet=baseline.run_id, quickstart=parent.run_id)
+        verdicts.append(finetune_verdict(evaluation))
+        result.stages = [verdict_dict(v) for v in verdicts if v is not None]
+        result.stage_table = stage_table([v for v in verdicts if v is not None])
+        result.test = figures_on_test_pool(evaluation, baseline)
+        result.finetune_settings = {"lr": evaluation.selection.get("best", {}).get("lr"),
+                                    **settings["evaluate"]["finetune"]}
+        result.models.update(protonet=protonet_uri, protonet_alias=f"models:/{PROTONET_NAME}@{ALIAS}")
+        result.minutes = (time.perf_counter() - started) / 60
+        parent.log_text(result.stage_table, "stage_table.md")
+        parent.log_dict(as_json(result), "quickstart.json")
+        parent.log_metrics({"test_protonet": result.test["protonet"]["mean"],
+                            "test_finetune": result.test["finetune"]["mean"],
+                            "test_imagenet_protonet": result.test["imagenet_protonet"]["mean"]})
+        describe_model_version(protonet_uri, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def labelled_folder(images: str) -> Path:
+    """The folder the chain runs on: the given one (must exist), else the built-in X-SDD."""
+    from metallo_core.datasets import xsdd_images
+
+    if not images:
+        return xsdd_images()
+    path = Path(images).expanduser()
+    if not path.is_dir():
+        raise DataError(f"--images {path} is not a directory of class folders (<dir>/<class>/<image>)")
+    return path.resolve()
+
+
+def ingest_pools(folder: Path, home: Path, settings: dict[str, Any]) -> str:
+    """Shards of `folder` with per-class row splits train/val/test (`pools.fractions`), written once per
+    (folder, fractions, seed, size) and reused."""
+    from metallo_core.data.ingest.common import IngestOptions
+    from metallo_core.data.ingest.imagefolder import ingest_imagefolder
+
+    pools, size = settings["pools"], settings["image_size"]
+    key = hashlib.sha256(f"{folder}|{pools['fractions']}|{pools['seed']}|{size}".encode()).hexdigest()[:10]
+    uri = str(home / f"{folder.name}-pools-{key}")
     try:
         read_manifest(uri)
     except DataError:
-        write_fewshot(uri, num_classes=data["classes"], images_per_class=data["images_per_class"], size=data["size"],
-                      seed=data["seed"], overwrite=True)
+        ingest_imagefolder(str(folder), uri, IngestOptions(size=size, overwrite=True, seed=pools["seed"],
+                                                            name=folder.name),
+                           split_rows=tuple(pools["fractions"]))
+    return uri
 
-    _step(2, "DINO pretraining", f"run quickstart-dino-{tag}")
-    dino = from_dict(DinoConfig, deep_merge(settings["pretrain"], {
-        "data": {"uri": uri},
-        "run": {"name": f"quickstart-dino-{tag}", "experiment": "metallo-quickstart"},
-        "registry": {"name": "metallo-backbone", "alias": "quickstart"},
-    }))
-    pretrained = run_dino_pretraining(dino)
 
-    _step(3, "ProtoNet meta-training", f"from {pretrained.model_uri}")
-    metatrain = from_dict(MetaTrainConfig, deep_merge(settings["metatrain"], {
-        "data": {"uri": uri, "image_size": dino.backbone.image_size},
-        "backbone": {"source": pretrained.model_uri},
-        "run": {"name": f"quickstart-protonet-{tag}", "experiment": "metallo-quickstart"},
-        "registry": {"name": "metallo-protonet", "alias": "quickstart"},
-    }))
-    metatrained = run_metatraining(metatrain)
+def synthetic_base(home: Path, settings: dict[str, Any]) -> str:
+    """The synthetic micrograph classes meta-training learns from (its train and val splits)."""
+    from metallo_core.data.synth_dataset import write_fewshot
 
-    _step(4, "meta-testing: ProtoNet and fine-tuning",
-          f"on the {len(read_manifest(uri).splits['test'].classes)} test classes")
-    evaluation = run_evaluation(from_dict(EvaluateConfig, deep_merge(settings["evaluate"], {
-        "model": metatrained.model_uri,
-        "data": {"uri": uri, "image_size": dino.backbone.image_size},
-        "experiment": "metallo-quickstart",
-        "run_name": f"quickstart-eval-{tag}",
-    })))
-    modes = {mode: {"mean": value.mean, "ci95": value.ci95} for mode, value in evaluation.modes.items()}
-    return QuickstartResult(
-        protonet=modes.get("protonet", {}),
-        finetune=modes.get("finetune", {}),
-        models={"backbone": pretrained.model_uri, "protonet": metatrained.model_uri},
-        dataset=uri,
-        way=evaluation.way,
-        shot=evaluation.shot,
-        tasks=evaluation.tasks,
-        finetune_lr=evaluation.selection.get("best", {}).get("lr"),
-        gain=dict(zip(("mean", "ci95"), evaluation.gains.get("finetune", ()))),
-        runs={"pretrain": pretrained.run_id, "metatrain": metatrained.run_id, "evaluate": evaluation.run_id},
-        minutes=(time.perf_counter() - started) / 60,
-    )
+    base, size = settings["base"], settings["image_size"]
+    uri = str(home / f"fewshot-c{base['classes']}-n{base['images_per_class']}-s{size}-seed{base['seed']}")
+    try:
+        read_manifest(uri)
+    except DataError:
+        write_fewshot(uri, num_classes=base["classes"], images_per_class=base["images_per_class"], size=size,
+                      seed=base["seed"], overwrite=True)
+    return uri
+
+
+def describe_pools(real_uri: str, base_uri: str) -> dict[str, str]:
+    """Which images each stage sees, in words (printed, and kept with the result)."""
+    real, base = read_manifest(real_uri), read_manifest(base_uri)
+
+    def count(manifest, split: str) -> str:
+        info = manifest.splits[split]
+        return f"{info.num_images} images of {len(info.classes)} classes"
+
+    return {
+        "train": f"DINO: {count(real, 'train')} of {real.name}'s `train` pool, labels unused",
+        "base": (f"meta-training: {count(base, 'train')} of synthetic micrographs (base classes; meta-validation "
+                 f"on {count(base, 'val')}), no real image"),
+        "val": f"selection: {count(real, 'val')} of {real.name}'s `val` pool (every stage's gate, fine-tuning lr)",
+        "test": f"test: {count(real, 'test')} of {real.name}'s `test` pool, seen by no training or selection stage",
+    }
+
+
+def log_other_inputs(run_id: str, real_uri: str, base_uri: str) -> None:
+    """The quickstart run's other datasets as MLflow dataset inputs (the test pool is logged with its tags)."""
+    from metallo_core.tracking.datasets import log_dataset_input
+
+    mlflow_client = tracking.client()
+    for uri, split, stage in ((real_uri, "train", "pretrain"), (real_uri, "val", "selection"),
+                              (base_uri, "train", "metatrain")):
+        log_dataset_input(mlflow_client, run_id, {**tracking.dataset_tags(uri, split=split), "metallo.stage": stage})
+
+
+def local_crop_size(size: int) -> int:
+    """DINO's 96/224 local-to-global ratio, on a multiple of 8."""
+    return max(32, round(size * 96 / 224 / 8) * 8)
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+def register_start(run_id: str, size: int) -> str:
+    """The offline ImageNet EfficientNet-Lite0 at `size`, registered as a ProtoNet (`@quickstart-start`), so the
+    test pool scores the chain's starting point on the same tasks."""
+    from metallo_core.fewshot.protonet import ProtoNet
+    from metallo_core.models.protonet_store import protonet_metadata
+    from metallo_core.models.registry import log_backbone
+    from metallo_core.models.sources import offline_imagenet_backbone
+
+    backbone, spec = offline_imagenet_backbone(size)
+    protonet = ProtoNet(backbone, cosine_scale=UNTRAINED_COSINE_SCALE)
+    registered = log_backbone(run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=START_ALIAS,
+                              artifact_name="protonet_start",
+                              tags={"metallo.source": spec.weights, "metallo.arch": spec.arch,
+                                    "metallo.meta_training": "none", "metallo.stage": "quickstart-start"},
+                              metadata=protonet_metadata(protonet))
+    assert registered is not None  # registered_name given
+    return registered.uri
+
+
+def register_unchanged_protonet(run_id: str, backbone_source: str, size: int, pretrained, metatrained) -> str:
+    """The kept backbone as the quickstart's ProtoNet when meta-training did not help (cosine head at the
+    untrained scale), aliased `@quickstart`, with tags saying which stages it went through."""
+    from metallo_core.fewshot.protonet import ProtoNet
+    from metallo_core.models.backbones import BackboneSpec
+    from metallo_core.models.protonet_store import protonet_metadata
+    from metallo_core.models.registry import log_backbone
+    from metallo_core.models.sources import backbone_from_source
+
+    backbone, spec = backbone_from_source(backbone_source, from_dict(BackboneSpec, {**LITE0, "image_size": size}))
+    protonet = ProtoNet(backbone.eval(), cosine_scale=UNTRAINED_COSINE_SCALE)
+    registered = log_backbone(run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=ALIAS,
+                              artifact_name="protonet",
+                              tags={"metallo.backbone_source": backbone_source, "metallo.arch": spec.arch,
+                                    "metallo.dino": "kept" if pretrained.alias_moved else "not kept",
+                                    "metallo.dino_run": pretrained.run_id,
+                                    "metallo.meta_training": "not kept",
+                                    "metallo.meta_training_run": metatrained.run_id},
+                              metadata=protonet_metadata(protonet))
+    assert registered is not None
+    return registered.uri
+
+
+def describe_model_version(model_uri: str, result: QuickstartResult) -> None:
+    """The text the MLflow UI shows on the registered version: what it is, its figures, how to use it."""
+    from metallo_core.tracking.registry import resolve_version
+
+    version = resolve_version(model_uri)
+    test = result.test
+    text = "\n".join([
+        f"metallo quickstart's few-shot classifier (ProtoNet) for {Path(result.images).name}-like images, "
+        f"{test['way']}-way {test['shot']}-shot tasks.",
+        "",
+        "Stages (each kept only where it beat its input on held-apart selection tasks):",
+        result.stage_table,
+        "",
+        f"Test pool ({test['tasks']} tasks no stage saw): ProtoNet {percent(test['protonet'])}, "
+        f"with fine-tuning {percent(test['finetune'])}; the frozen ImageNet backbone's ProtoNet "
+        f"{percent(test['imagenet_protonet'])} on the same tasks.",
+        "",
+        "Classify your own images with it (one sub-folder of 1-5 images per class as the support):",
+        f"    metallo classify --model models:/{PROTONET_NAME}@{ALIAS} --support SUPPORT_DIR --query QUERY_DIR "
+        "--out predictions.csv --finetune",
+    ])
+    tracking.client().update_model_version(version.name, version.version, description=text)
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def finetune_verdict(evaluation):
+    """Fine-tuning judged like the other stages: the lr chosen on the selection tasks against lr 0 (plain
+    ProtoNet) on the same tasks. None when no selection ran."""
+    from metallo_core.fewshot.stage_gate import judge
+
+    grid = evaluation.selection.get("grid", [])
+    plain = next((row for row in grid if row["lr"] == 0), None)
+    best = evaluation.selection.get("best")
+    if plain is None or best is None:
+        return None
+    chosen = next(row for row in grid if row["lr"] == best["lr"] and row["steps"] == best["steps"])
+    return judge("finetune", "each task's support set (augmented), per task", "plain ProtoNet (lr 0)",
+                 plain["per_task"], chosen["per_task"])
+
+
+def figures_on_test_pool(evaluation, baseline) -> dict[str, Any]:
+    """Test-pool means and 95% intervals, and paired gains over the same tasks."""
+    from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
+
+    def summary(accuracies):
+        mean, ci95 = mean_and_ci95(accuracies)
+        return {"mean": mean, "ci95": ci95}
+
+    def gain(before, after):
+        mean, ci95 = paired_gain(before, after)
+        return {"mean": mean, "ci95": ci95}
+
+    imagenet = baseline.per_task["protonet"]
+    protonet, finetune = evaluation.per_task["protonet"], evaluation.per_task["finetune"]
+    return {
+        "way": evaluation.way, "shot": evaluation.shot, "tasks": evaluation.tasks,
+        "imagenet_protonet": summary(imagenet), "protonet": summary(protonet), "finetune": summary(finetune),
+        "gains": {"protonet - imagenet_protonet": gain(imagenet, protonet),
+                  "finetune - imagenet_protonet": gain(imagenet, finetune),
+                  "finetune - protonet": gain(protonet, finetune)},
+    }
+
+
+def verdict_dict(verdict) -> dict:
+    return verdict.to_dict()
+
+
+def as_json(result: QuickstartResult) -> dict:
+    from dataclasses import asdict
+
+    return asdict(result)
+
+
+def percent(summary: dict[str, float]) -> str:
+    return f"{100 * summary['mean']:.2f}% ± {100 * summary['ci95']:.2f}"
+
+
+def points(summary: dict[str, float]) -> str:
+    return f"{100 * summary['mean']:+.2f} ± {100 * summary['ci95']:.2f} points"
 
 
 def describe(result: QuickstartResult) -> str:
-    rows = [
+    test = result.test
+    task = f"{test['way']}-way {test['shot']}-shot, {test['tasks']} test tasks"
+    lines = [
         "",
-        f"metallo quickstart finished in {result.minutes:.1f} min",
+        f"metallo quickstart finished in {result.minutes:.1f} min, on {result.images}",
         "",
-        f"| method | {result.way}-way {result.shot}-shot accuracy over {result.tasks} test tasks (95% interval) |",
+        "What each stage saw:",
+        *(f"  {line}" for line in result.pools.values()),
+        "",
+        "Each stage against its input, on the selection tasks (paired, 95% interval):",
+        result.stage_table,
+        "",
+        f"| {task} | accuracy (95% interval) |",
         "|---|---|",
-        f"| ProtoNet (PN) | {100 * result.protonet['mean']:.2f}% ± {100 * result.protonet['ci95']:.2f} |",
-        f"| PN + fine-tuning (PN+FT) | {100 * result.finetune['mean']:.2f}% ± {100 * result.finetune['ci95']:.2f} |",
+        f"| frozen ImageNet EfficientNet-Lite0, ProtoNet | {percent(test['imagenet_protonet'])} |",
+        f"| registered model, ProtoNet (PN) | {percent(test['protonet'])} |",
+        f"| registered model, PN + fine-tuning | {percent(test['finetune'])} |",
         "",
-        (f"PN+FT - PN, paired over the same tasks: {100 * result.gain['mean']:+.2f} "
-         f"± {100 * result.gain['ci95']:.2f} points"
-         if result.gain else ""),
-        finetune_choice_line(result.finetune_lr),
-        f"registered backbone: {result.models['backbone']}",
-        f"registered ProtoNet: {result.models['protonet']}",
-        f"MLflow experiment 'metallo-quickstart'; open the UI with: {tracking.ui_command()}",
+        f"PN + fine-tuning - frozen ImageNet ProtoNet, paired: {points(test['gains']['finetune - imagenet_protonet'])}",
+        f"PN + fine-tuning - PN, paired: {points(test['gains']['finetune - protonet'])}",
+        f"registered: {result.models['protonet_alias']} ({result.models['protonet']})",
+        (f"classify with it: metallo classify --model {result.models['protonet_alias']} --support S --query Q "
+         "--out P.csv --finetune"),
+        f"MLflow experiment '{EXPERIMENT}'; open the UI with: {tracking.ui_command()}",
     ]
-    return "\n".join(rows)
+    return "\n".join(lines)
 
 
 def _step(number: int, title: str, detail: str) -> None:
     """A stage line: progress, so on stderr with the other progress lines (the result table is on stdout)."""
     logger.info("[quickstart %d/4] %s: %s", number, title, detail)
-
-
-def finetune_choice_line(lr: float | None) -> str:
-    """What the meta-val selection chose, in words; lr 0 means fine-tuning did not beat ProtoNet there."""
-    if lr is None:
-        return ""
-    if lr == 0:
-        return ("fine-tuning lr 0 chosen on meta-validation tasks: no lr tried beat plain ProtoNet there, "
-                "so PN+FT is ProtoNet")
-    return f"fine-tuning lr {lr:g}, chosen on meta-validation tasks"

@@ -1,5 +1,6 @@
-"""`metallo quickstart`: synthetic data -> DINO -> ProtoNet -> evaluation with and without fine-tuning;
-`--pretrained`: the offline ImageNet backbone scored on real images (metallo_core/quickstart_pretrained.py)."""
+"""`metallo quickstart`: seed 000's chain on real images from the offline ImageNet weights, every stage gated
+(metallo_core/quickstart.py); `--from-scratch`: the same stages from random weights on synthetic data
+(metallo_core/quickstart_scratch.py)."""
 
 from __future__ import annotations
 
@@ -13,31 +14,31 @@ from metallo_core.user_paths import cli_path
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quickstart",
-        help="run the whole pipeline at small scale on embedded defaults (local Ray, sqlite MLflow, synthetic data)",
+        help="build a few-shot classifier from the offline ImageNet weights on real images (DINO, meta-training, "
+             "fine-tuning, each kept only where it helps), on the local Ray and a sqlite MLflow store",
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override an embedded default, e.g. pretrain.epochs=5 evaluate.tasks=600")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="a real start instead: the offline ImageNet EfficientNet-Lite0, registered as "
-                             "models:/metallo-protonet@pretrained, scored with and without fine-tuning on real images")
-    parser.add_argument("--eval-images", metavar="DIR", type=cli_path,
-                        help="with --pretrained: a labelled folder (<DIR>/<class>/<image>) to score on; default "
-                             "../shared/data/x-sdd next to the repository if present, else synthetic test classes")
+    parser.add_argument("--images", metavar="DIR", type=cli_path,
+                        help="a labelled folder of your own (<DIR>/<class>/<image>) instead of the built-in X-SDD")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="the pipeline from random weights on synthetic micrographs instead (shows the stages; "
+                             "its model does not work on real images)")
     parser.set_defaults(func=_quickstart)
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    if args.eval_images and not args.pretrained:
-        raise SystemExit("--eval-images applies to `metallo quickstart --pretrained` only")
-    if args.pretrained:
-        from metallo_core import quickstart_pretrained
+    if args.from_scratch:
+        if args.images:
+            raise SystemExit("--images applies to the real-image quickstart, not --from-scratch")
+        from metallo_core import quickstart_scratch
 
-        pretrained = quickstart_pretrained.run_pretrained_quickstart(args.overrides, args.eval_images)
-        print(json.dumps(dataclasses.asdict(pretrained)) if args.json else quickstart_pretrained.describe(pretrained))
+        scratch = quickstart_scratch.run_quickstart(args.overrides)
+        print(json.dumps(dataclasses.asdict(scratch)) if args.json else quickstart_scratch.describe(scratch))
         return 0
-    from metallo_core.quickstart import describe, run_quickstart
+    from metallo_core import quickstart
 
-    result = run_quickstart(args.overrides)
-    print(json.dumps(dataclasses.asdict(result)) if args.json else describe(result))
+    result = quickstart.run_quickstart(args.overrides, images=args.images)
+    print(json.dumps(quickstart.as_json(result)) if args.json else quickstart.describe(result))
     return 0

@@ -1,8 +1,8 @@
-"""The quickstart's printed summary says what meta-val chose, including "no fine-tuning" (lr 0)."""
+"""The from-scratch quickstart's printed summary says what meta-val chose, including "no fine-tuning" (lr 0)."""
 
 import pytest
 
-from metallo_core.quickstart import QuickstartResult, describe
+from metallo_core.quickstart_scratch import QuickstartResult, describe
 
 
 def result(lr: float | None) -> QuickstartResult:
