@@ -70,7 +70,7 @@ class PreparedImages:
     def rows(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The cache of the images at `rows`, in that order."""
         if self.maps is not None:
-            return self.maps[torch.as_tensor(np.asarray(rows), device=self.maps.device)]
+            return self.maps[torch.tensor(np.asarray(rows), device=self.maps.device)]
         return self.normalizer.to_unit(self.images[np.asarray(rows)])
 
     def features(self, engine: FinetuneEngine, precision: str = "auto", batch_size: int = 128) -> torch.Tensor:
