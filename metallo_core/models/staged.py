@@ -4,6 +4,8 @@ computed once and cached (`finetune` with `pseudo_queries: trunk_maps`) and the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -51,7 +53,7 @@ def split_backbone(backbone: nn.Module) -> StagedBackbone:
     """The stages of a timm EfficientNet/MobileNet-style network (`conv_stem`, `bn1`, `blocks`,
     `conv_head`, `bn2`; stages = its block groups) or of a torchvision ResNet with `fc` removed (stages =
     layer1..layer4). ConfigError for any other network (ViT, Swin, ...), naming `finetune.pseudo_queries`."""
-    module = getattr(backbone, "_orig_mod", getattr(backbone, "module", backbone))  # torch.compile, DDP
+    module: Any = getattr(backbone, "_orig_mod", getattr(backbone, "module", backbone))  # torch.compile, DDP
     if all(hasattr(module, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
         return StagedBackbone(nn.Sequential(module.conv_stem, module.bn1), list(module.blocks),
                               _PoolFlatten(nn.Sequential(module.conv_head, module.bn2)))
