@@ -225,7 +225,8 @@ def run_tasks(args: argparse.Namespace, settings) -> list[dict]:
 
 
 # Grid scored by --select: every combination, on the same selection tasks, FT - PN paired.
-SELECTION_GRID = {"lr": [1e-3, 3e-3, 1e-2], "steps": [10, 25], "crop_scale": [0.35, 0.6]}  # any FinetuneSettings
+# Keys: any FinetuneSettings field, and cosine_scale (the ProtoNet's scale, folder_benchmark.PRETRAINED_COSINE_SCALE).
+SELECTION_GRID = {"lr": [1e-3, 3e-3, 1e-2], "steps": [10, 25], "crop_scale": [0.35, 0.6]}
 
 
 def selection_grid(entries: list[str]) -> dict[str, list]:
@@ -243,7 +244,12 @@ def selection_grid(entries: list[str]) -> dict[str, list]:
 
 def run_selection(args: argparse.Namespace, base) -> list[dict]:
     from metallo_core.fewshot.evaluation import cache_key
-    from metallo_core.fewshot.folder_benchmark import draw_tasks, folder_cache, score_task_set
+    from metallo_core.fewshot.folder_benchmark import (
+        PRETRAINED_COSINE_SCALE,
+        draw_tasks,
+        folder_cache,
+        score_task_set,
+    )
 
     folder, engine, cache, selection, _ = load(args, base)
     caches = {cache_key(base): cache}  # a grid over cache_stage or pseudo_queries prepares each cache once
@@ -253,7 +259,12 @@ def run_selection(args: argparse.Namespace, base) -> list[dict]:
         episodes = draw_tasks(selection, args.way, shot, args.select_query, args.select_tasks, args.seed + 1000,
                               folder.classes)
         for values in itertools.product(*grid.values()):
-            candidate = engine.with_settings(**dict(zip(grid, values)))
+            changes = dict(zip(grid, values))
+            # cosine_scale is the ProtoNet's own (the fine-tuning loss's logits), not a FinetuneSettings field
+            scale = changes.pop("cosine_scale", PRETRAINED_COSINE_SCALE)
+            with torch.no_grad():
+                engine.model.classifier.scale.fill_(scale)
+            candidate = engine.with_settings(**changes)
             key = cache_key(candidate.settings)
             if key not in caches:
                 caches[key] = folder_cache(folder, candidate)
