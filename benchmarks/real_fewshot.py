@@ -8,11 +8,15 @@ tasks and FT - PN paired per task; plus the cost of a fine-tuning step (--cost).
     uv run --frozen python benchmarks/real_fewshot.py --cost --cost-backbones efficientnet_lite0,resnet50
     uv run --frozen python benchmarks/real_fewshot.py --data ../shared/data/x-sdd --adapt --adapt-epochs 10 \
         --adapt-out results/xsdd_adapted.pth --tasks 600 --methods pn   # row (d), paired vs row (a)
+    uv run --frozen python benchmarks/real_fewshot.py --data ../shared/data/x-sdd --through-classify \
+        --model models:/metallo-protonet@pretrained --tasks 50 --shots 1   # classify agrees with the engine
 
 Protocol (metallo_core/fewshot/folder_benchmark.py): each class's images are split once (seeded) into a
 selection pool (--selection-fraction) and a test pool. `--select` scores fine-tuning settings on tasks
-of the selection pool; the reported tasks come from the test pool only. Fine-tuning updates the last
-stages on cached trunk features (metallo_core/fewshot/tail_finetune.py); defaults are the selected ones.
+of the selection pool; the reported tasks come from the test pool only. Fine-tuning is the one engine of
+metallo_core/fewshot/finetune.py (`--finetune key=value` overrides its FinetuneSettings, whose defaults are
+the selected ones). `--through-classify` scores test-pool tasks through `metallo classify --finetune` on the
+real files and, beside it, the engine called directly on the same tasks, paired.
 `--adapt` runs domain-adaptive DINO (configs/pretrain/domain_adapt_efficientnet_lite0.yaml at the benchmark's
 image size, Ray-free) on the selection pool's images without their labels, and scores the adapted teacher
 on the same test tasks as the ImageNet backbone, paired per task.
@@ -46,18 +50,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the selection/test split of each class")
     parser.add_argument("--selection-fraction", type=float, default=0.3)
     parser.add_argument("--finetune", nargs="*", default=[], metavar="key=value",
-                        help="TailFinetuneSettings overrides, e.g. lr=0.001 steps=20 tune_stage=5 bn_mode=eval")
+                        help="FinetuneSettings overrides, e.g. lr=0.001 steps=20 cache_stage=4 bn_mode=eval")
     parser.add_argument("--select", action="store_true", help="score a grid of fine-tuning settings on selection tasks")
     parser.add_argument("--select-tasks", type=int, default=100)
     parser.add_argument("--select-query", type=int, default=10)
     parser.add_argument("--grid", nargs="*", default=[], metavar="key=v1,v2",
                         help="the --select grid, e.g. lr=0.003,0.01 steps=10,25 (default: SELECTION_GRID)")
-    parser.add_argument("--classify-path", action="store_true",
-                        help="score PN and PN+FT the way `metallo classify --finetune` runs them with "
-                             "models:/metallo-protonet@pretrained: whole images at --size, pixel crops, the "
-                             "quickstart's recorded FinetuneSettings (+ --classify-finetune overrides)")
-    parser.add_argument("--classify-finetune", nargs="*", default=[], metavar="key=value",
-                        help="FinetuneSettings overrides for --classify-path, e.g. update=last_stage")
+    parser.add_argument("--through-classify", action="store_true",
+                        help="score --tasks test-pool tasks through the classify API on the real files (support "
+                             "as <class>/<file> links, queries as a folder), and the engine directly on the same "
+                             "tasks, paired")
+    parser.add_argument("--model", default="models:/metallo-protonet@pretrained",
+                        help="the registered ProtoNet --through-classify classifies with")
     parser.add_argument("--cost", action="store_true", help="time fine-tuning steps per backbone at 224 px")
     parser.add_argument("--cost-backbones", default="efficientnet_lite0,resnet18,resnet50")
     parser.add_argument("--cost-supports", default="1,5,10,25")
@@ -79,14 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def finetune_settings(overrides: list[str]):
-    from metallo_core.config import apply_overrides, from_dict
-    from metallo_core.fewshot.tail_finetune import TailFinetuneSettings
+def finetune_settings(overrides: list[str], base=None):
+    """FinetuneSettings: `base` (default: the defaults) with key=value overrides, validated."""
+    from metallo_core.config import apply_overrides, from_dict, to_dict
+    from metallo_core.fewshot.finetune import FinetuneSettings
 
-    values = apply_overrides(dataclasses.asdict(TailFinetuneSettings()), overrides)
-    settings = from_dict(TailFinetuneSettings, values)
-    settings.validate()
-    return settings
+    values = apply_overrides(to_dict(base or FinetuneSettings()), overrides)
+    return from_dict(FinetuneSettings, values, "finetune")
 
 
 def percent(summary: dict) -> str:
@@ -114,14 +117,16 @@ def accuracy_table(results: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def load(args: argparse.Namespace, cache_stage: int):
+def load(args: argparse.Namespace, settings):
+    """(folder, engine on the benchmark's ProtoNet, cache of every image, selection pools, test pools)."""
+    from metallo_core.fewshot.finetune import FinetuneEngine
     from metallo_core.fewshot.folder_benchmark import (
-        folder_trunk,
+        folder_cache,
+        pretrained_protonet,
         read_labelled_folder,
         split_pools,
     )
     from metallo_core.fewshot.protonet import ImageNormalizer
-    from metallo_core.fewshot.tail_finetune import split_backbone
     from metallo_core.models.sources import backbone_from_source, offline_imagenet_spec
 
     started = time.perf_counter()
@@ -130,12 +135,12 @@ def load(args: argparse.Namespace, cache_stage: int):
     backbone, spec = backbone_from_source(args.backbone, offline_imagenet_spec(args.size))
     if args.adapt:
         backbone = domain_adapted(args, folder, selection)
-    staged = split_backbone(backbone.eval())
-    trunk = folder_trunk(folder, staged, ImageNormalizer.for_backbone(spec), cache_stage)
+    engine = FinetuneEngine(pretrained_protonet(backbone), settings, ImageNormalizer.for_backbone(spec))
+    cache = folder_cache(folder, engine)
     print(f"{len(folder.images)} images of {len(folder.classes)} classes from {folder.root} at {args.size} px; "
-          f"trunk features in {time.perf_counter() - started:.0f} s; selection pool {sum(map(len, selection))}, "
-          f"test pool {sum(map(len, test))} images", flush=True)
-    return folder, staged, trunk, selection, test
+          f"cache ({settings.pseudo_queries}) in {time.perf_counter() - started:.0f} s; selection pool "
+          f"{sum(map(len, selection))}, test pool {sum(map(len, test))} images", flush=True)
+    return folder, engine, cache, selection, test
 
 
 def domain_adapted(args: argparse.Namespace, folder, selection):
@@ -177,40 +182,39 @@ def domain_adapted(args: argparse.Namespace, folder, selection):
     return adapted
 
 
-def imagenet_features(args: argparse.Namespace, folder, settings) -> torch.Tensor:
-    """(N, 1280) pooled features of every image with the offline ImageNet backbone: the (a) baseline."""
-    from metallo_core.fewshot.folder_benchmark import folder_trunk
+def imagenet_features(args: argparse.Namespace, folder, settings):
+    """(model, (N, D) features of every image) with the offline ImageNet backbone: the (a) baseline."""
+    from metallo_core.fewshot.finetune import FinetuneEngine
+    from metallo_core.fewshot.folder_benchmark import folder_cache, pretrained_protonet
     from metallo_core.fewshot.protonet import ImageNormalizer
-    from metallo_core.fewshot.tail_finetune import TailFinetuner, split_backbone
     from metallo_core.models.sources import offline_imagenet_backbone
 
     backbone, spec = offline_imagenet_backbone(args.size)
-    staged = split_backbone(backbone)
-    trunk = folder_trunk(folder, staged, ImageNormalizer.for_backbone(spec), settings.cache_stage)
-    return TailFinetuner(staged, settings).embed(trunk)
+    engine = FinetuneEngine(pretrained_protonet(backbone), settings, ImageNormalizer.for_backbone(spec))
+    return engine.model, engine.embed(folder_cache(folder, engine))
 
 
 def run_tasks(args: argparse.Namespace, settings) -> list[dict]:
     from metallo_core.fewshot.folder_benchmark import (
         MethodScores,
         as_dict,
-        cosine_accuracies,
         draw_tasks,
+        features_accuracies,
         score_task_set,
     )
     from metallo_core.fewshot.metrics import paired_gain
 
-    folder, staged, trunk, _, test = load(args, settings.cache_stage)
+    folder, engine, cache, _, test = load(args, settings)
     methods = [m for m in args.methods.split(",") if m]
     reference = imagenet_features(args, folder, settings) if args.adapt or args.backbone != "imagenet-offline" else None
     results = []
     for shot in [int(s) for s in args.shots.split(",")]:
         episodes = draw_tasks(test, args.way, shot, args.query, args.tasks, args.seed, folder.classes)
-        result, scores = score_task_set(staged, trunk, episodes, methods, settings, args.seed,
+        result, scores = score_task_set(engine, cache, episodes, methods, args.seed,
                                         on_task=lambda i, shot=shot: (i + 1) % 100 == 0 and print(
                                             f"  {shot}-shot: {i + 1} tasks fine-tuned", flush=True))
         if reference is not None:  # the same tasks with the ImageNet backbone's ProtoNet, paired per task
-            baseline = cosine_accuracies(reference, episodes)
+            baseline = features_accuracies(*reference, episodes)
             result.methods["imagenet_pn"] = MethodScores("imagenet_pn", baseline, 0.0).summary()
             for name, score in scores.items():
                 mean, ci95 = paired_gain(baseline, score.accuracies)
@@ -221,6 +225,7 @@ def run_tasks(args: argparse.Namespace, settings) -> list[dict]:
 
 
 # Grid scored by --select: every combination, on the same selection tasks, FT - PN paired.
+# Keys: any FinetuneSettings field, and cosine_scale (the ProtoNet's scale, folder_benchmark.PRETRAINED_COSINE_SCALE).
 SELECTION_GRID = {"lr": [1e-3, 3e-3, 1e-2], "steps": [10, 25], "crop_scale": [0.35, 0.6]}
 
 
@@ -238,18 +243,32 @@ def selection_grid(entries: list[str]) -> dict[str, list]:
 
 
 def run_selection(args: argparse.Namespace, base) -> list[dict]:
-    from metallo_core.fewshot.folder_benchmark import draw_tasks, score_task_set
+    from metallo_core.fewshot.evaluation import cache_key
+    from metallo_core.fewshot.folder_benchmark import (
+        PRETRAINED_COSINE_SCALE,
+        draw_tasks,
+        folder_cache,
+        score_task_set,
+    )
 
-    folder, staged, trunk, selection, _ = load(args, base.cache_stage)
+    folder, engine, cache, selection, _ = load(args, base)
+    caches = {cache_key(base): cache}  # a grid over cache_stage or pseudo_queries prepares each cache once
     grid = selection_grid(args.grid)
     rows = []
     for shot in [int(s) for s in args.shots.split(",")]:
         episodes = draw_tasks(selection, args.way, shot, args.select_query, args.select_tasks, args.seed + 1000,
                               folder.classes)
         for values in itertools.product(*grid.values()):
-            settings = dataclasses.replace(base, **dict(zip(grid, values)))
-            settings.validate()
-            result, _ = score_task_set(staged, trunk, episodes, ["pn", "ft"], settings, args.seed)
+            changes = dict(zip(grid, values))
+            # cosine_scale is the ProtoNet's own (the fine-tuning loss's logits), not a FinetuneSettings field
+            scale = changes.pop("cosine_scale", PRETRAINED_COSINE_SCALE)
+            with torch.no_grad():
+                engine.model.classifier.scale.fill_(scale)
+            candidate = engine.with_settings(**changes)
+            key = cache_key(candidate.settings)
+            if key not in caches:
+                caches[key] = folder_cache(folder, candidate)
+            result, _ = score_task_set(candidate, caches[key], episodes, ["pn", "ft"], args.seed)
             gain = result.gains["ft - pn"]
             rows.append({"shot": shot, **dict(zip(grid, values)), "pn": result.methods["pn"]["mean"],
                          "ft": result.methods["ft"]["mean"], "gain": gain["mean"], "gain_ci95": gain["ci95"]})
@@ -257,15 +276,12 @@ def run_selection(args: argparse.Namespace, base) -> list[dict]:
     return rows
 
 
-def run_cost(args: argparse.Namespace) -> list[dict]:
-    """Seconds per fine-tuning step at 224 px, whole backbone (pixels) and last stages (cached trunk)."""
-    from metallo_core.fewshot.finetune import FinetuneSettings, adapt_to_support
-    from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
-    from metallo_core.fewshot.tail_finetune import (
-        TailFinetuner,
-        split_backbone,
-        trunk_features,
-    )
+def run_cost(args: argparse.Namespace, settings) -> list[dict]:
+    """Seconds per fine-tuning step at 224 px: the whole backbone on pixels, and the configured trunk-maps
+    settings (cache_stage 2 for the ResNets, whose 4 stages end sooner) on their cache."""
+    from metallo_core.fewshot.finetune import FinetuneEngine
+    from metallo_core.fewshot.folder_benchmark import pretrained_protonet
+    from metallo_core.fewshot.protonet import ImageNormalizer
     from metallo_core.models.backbones import BackboneSpec, build_backbone
     from metallo_core.models.sources import offline_imagenet_backbone
 
@@ -276,46 +292,41 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
         else:  # random weights: the cost does not depend on them
             spec = BackboneSpec(arch=name, image_size=224)
             backbone = build_backbone(spec)
-        tail_settings = finetune_settings(args.finetune + ([] if name == "efficientnet_lite0" else
-                                                           ["cache_stage=2", "tune_stage=3"]))
+        trunk_settings = finetune_settings(["pseudo_queries=trunk_maps", f"steps={args.cost_steps}"]
+                                           + ([] if name == "efficientnet_lite0" else ["cache_stage=2"]), settings)
         normalizer = ImageNormalizer.for_backbone(spec)
+        model = pretrained_protonet(backbone)
+        whole = FinetuneEngine(model, finetune_settings(["pseudo_queries=pixels", "update=all", "lr=0.0001",
+                                                         f"steps={args.cost_steps}"], settings), normalizer)
+        cached = FinetuneEngine(model, trunk_settings, normalizer)
         for support_count in [int(s) for s in args.cost_supports.split(",")]:
-            way = min(5, support_count) if support_count > 1 else 1
-            labels = torch.arange(support_count) % max(way, 1)
+            labels = torch.arange(support_count) % min(5, support_count)
             way = int(labels.max()) + 1
             images = torch.rand(support_count, 3, 224, 224)
-            model = ProtoNet(backbone)
             timings = {}
-            for update in ("all",):
+            for label, engine in (("whole backbone", whole), ("trunk maps", cached)):
                 started = time.perf_counter()
-                adapt_to_support(model, images, labels, way, FinetuneSettings(steps=args.cost_steps, update=update),
-                                 normalizer=normalizer, generator=torch.Generator().manual_seed(0), lr=1e-4)
-                timings["whole backbone, s/step"] = (time.perf_counter() - started) / args.cost_steps
-            staged = split_backbone(backbone)
-            started = time.perf_counter()
-            trunk = trunk_features(staged, normalizer.normalize(images), tail_settings.cache_stage)
-            timings["last stages: trunk once, s"] = time.perf_counter() - started
-            finetuner = TailFinetuner(staged, dataclasses.replace(tail_settings, steps=args.cost_steps))
-            started = time.perf_counter()
-            finetuner.adapt(trunk, labels, way, torch.Generator().manual_seed(0))
-            timings["last stages, s/step"] = (time.perf_counter() - started) / args.cost_steps
-            finetuner.restore()
+                cache = engine.prepare(images)
+                prepared = time.perf_counter()
+                engine.task_logits(cache, labels, cache[:1], way, torch.Generator().manual_seed(0))
+                timings[f"{label}: prepare once, s"] = prepared - started
+                timings[f"{label}, s/step"] = (time.perf_counter() - prepared) / args.cost_steps
             rows.append({"backbone": name, "support_images": support_count, **timings,
-                         "tuned": f"stages {tail_settings.tune_stage}+ and head"})
+                         "tuned": f"{trunk_settings.update} after stage {trunk_settings.cache_stage}"})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def run_classify_path(args: argparse.Namespace, tail_settings) -> list[dict]:
-    """PN and PN+FT on the test pool as `metallo classify --finetune` computes them for the pretrained
-    quickstart's model (ProtoNet head at the tail's cosine scale, its recorded FinetuneSettings): every
-    step runs the frozen trunk on freshly cropped pixels, so it costs far more than the cached-trunk tail."""
-    from metallo_core.config import apply_overrides, from_dict
-    from metallo_core.fewshot.finetune import (
-        FinetuneSettings,
-        finetune_task,
-        protonet_task,
-    )
+def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
+    """Per test-pool task, `classify.classify(--finetune)` on the task's real files (support as
+    <label>_<class>/<nn>_<file> links, so classify sees the classes and images in the task's own order, and
+    the queries as one folder), and the engine called directly on the same images with the same settings
+    and draws (task 0 of seed 0, as classify draws them); the two paired per task."""
+    import tempfile
+
+    from metallo_core.config import to_dict, to_yaml
+    from metallo_core.fewshot.classify import ClassifySettings, classify
+    from metallo_core.fewshot.finetune import FinetuneEngine, task_generator
     from metallo_core.fewshot.folder_benchmark import (
         MethodScores,
         TaskSetResult,
@@ -325,52 +336,89 @@ def run_classify_path(args: argparse.Namespace, tail_settings) -> list[dict]:
         split_pools,
     )
     from metallo_core.fewshot.metrics import paired_gain
-    from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
-    from metallo_core.models.sources import backbone_from_source, offline_imagenet_spec
-    from metallo_core.quickstart_pretrained import PRETRAINED_DEFAULTS
+    from metallo_core.fewshot.protonet import ImageNormalizer
+    from metallo_core.models.finetune_choice import choose
+    from metallo_core.models.protonet_store import load_protonet
 
-    values = apply_overrides(dict(PRETRAINED_DEFAULTS["finetune"]), args.classify_finetune)
-    settings = from_dict(FinetuneSettings, {**dataclasses.asdict(FinetuneSettings()), **values})
-    folder = read_labelled_folder(args.data, args.size)
+    chosen = choose(args.model)
+    settings = finetune_settings(overrides, chosen.settings)
+    model, spec, _ = load_protonet(args.model)
+    engine = FinetuneEngine(model.eval(), settings, ImageNormalizer.for_backbone(spec))
+    folder = read_labelled_folder(args.data, spec.image_size)  # as classify reads the files: at the model's size
     _, test = split_pools(folder.labels, args.selection_fraction, args.split_seed)
-    backbone, spec = backbone_from_source(args.backbone, offline_imagenet_spec(args.size))
-    model = ProtoNet(backbone.eval(), cosine_scale=tail_settings.cosine_scale)
-    normalizer = ImageNormalizer.for_backbone(spec)
-    images = torch.from_numpy(folder.images).permute(0, 3, 1, 2).float().div(255)
-    print(f"classify path: {len(folder.images)} images at {args.size} px, fine-tuning {settings}", flush=True)
+    print(f"through classify: {args.model} at {spec.image_size} px, settings {settings} (from {chosen.source}"
+          f"{'; overridden: ' + ' '.join(overrides) if overrides else ''})", flush=True)
     results = []
-    for shot in [int(s) for s in args.shots.split(",")]:
-        episodes = draw_tasks(test, args.way, shot, args.query, args.tasks, args.seed, folder.classes)
-        scores = {"pn": MethodScores("pn", [], 0.0), "ft": MethodScores("ft", [], 0.0)}
-        for index, episode in enumerate(episodes):
-            support, query = images[torch.tensor(episode.support)], images[torch.tensor(episode.query)]
-            labels = torch.tensor(episode.support_labels)
-            for name, score in scores.items():
+    with tempfile.TemporaryDirectory(prefix="through-classify-") as scratch:
+        settings_file = Path(scratch) / "finetune.yaml"
+        settings_file.write_text(to_yaml({"finetune": to_dict(settings)}))
+        for shot in [int(s) for s in args.shots.split(",")]:
+            episodes = draw_tasks(test, args.way, shot, args.query, args.tasks, args.seed, folder.classes)
+            scores = {"classify": MethodScores("classify", [], 0.0), "engine": MethodScores("engine", [], 0.0)}
+            for index, episode in enumerate(episodes):
+                task_dir = Path(scratch) / f"{shot}-shot-task-{index}"
+                truth = link_task(folder, episode, task_dir)
                 started = time.perf_counter()
-                logits = (protonet_task(model, support, labels, query, episode.way, normalizer=normalizer)
-                          if name == "pn" else
-                          finetune_task(model, support, labels, query, episode.way, settings, normalizer=normalizer,
-                                        generator=torch.Generator().manual_seed(args.seed * 1_000_003 + index)))
-                score.accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
-                score.seconds += time.perf_counter() - started
-            if (index + 1) % 25 == 0:
-                print(f"  {shot}-shot: {index + 1} tasks", flush=True)
-        first = episodes[0]
-        result = TaskSetResult(first.way, first.shot, first.query_n, len(episodes), args.seed,
-                               {name: score.summary() for name, score in scores.items()})
-        mean, ci95 = paired_gain(scores["pn"].accuracies, scores["ft"].accuracies)
-        result.gains["ft - pn"] = {"mean": mean, "ci95": ci95}
-        results.append(as_dict(result))
-        print(accuracy_table([results[-1]], "X-SDD test pool, classify path"), flush=True)
+                outcome = classify(args.model, task_dir / "support", task_dir / "query",
+                                   settings=ClassifySettings(finetune=True, finetune_from=str(settings_file)))
+                scores["classify"].seconds += time.perf_counter() - started
+                scores["classify"].accuracies.append(
+                    sum(int(p.predicted.split("_", 1)[0]) == truth[p.file] for p in outcome.predictions)
+                    / len(outcome.predictions))
+                started = time.perf_counter()
+                support = engine.prepare(engine.normalizer.to_unit(folder.images[episode.support]))
+                query = engine.prepare(engine.normalizer.to_unit(folder.images[episode.query]))
+                logits = engine.task_logits(support, torch.tensor(episode.support_labels), query, episode.way,
+                                            task_generator(0, 0))
+                scores["engine"].seconds += time.perf_counter() - started
+                scores["engine"].accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
+                if (index + 1) % 10 == 0:
+                    print(f"  {shot}-shot: {index + 1} tasks", flush=True)
+            first = episodes[0]
+            result = TaskSetResult(first.way, first.shot, first.query_n, len(episodes), args.seed,
+                                   {name: score.summary() for name, score in scores.items()})
+            mean, ci95 = paired_gain(scores["engine"].accuracies, scores["classify"].accuracies)
+            result.gains["classify - engine"] = {"mean": mean, "ci95": ci95}
+            results.append(as_dict(result))
+            print(through_classify_table([results[-1]]), flush=True)
     return results
 
 
+def link_task(folder, episode, task_dir: Path) -> dict[str, int]:
+    """Symbolic links to a task's files: support/<label>_<class>/<nn>_<name>, query/<nn>_<name>; returns
+    {query file name: its episode-local label}. The prefixes make classify's sorted listing the task's order."""
+    truth = {}
+    for position, (row, label) in enumerate(zip(episode.support, episode.support_labels)):
+        link = task_dir / "support" / f"{label}_{folder.classes[folder.labels[row]]}" / \
+            f"{position:03d}_{Path(folder.paths[row]).name}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(folder.root, folder.paths[row]).resolve())
+    for position, (row, label) in enumerate(zip(episode.query, episode.query_labels)):
+        name = f"{position:03d}_{Path(folder.paths[row]).name}"
+        link = task_dir / "query" / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(folder.root, folder.paths[row]).resolve())
+        truth[name] = int(label)
+    return truth
+
+
+def through_classify_table(results: list[dict]) -> str:
+    lines = ["| task | classify --finetune (real files) | engine directly | classify - engine, paired (points) |",
+             "|---|---|---|---|"]
+    for result in results:
+        gain = result["gains"]["classify - engine"]
+        lines.append(f"| {result['way']}-way {result['shot']}-shot, {result['tasks']} tasks | "
+                     f"{percent(result['methods']['classify'])} | {percent(result['methods']['engine'])} | "
+                     f"{100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f} |")
+    return "\n".join(lines)
+
+
 def cost_table(rows: list[dict]) -> str:
-    lines = ["| backbone (224 px) | support images | whole backbone s/step | last stages s/step | trunk once s |",
+    lines = ["| backbone (224 px) | support images | whole backbone s/step | trunk maps s/step | trunk once s |",
              "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['backbone']} | {row['support_images']} | {row['whole backbone, s/step']:.3f} | "
-                     f"{row['last stages, s/step']:.3f} | {row['last stages: trunk once, s']:.3f} |")
+                     f"{row['trunk maps, s/step']:.3f} | {row['trunk maps: prepare once, s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -383,11 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.select:
         report["selection"] = run_selection(args, settings)
-    elif args.classify_path:
-        report["results"] = run_classify_path(args, settings)
-        markdown.append(accuracy_table(report["results"], "X-SDD test pool, classify path"))
+    elif args.through_classify:
+        report["results"] = run_through_classify(args, args.finetune)
+        markdown.append(through_classify_table(report["results"]))
     elif args.cost:
-        report["cost"] = run_cost(args)
+        report["cost"] = run_cost(args, settings)
         markdown.append(cost_table(report["cost"]))
     else:
         if not Path(args.data).is_dir():

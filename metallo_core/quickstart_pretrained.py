@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from metallo_core import tracking
-
-if TYPE_CHECKING:
-    from metallo_core.fewshot.tail_finetune import TailFinetuneSettings
 from metallo_core.config import apply_overrides
 
 logger = logging.getLogger(__name__)
@@ -44,14 +41,11 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
         "selection_fraction": 0.3,
         "synthetic": {"classes": 40, "images_per_class": 30, "size": 128, "seed": 0},
     },
-    # Fine-tuning as metallo classify --finetune will run it (finetune.FinetuneSettings), recorded on the
-    # registered ProtoNet version: the last block and the head conv on frozen-trunk features (the part the
-    # tail below tunes), with the steps, lr, BN mode and pseudo-queries per class chosen on X-SDD selection
-    # tasks for the tail (TailFinetuneSettings).
+    # Fine-tuning (finetune.FinetuneSettings, the rest at its defaults, chosen on X-SDD selection tasks): the
+    # one engine scores the tasks below and `metallo classify --finetune` runs it, as recorded on the
+    # registered ProtoNet version.
     "finetune": {"steps": 10, "lr": 0.003, "update": "last_block", "bn_mode": "eval",
                  "pseudo_queries_per_class": 8},
-    # The cached-trunk fine-tuning used to score many tasks (tail_finetune.TailFinetuneSettings).
-    "tail_finetune": {},
 }
 
 
@@ -81,6 +75,7 @@ def resolve_eval_images(eval_images: str | None, repo_root: Path | None = None) 
 
 def run_pretrained_quickstart(overrides: list[str] = (), eval_images: str | None = None) -> PretrainedQuickstartResult:
     from metallo_core.fewshot.finetune import FinetuneSettings
+    from metallo_core.fewshot.folder_benchmark import PRETRAINED_COSINE_SCALE
     from metallo_core.fewshot.protonet import ProtoNet
     from metallo_core.models.finetune_choice import record_chosen_settings
     from metallo_core.models.protonet_store import protonet_metadata
@@ -103,7 +98,7 @@ def run_pretrained_quickstart(overrides: list[str] = (), eval_images: str | None
                                            tags=lineage)
         # No meta-training: the head's scale only shapes the fine-tuning loss (ranking prototypes ignores it),
         # so it is the one chosen for fine-tuning on the selection tasks.
-        protonet = ProtoNet(backbone, cosine_scale=tail_settings(settings).cosine_scale)
+        protonet = ProtoNet(backbone, cosine_scale=PRETRAINED_COSINE_SCALE)
         registered_protonet = log_backbone(
             run.run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=ALIAS, artifact_name="protonet",
             tags={**lineage, "metallo.backbone_model": registered_backbone.uri, "metallo.meta_training": "none"},
@@ -126,30 +121,24 @@ def run_pretrained_quickstart(overrides: list[str] = (), eval_images: str | None
         evaluated_on=evaluated_on, results=results, run_id=run_id, minutes=(time.perf_counter() - started) / 60)
 
 
-def tail_settings(settings: dict[str, Any]) -> TailFinetuneSettings:
-    """The cached-trunk fine-tuning settings (TailFinetuneSettings defaults + `tail_finetune` overrides)."""
-    from metallo_core.config import from_dict
-    from metallo_core.fewshot.tail_finetune import TailFinetuneSettings
-
-    return from_dict(TailFinetuneSettings, {**asdict(TailFinetuneSettings()), **settings["tail_finetune"]})
-
-
 def evaluate(settings: dict[str, Any], folder_path: Path | None) -> tuple[list[dict], str]:
     """PN and PN+FT on the test pool of a labelled folder, or on synthetic test classes."""
+    from metallo_core.config import from_dict
+    from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings
     from metallo_core.fewshot.folder_benchmark import (
         as_dict,
         draw_tasks,
-        folder_trunk,
+        folder_cache,
+        pretrained_protonet,
         read_labelled_folder,
         score_task_set,
         split_pools,
     )
     from metallo_core.fewshot.protonet import ImageNormalizer
-    from metallo_core.fewshot.tail_finetune import split_backbone
     from metallo_core.models.sources import offline_imagenet_backbone
 
     evaluation = settings["evaluate"]
-    tail = tail_settings(settings)
+    finetune = from_dict(FinetuneSettings, settings["finetune"], "finetune")
     if folder_path is not None:
         folder = read_labelled_folder(folder_path, evaluation["size"])
         _, pools = split_pools(folder.labels, evaluation["selection_fraction"], evaluation["split_seed"])
@@ -161,13 +150,13 @@ def evaluate(settings: dict[str, Any], folder_path: Path | None) -> tuple[list[d
         evaluated_on = (f"the synthetic benchmark's {len(folder.classes)} test classes (no X-SDD folder found: "
                         "pass --eval-images DIR for real images)")
     backbone, spec = offline_imagenet_backbone(evaluation["size"])
-    staged = split_backbone(backbone)
-    trunk = folder_trunk(folder, staged, ImageNormalizer.for_backbone(spec), tail.cache_stage)
+    engine = FinetuneEngine(pretrained_protonet(backbone), finetune, ImageNormalizer.for_backbone(spec))
+    cache = folder_cache(folder, engine)
     results = []
     for shot in evaluation["shots"]:
         episodes = draw_tasks(pools, evaluation["way"], shot, evaluation["query"], evaluation["tasks"],
                               evaluation["seed"], folder.classes)
-        result, _ = score_task_set(staged, trunk, episodes, ["pn", "ft"], tail, evaluation["seed"])
+        result, _ = score_task_set(engine, cache, episodes, ["pn", "ft"], evaluation["seed"])
         results.append(as_dict(result))
     return results, evaluated_on
 

@@ -44,7 +44,7 @@ from metallo_core.data.image_files import is_image_file, list_image_files, list_
 from metallo_core.data.images import decode_rgb, square_resized
 from metallo_core.errors import ConfigError, DataError
 from metallo_core.fewshot.evaluation import embed_images
-from metallo_core.fewshot.finetune import FinetuneSettings, adapt_to_support
+from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, task_generator
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet, prototypes
 from metallo_core.progress import Progress
 
@@ -208,10 +208,18 @@ def classify(
     bottom_cropped = list(support.bottom_cropped)
     image_labels = np.concatenate([np.full(len(support_files[name]), i) for i, name in enumerate(classes)])
     support_labels = torch.as_tensor(image_labels[support.owner], device=device)
+    engine = None
     if chosen is not None:
-        _finetune(model, normalizer, support.tiles, support_labels, len(classes), chosen.settings)
+        engine = _finetune(model, normalizer, support.tiles, support_labels, len(classes), chosen.settings)
 
-    support_features = embed_images(model, support.tiles, normalizer, device)
+    def embed(tiles: np.ndarray) -> torch.Tensor:
+        """Features with the model as it is now (adapted, with --finetune), the way the engine computes them."""
+        if engine is None:
+            return embed_images(model, tiles, normalizer, device)
+        return torch.cat([engine.embed(engine.prepare(normalizer.to_unit(tiles[start:start + settings.batch_size])))
+                          for start in range(0, len(tiles), settings.batch_size)])
+
+    support_features = embed(support.tiles)
     class_prototypes = prototypes(support_features, support_labels, len(classes))
     support_image_features = _mean_by_owner(support_features, support.owner, len(flat_support))
 
@@ -221,7 +229,7 @@ def classify(
     chunks = [query_files[start:start + settings.batch_size]
               for start in range(0, len(query_files), settings.batch_size)]
     for chunk, queries in zip(chunks, _prefetched_tiles(chunks, size, settings)):
-        features = embed_images(model, queries.tiles, normalizer, device)
+        features = embed(queries.tiles)
         with torch.no_grad():
             probabilities = model.classifier(features, class_prototypes).float().softmax(dim=1)
         image_features = _mean_by_owner(features, queries.owner, len(chunk))
@@ -278,7 +286,10 @@ def describe_crop(crop: EdgeCrop, bottom_cropped: list[int]) -> str:
 
 
 def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, labels: torch.Tensor, way: int,
-              settings: FinetuneSettings) -> None:
+              settings: FinetuneSettings) -> FinetuneEngine:
+    """Adapt `model` in place to the support tiles (task 0 of seed 0 of `finetune.task_generator`); the engine
+    then embeds support and queries with the adapted weights."""
+    engine = FinetuneEngine(model, settings, normalizer)
     progress = Progress("fine-tune on the support set", settings.steps, every_s=2.0)
     started = time.perf_counter()
 
@@ -289,13 +300,11 @@ def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, l
                   f"{first:.1f} s, expect about {first * settings.steps:.0f} s in all", file=sys.stderr, flush=True)
         progress.advance(1, f"loss {loss:.4f}")
 
-    adapt_to_support(
-        model, normalizer.to_unit(tiles), labels, way, settings,
-        normalizer=normalizer, generator=torch.Generator(device=normalizer.device).manual_seed(0),
-        lr=settings.lr, on_step=on_step,
-    )
+    engine.adapt(engine.prepare(normalizer.to_unit(tiles)), labels, way,
+                 task_generator(0, 0, device=normalizer.device), on_step=on_step)
     progress.finish()
     model.eval()
+    return engine
 
 
 def _mean_by_owner(features: torch.Tensor, owner: np.ndarray, count: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Scoring fixed few-shot tasks with a ProtoNet: plain (embed every image once) or with per-task fine-tuning."""
+"""Scoring fixed few-shot tasks with a ProtoNet: plain (embed every image once) or with per-task fine-tuning
+through the one `finetune.FinetuneEngine`, on images prepared once for all tasks."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from metallo_core.data.class_index import ClassIndexedImages
-from metallo_core.data.tensor_augment import to_float
 from metallo_core.fewshot.episodes import Episode
-from metallo_core.fewshot.finetune import FinetuneSettings, classify_task
+from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, task_generator
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.precision import autocast
 
@@ -53,32 +52,68 @@ def protonet_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Seque
     return [task_accuracy(predicted, episode) for predicted, episode in zip(predictions, episodes)]
 
 
-def finetuned_predictions(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
-                          settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
-                          *, seed: int, lr: float | None = None, precision: str = "auto",
-                          first_task: int = 0) -> list[np.ndarray]:
-    """Per-task fine-tuning (restoring the backbone before every task), then the episode-local label
-    predicted for each query.
+class PreparedImages:
+    """A whole image set as a FinetuneEngine's cache, prepared once and then indexed by every task: the
+    (N, C, h, w) float16 trunk maps of every image (trunk_maps), or, for pixels, where preparing is the
+    identity, the uint8 images themselves, turned into [0, 1] floats a task at a time (a quarter of the
+    memory of holding them all as floats)."""
+
+    def __init__(self, engine: FinetuneEngine, images: np.ndarray, precision: str = "auto", batch_size: int = 128):
+        self.images, self.normalizer = images, engine.normalizer
+        self.key = cache_key(engine.settings)
+        self.maps: torch.Tensor | None = None
+        if engine.staged is not None:
+            with autocast(self.normalizer.device, precision):
+                self.maps = torch.cat([engine.prepare(self.normalizer.to_unit(images[start:start + batch_size]))
+                                       for start in range(0, len(images), batch_size)])
+
+    def rows(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """The cache of the images at `rows`, in that order."""
+        if self.maps is not None:
+            return self.maps[torch.tensor(np.asarray(rows), device=self.maps.device)]
+        return self.normalizer.to_unit(self.images[np.asarray(rows)])
+
+    def features(self, engine: FinetuneEngine, precision: str = "auto", batch_size: int = 128) -> torch.Tensor:
+        """(N, D) features of every image with the engine's current weights."""
+        with autocast(self.normalizer.device, precision):
+            return torch.cat([engine.embed(self.rows(np.arange(start, min(start + batch_size, len(self.images)))))
+                              for start in range(0, len(self.images), batch_size)])
+
+
+def cache_key(settings: FinetuneSettings) -> tuple[str, int | None]:
+    """What a PreparedImages depends on: the pseudo-query form and, for trunk maps, the cache stage."""
+    return settings.pseudo_queries, settings.cache_stage if settings.pseudo_queries == "trunk_maps" else None
+
+
+def engine_predictions(engine: FinetuneEngine, prepared: PreparedImages, episodes: Sequence[Episode], mode: str,
+                       *, seed: int, lr: float | None = None, precision: str = "auto",
+                       first_task: int = 0) -> list[np.ndarray]:
+    """Per task, the episode-local label predicted for each query under a meta-test mode (fine-tuning modes
+    restore the weights after every task); "protonet" embeds every image once and reuses the features.
 
     `episodes` may be a slice of a longer task list starting at task `first_task`: each task's random
-    stream is seeded by its index in the whole list, so any split into chunks gives the same predictions."""
+    stream is `task_generator(seed, its index in the whole list)`, so any split into chunks gives the same
+    predictions."""
+    if prepared.key != cache_key(engine.settings):
+        raise ValueError(f"images prepared for {prepared.key}, engine settings need {cache_key(engine.settings)}")
+    if mode == "protonet":
+        return protonet_predictions(engine.model, prepared.features(engine, precision), episodes)
+    device = prepared.normalizer.device
     predictions = []
     for index, episode in enumerate(episodes, start=first_task):
-        generator = torch.Generator().manual_seed(seed * 100_003 + index)
-        support = to_float(torch.from_numpy(images.images[episode.support]).to(device).permute(0, 3, 1, 2))
-        query = to_float(torch.from_numpy(images.images[episode.query]).to(device).permute(0, 3, 1, 2))
         support_labels = torch.tensor(episode.support_labels, device=device)
         with autocast(device, precision):
-            logits = classify_task(model, mode, support, support_labels, query, len(episode.classes), settings,
-                                   normalizer=normalizer, generator=generator, lr=lr)
+            logits = engine.mode_logits(mode, prepared.rows(episode.support), support_labels,
+                                        prepared.rows(episode.query), len(episode.classes),
+                                        task_generator(seed, index), lr=lr)
         predictions.append(logits.argmax(1).cpu().numpy())
     return predictions
 
 
-def finetuned_accuracies(model: ProtoNet, images: ClassIndexedImages, episodes: Sequence[Episode], mode: str,
-                         settings: FinetuneSettings, normalizer: ImageNormalizer, device: torch.device,
-                         *, seed: int, lr: float | None = None, precision: str = "auto") -> list[float]:
-    """Per-task accuracies under a fine-tuning mode (see `finetuned_predictions`)."""
-    predictions = finetuned_predictions(model, images, episodes, mode, settings, normalizer, device, seed=seed,
-                                        lr=lr, precision=precision)
+def engine_accuracies(engine: FinetuneEngine, prepared: PreparedImages, episodes: Sequence[Episode], mode: str,
+                      *, seed: int, lr: float | None = None, precision: str = "auto",
+                      first_task: int = 0) -> list[float]:
+    """Per-task accuracies under a meta-test mode (see `engine_predictions`)."""
+    predictions = engine_predictions(engine, prepared, episodes, mode, seed=seed, lr=lr, precision=precision,
+                                     first_task=first_task)
     return [task_accuracy(predicted, episode) for predicted, episode in zip(predictions, episodes)]

@@ -24,14 +24,15 @@ from metallo_core.data.images import decode_rgb, square_resized
 from metallo_core.data.listing import list_folder
 from metallo_core.errors import DataError
 from metallo_core.fewshot.episodes import Episode, fixed_episodes
+from metallo_core.fewshot.finetune import FinetuneEngine, task_generator
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
-from metallo_core.fewshot.protonet import ImageNormalizer
-from metallo_core.fewshot.tail_finetune import (
-    StagedBackbone,
-    TailFinetuner,
-    TailFinetuneSettings,
-    trunk_features,
-)
+from metallo_core.fewshot.protonet import ProtoNet
+
+# The cosine scale of a ProtoNet put on a pretrained backbone without meta-training: ranking prototypes
+# ignores it, so it only shapes the fine-tuning loss. Chosen on X-SDD selection tasks (5-way 1-shot, 8
+# pseudo-queries per class): the middle of the plateau of scales that gained most (README "Few-shot on
+# real images"); large scales saturate the softmax on the few pseudo-queries and gain less.
+PRETRAINED_COSINE_SCALE = 5.0
 
 
 @dataclass
@@ -40,6 +41,7 @@ class LabelledFolder:
     labels: np.ndarray  # (N,) class index
     classes: list[str]
     root: str
+    paths: list[str] = field(default_factory=list)  # each image's file, relative to root (empty: not from files)
 
 
 def read_labelled_folder(root: str | Path, size: int) -> LabelledFolder:
@@ -51,15 +53,16 @@ def read_labelled_folder(root: str | Path, size: int) -> LabelledFolder:
     # classes or images.
     groups, _loose = list_folder(root).by_top_folder()
     classes = [name for name, files in groups.items() if files]
-    images, labels = [], []
+    images, labels, paths = [], [], []
     for index, name in enumerate(classes):
         for relative in groups[name]:
             path = root / relative
             images.append(square_resized(decode_rgb(read_file_bytes(path), str(path)), size))
             labels.append(index)
+            paths.append(str(relative))
     if len(classes) < 2 or not images:
         raise DataError(f"{root} needs at least 2 class folders with images, found {len(classes)}")
-    return LabelledFolder(np.stack(images), np.asarray(labels), classes, str(root))
+    return LabelledFolder(np.stack(images), np.asarray(labels), classes, str(root), paths)
 
 
 def split_pools(labels: np.ndarray, selection_fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -103,51 +106,67 @@ class TaskSetResult:
     gains: dict[str, dict[str, float]] = field(default_factory=dict)  # "<method> - pn", paired per task
 
 
-def cosine_accuracies(features: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:
-    """Plain ProtoNet (cosine nearest prototype) per task, on precomputed (N, D) features."""
-    from metallo_core.fewshot.protonet import prototypes
+def pretrained_protonet(backbone: torch.nn.Module) -> ProtoNet:
+    """A ProtoNet on a pretrained (not meta-trained) backbone, in eval mode, at PRETRAINED_COSINE_SCALE."""
+    return ProtoNet(backbone.eval(), cosine_scale=PRETRAINED_COSINE_SCALE)
 
+
+def folder_cache(folder: LabelledFolder, engine: FinetuneEngine, batch_size: int = 64) -> torch.Tensor:
+    """The engine's cache of every image of the folder (float16 trunk maps or [0, 1] pixels), in batches."""
+    normalizer = engine.normalizer
+    return torch.cat([engine.prepare(normalizer.to_unit(folder.images[start:start + batch_size]))
+                      for start in range(0, len(folder.images), batch_size)])
+
+
+def protonet_accuracies(engine: FinetuneEngine, cache: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:
+    """Plain ProtoNet per task: every image embedded once (engine.embed), each task scored on those features."""
+    return features_accuracies(engine.model, engine.embed(cache), episodes)
+
+
+def features_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:
+    """Plain ProtoNet per task on precomputed (N, D) features of the folder's images."""
     accuracies = []
     for episode in episodes:
-        support = features[torch.tensor(episode.support)]
-        query = features[torch.tensor(episode.query)]
-        class_prototypes = prototypes(support, torch.tensor(episode.support_labels), episode.way)
-        similarity = (torch.nn.functional.normalize(query, dim=1)
-                      @ torch.nn.functional.normalize(class_prototypes, dim=1).T)
-        accuracies.append(float((similarity.argmax(1).numpy() == episode.query_labels).mean()))
+        with torch.no_grad():
+            logits = model.logits_from_features(features[torch.tensor(episode.support)],
+                                                torch.tensor(episode.support_labels),
+                                                features[torch.tensor(episode.query)], episode.way)
+        accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
     return accuracies
 
 
-def finetuned_accuracies(finetuner: TailFinetuner, trunk: torch.Tensor, episodes: Sequence[Episode], seed: int,
+def finetuned_accuracies(engine: FinetuneEngine, cache: torch.Tensor, episodes: Sequence[Episode], seed: int,
                          on_task: Callable[[int], None] | None = None) -> list[float]:
-    """Per-task accuracy after fine-tuning the tail on the task's support set (restored after each task).
-    Task i draws its pseudo-queries from generator seed (seed, i): reruns and subsets give the same draws."""
+    """Per-task accuracy after fine-tuning on the task's support set (restored after each task). Task i
+    draws its pseudo-queries from `task_generator(seed, i)`: reruns and subsets give the same draws."""
     accuracies = []
     for index, episode in enumerate(episodes):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        logits = finetuner.task_logits(trunk[torch.tensor(episode.support)],
-                                       torch.tensor(episode.support_labels),
-                                       trunk[torch.tensor(episode.query)], episode.way, generator)
+        logits = engine.task_logits(cache[torch.tensor(episode.support)], torch.tensor(episode.support_labels),
+                                    cache[torch.tensor(episode.query)], episode.way, task_generator(seed, index))
         accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
         if on_task is not None:
             on_task(index)
     return accuracies
 
 
-def score_task_set(staged: StagedBackbone, trunk: torch.Tensor, episodes: Sequence[Episode], methods: Sequence[str],
-                   settings: TailFinetuneSettings, seed: int,
-                   on_task: Callable[[int], None] | None = None) -> tuple[TaskSetResult, dict[str, MethodScores]]:
-    """PN (frozen features) and/or FT (tail fine-tuning) on the same tasks, with FT - PN paired per task."""
-    finetuner = TailFinetuner(staged, settings)
+def score_task_set(engine: FinetuneEngine, cache: torch.Tensor, episodes: Sequence[Episode], methods: Sequence[str],
+                   seed: int, on_task: Callable[[int], None] | None = None
+                   ) -> tuple[TaskSetResult, dict[str, MethodScores]]:
+    """PN (plain ProtoNet) and/or FT (fine-tuned per task) on the same tasks and the same cache (`folder_cache`),
+    with FT - PN paired per task."""
     scores: dict[str, MethodScores] = {}
     if "pn" in methods:
         started = time.perf_counter()
-        features = finetuner.embed(trunk)
-        scores["pn"] = MethodScores("pn", cosine_accuracies(features, episodes), time.perf_counter() - started)
+        scores["pn"] = MethodScores("pn", protonet_accuracies(engine, cache, episodes), time.perf_counter() - started)
     if "ft" in methods:
         started = time.perf_counter()
-        scores["ft"] = MethodScores("ft", finetuned_accuracies(finetuner, trunk, episodes, seed, on_task),
+        scores["ft"] = MethodScores("ft", finetuned_accuracies(engine, cache, episodes, seed, on_task),
                                     time.perf_counter() - started)
+    return task_set_result(episodes, seed, scores), scores
+
+
+def task_set_result(episodes: Sequence[Episode], seed: int, scores: dict[str, MethodScores]) -> TaskSetResult:
+    """The summary of each method's scores on the same tasks, and each method minus PN, paired per task."""
     first = episodes[0]
     result = TaskSetResult(first.way, first.shot, first.query_n, len(episodes), seed,
                            {name: score.summary() for name, score in scores.items()})
@@ -156,16 +175,7 @@ def score_task_set(staged: StagedBackbone, trunk: torch.Tensor, episodes: Sequen
             if name != "pn":
                 mean, ci95 = paired_gain(scores["pn"].accuracies, score.accuracies)
                 result.gains[f"{name} - pn"] = {"mean": mean, "ci95": ci95}
-    return result, scores
-
-
-def folder_trunk(folder: LabelledFolder, staged: StagedBackbone, normalizer: ImageNormalizer, cache_stage: int,
-                 batch_size: int = 64) -> torch.Tensor:
-    """(N, C, h, w) float16 trunk features of every image of the folder (converted in batches)."""
-    parts = []
-    for start in range(0, len(folder.images), batch_size):
-        parts.append(trunk_features(staged, normalizer(folder.images[start:start + batch_size]), cache_stage))
-    return torch.cat(parts)
+    return result
 
 
 def as_dict(result: TaskSetResult) -> dict:

@@ -14,7 +14,9 @@ BatchNorm frozen). So the choice is recorded whole:
 run or a search's parent run), a `models:/` URI, or a YAML file with a `finetune:` section (an evaluation
 config, a search's `best_config.yaml`, or a search config's `evaluate.finetune`). Single fields given
 explicitly (e.g. `--lr`) override the chosen ones. Where nothing is recorded, the `FinetuneSettings`
-defaults are used, and the source says so.
+defaults are used, and the source says so. Records from before `pseudo_queries` existed (no such key) load
+as `pseudo_queries: pixels`, the form they were chosen with; a YAML file's section is a config like any
+other (missing fields take the defaults).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from metallo_core.fewshot.finetune import FinetuneSettings
 SETTINGS_TAG = "metallo.finetune.settings"
 CHOSEN_BY_TAG = "metallo.finetune.chosen_by"
 SETTINGS_ARTIFACT = "finetune_settings.json"
+LEGACY_PSEUDO_QUERIES = "pixels"  # what every recorded choice without the field used (see recorded_plain)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -44,8 +47,12 @@ class ChosenFinetune:
 
     def describe(self) -> str:
         s = self.settings
-        return (f"lr {s.lr:g}, steps {s.steps}, update {s.update}, bn_mode {s.bn_mode}, augmentations "
-                f"{'+'.join(s.augmentations) or 'none'}, augment_p {s.augment_p:g}")
+        common = (f"lr {s.lr:g}, steps {s.steps}, update {s.update}, bn_mode {s.bn_mode}, pseudo_queries "
+                  f"{s.pseudo_queries} ({s.pseudo_queries_per_class} per class and step")
+        if s.pseudo_queries == "trunk_maps":
+            return (f"{common}: crops of {s.crop_scale:g}-1 of the trunk maps cached at stage {s.cache_stage}, "
+                    f"{'h+v' if s.vflip else 'h'} flips)")
+        return f"{common}: augmentations {'+'.join(s.augmentations) or 'none'}, augment_p {s.augment_p:g})"
 
 
 def record_chosen_settings(run_id: str, model_uri: str, settings: FinetuneSettings, chosen_by: str, *,
@@ -89,7 +96,7 @@ def recorded_for_model(model_uri: str) -> ChosenFinetune:
     if SETTINGS_TAG not in tags:
         return ChosenFinetune(FinetuneSettings(), f"the defaults (no evaluation or search recorded fine-tuning "
                                                   f"settings on {where}; see --finetune-from)")
-    settings = _settings_from_plain(json.loads(tags[SETTINGS_TAG]), f"tag {SETTINGS_TAG} of {where}")
+    settings = _settings_from_plain(recorded_plain(json.loads(tags[SETTINGS_TAG])), f"tag {SETTINGS_TAG} of {where}")
     return ChosenFinetune(settings, f"recorded on {where} by {tags.get(CHOSEN_BY_TAG, 'an earlier run')}")
 
 
@@ -130,7 +137,8 @@ def _from_run(run_id: str) -> ChosenFinetune:
     artifacts = {item.path for item in client.list_artifacts(run_id)}
     if SETTINGS_ARTIFACT in artifacts:
         record = json.loads(_read_artifact(client, run_id, SETTINGS_ARTIFACT))
-        return ChosenFinetune(_settings_from_plain(record["settings"], f"{SETTINGS_ARTIFACT} of run {run_id}"),
+        return ChosenFinetune(_settings_from_plain(recorded_plain(record["settings"]),
+                                                   f"{SETTINGS_ARTIFACT} of run {run_id}"),
                               f"run {run_id}: {record.get('chosen_by', 'recorded choice')}")
     for name in ("best_config.yaml", "config.yaml"):
         if name not in artifacts:
@@ -139,7 +147,7 @@ def _from_run(run_id: str) -> ChosenFinetune:
         section = data.get("finetune") or (data.get("evaluate") or {}).get("finetune")
         if not isinstance(section, dict):
             continue
-        section = dict(section)
+        section = recorded_plain(section)
         how = f"{name} of run {run_id} ({run.info.run_name})"
         if name == "config.yaml" and "selection" in artifacts:
             best = json.loads(_read_artifact(client, run_id, "selection/finetune_on_meta_val.json"))
@@ -149,6 +157,15 @@ def _from_run(run_id: str) -> ChosenFinetune:
         return ChosenFinetune(_settings_from_plain(section, how), how)
     raise ConfigError(f"--finetune-from: run {run_id} ({run.info.run_name}) records no fine-tuning settings "
                       f"({SETTINGS_ARTIFACT}, best_config.yaml or a config.yaml with finetune:)")
+
+
+def recorded_plain(plain: dict[str, Any]) -> dict[str, Any]:
+    """Settings a run or model version recorded, as they were meant: records (always whole, `to_dict` of the
+    settings) made before the cached-trunk form existed have no `pseudo_queries` and fine-tuned on pixels,
+    which the defaults no longer do."""
+    plain = dict(plain)
+    plain.setdefault("pseudo_queries", LEGACY_PSEUDO_QUERIES)
+    return plain
 
 
 def _read_artifact(client, run_id: str, path: str) -> str:

@@ -100,8 +100,8 @@ def _timm_last_stage(module: nn.Module) -> LastStage:
 def last_block(backbone: nn.Module) -> LastStage:
     """The backbone's very last block and the layers after it: a ResNet's last residual block of `layer4`,
     an EfficientNet's (timm) last inverted-residual block plus its 1x1 head convolution. The part that
-    fine-tuning on X-SDD gained most from (`tail_finetune.TailFinetuneSettings`: +5.6 points on selection
-    tasks, against +0.5 for the whole last stage of EfficientNet-Lite0). ConfigError for other families."""
+    fine-tuning on X-SDD selection tasks gained most from (`finetune.FinetuneSettings`'s default, against the
+    whole last stage of EfficientNet-Lite0). ConfigError for other families."""
     import torchvision
     from timm.models.efficientnet import EfficientNet
 

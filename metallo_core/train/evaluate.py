@@ -62,6 +62,8 @@ class EvaluationResult:
     selection: dict[str, Any] = field(default_factory=dict)
     # mode -> (mean, ci95) of its per-task accuracy minus ProtoNet's on the same tasks
     gains: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # mode -> accuracy of each test task, in task order (the same tasks for every mode: compare them paired)
+    per_task: dict[str, list[float]] = field(default_factory=dict)
     run_id: str = ""
 
 
@@ -84,24 +86,31 @@ class TaskScorer:
         self.images = ClassIndexedImages.load(data_uri, split, image_size=image_size or spec.image_size)
         self.normalizer = ImageNormalizer(spec.mean, spec.std, device=self.device)
         self.precision = precision
+        self.prepared: dict = {}  # cache_key -> PreparedImages of the whole split
 
     def predict(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None,
                 first_task: int = 0) -> list[list[int]]:
         """Per task, the episode-local label predicted for each query; the tasks are the slice of the
         evaluation's list that starts at task `first_task` (which seeds each task's fine-tuning)."""
         from metallo_core.config import from_dict
-        from metallo_core.fewshot.evaluation import embed_images, finetuned_predictions, protonet_predictions
-        from metallo_core.fewshot.finetune import FinetuneSettings
+        from metallo_core.fewshot.evaluation import engine_predictions
+        from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings
 
         episodes, _ = episodes_from_json(episodes_json)
-        if mode == "protonet":
-            features = embed_images(self.model, self.images.images, self.normalizer, self.device, self.precision)
-            predictions = protonet_predictions(self.model, features, episodes)
-        else:
-            predictions = finetuned_predictions(self.model, self.images, episodes, mode,
-                                                from_dict(FinetuneSettings, settings), self.normalizer, self.device,
-                                                seed=seed, lr=lr, precision=self.precision, first_task=first_task)
+        engine = FinetuneEngine(self.model, from_dict(FinetuneSettings, settings, "finetune"), self.normalizer)
+        predictions = engine_predictions(engine, self._prepared(engine), episodes, mode, seed=seed, lr=lr,
+                                         precision=self.precision, first_task=first_task)
         return [predicted.tolist() for predicted in predictions]
+
+    def _prepared(self, engine):
+        """The split prepared for the engine's settings: once per actor (per cache stage), not per task."""
+        from metallo_core.fewshot.evaluation import PreparedImages, cache_key
+
+        key = cache_key(engine.settings)
+        if key not in self.prepared:
+            self.prepared.clear()  # one split's trunk maps at a time: a search may try several cache stages
+            self.prepared[key] = PreparedImages(engine, self.images.images, self.precision)
+        return self.prepared[key]
 
     def predict_chunk(self, first_task: int, mode: str, episodes_json: str, settings: dict, seed: int,
                       lr: float | None) -> tuple[int, list[list[int]]]:
@@ -217,7 +226,9 @@ def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dic
             for lr in config.select_lrs:
                 accuracies, _ = scorer.score("finetune", tasks, settings, config.seed, lr)
                 mean, ci95 = mean_and_ci95(accuracies)
-                table.append({"lr": lr, "steps": steps, "val_accuracy": mean, "val_ci95": ci95})
+                # per_task: each meta-val task's accuracy, in task order, to compare candidates paired
+                table.append({"lr": lr, "steps": steps, "val_accuracy": mean, "val_ci95": ci95,
+                              "per_task": accuracies})
                 print(f"  meta-val selection: lr {lr:g}, steps {steps}: {mean:.4f} ± {ci95:.4f}",
                       file=sys.stderr, flush=True)
     finally:
@@ -260,7 +271,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
             lr, steps, result.selection = select_finetune_on_val(config, run)
         settings = to_dict(config.finetune) | {"steps": steps}
         scorer = ParallelScorer(config, config.split)
-        per_task: dict[str, list[float]] = {}
+        per_task = result.per_task
         try:
             for mode in config.modes:
                 predictions, rate = scorer.predict(mode, tasks, settings, config.seed,
@@ -313,6 +324,7 @@ def summary_json(result: EvaluationResult) -> dict[str, Any]:
         "modes": {mode: vars(value) for mode, value in result.modes.items()},
         "selection": result.selection.get("best", {}),
         "gain_over_protonet": {mode: {"mean": mean, "ci95": ci95} for mode, (mean, ci95) in result.gains.items()},
+        "per_task": result.per_task,
         "run_id": result.run_id,
     }
 

@@ -1,5 +1,5 @@
-"""Search over meta-test fine-tuning settings (lr, steps, augmentations and their probability, which
-layers are updated, BatchNorm mode) with Optuna through Ray Tune.
+"""Search over meta-test fine-tuning settings (lr, steps, pseudo-query form and cache stage, crops and
+augmentations, which layers are updated, BatchNorm mode) with Optuna through Ray Tune.
 
 Every trial fine-tunes the same registered ProtoNet on the same fixed meta-validation tasks (planned once
 by the driver and logged on the parent run), on its share of a GPU where there is one; the objective is
@@ -49,8 +49,8 @@ def finetune_trial(params: dict, *, context: dict) -> None:
 
     from metallo_core.data.class_index import ClassIndexedImages
     from metallo_core.fewshot.episodes import episodes_from_json
-    from metallo_core.fewshot.evaluation import finetuned_accuracies
-    from metallo_core.fewshot.finetune import FinetuneSettings
+    from metallo_core.fewshot.evaluation import PreparedImages, engine_accuracies
+    from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings
     from metallo_core.fewshot.metrics import mean_and_ci95
     from metallo_core.fewshot.protonet import ImageNormalizer
     from metallo_core.models.protonet_store import load_protonet
@@ -68,6 +68,8 @@ def finetune_trial(params: dict, *, context: dict) -> None:
                                      image_size=context["image_size"] or spec.image_size)
     episodes, _ = episodes_from_json(context["val_json"], images.indices_by_class, "the meta-validation tasks")
     normalizer = ImageNormalizer(spec.mean, spec.std, device=device)
+    engine = FinetuneEngine(model, settings, normalizer)
+    prepared = PreparedImages(engine, images.images, context["precision"])  # once for every task of the trial
     tags = {runner.TRIAL_TAG: trial_id, runner.SEARCH_TAG: context["search"], "metallo.stage": "tune-finetune-trial",
             "metallo.model_uri": context["model"]}
     with tracking.open_run(context["experiment"], f"{context['search']}-{trial_id}", config={"finetune": plain},
@@ -75,10 +77,9 @@ def finetune_trial(params: dict, *, context: dict) -> None:
         accuracies: list[float] = []
         every = context["report_every"]
         for start in range(0, len(episodes), every):
-            # Seeds by task index, as the final test does, so a trial is reproducible chunk by chunk.
-            chunk = finetuned_accuracies(model, images, episodes[start:start + every], "finetune", settings,
-                                         normalizer, device, seed=context["seed"] * 7919 + start,
-                                         precision=context["precision"])
+            # Seeds by task index (finetune.task_generator), so a trial is reproducible chunk by chunk.
+            chunk = engine_accuracies(engine, prepared, episodes[start:start + every], "finetune",
+                                      seed=context["seed"], precision=context["precision"], first_task=start)
             accuracies += chunk
             mean, ci95 = mean_and_ci95(accuracies) if len(accuracies) > 1 else (accuracies[0], 0.0)
             run.log_metrics({METRIC: mean, "val_ci95": ci95, TIME_ATTR: len(accuracies)}, step=len(accuracies))

@@ -39,9 +39,10 @@ def test_classify_fine_tunes_with_the_settings_recorded_on_the_model(folders, tm
     assert run.run_id in version.tags[CHOSEN_BY_TAG]
 
     used = []
-    real_adapt = classify_module.adapt_to_support
-    monkeypatch.setattr(classify_module, "adapt_to_support",
-                        lambda *args, **kwargs: used.append(args[4]) or real_adapt(*args, **kwargs))
+    real_adapt = classify_module.FinetuneEngine.adapt
+    monkeypatch.setattr(classify_module.FinetuneEngine, "adapt",
+                        lambda engine, *args, **kwargs: used.append(engine.settings) or real_adapt(engine, *args,
+                                                                                                   **kwargs))
     support, query = folders
     out = tmp_path / "p.csv"
     assert cli.main(["classify", "--model", model_uri, "--support", str(support), "--query", str(query),
@@ -58,10 +59,10 @@ def test_classify_fine_tunes_with_the_settings_recorded_on_the_model(folders, tm
     used.clear()
     best = tmp_path / "best_config.yaml"
     best.write_text(yaml.safe_dump({"model": model_uri, "finetune": {"lr": 0.0013, "steps": 1, "update": "all",
-                                                                     "bn_mode": "eval"}}))
+                                                                     "bn_mode": "eval", "pseudo_queries": "pixels"}}))
     assert cli.main(["classify", "--model", model_uri, "--support", str(support), "--query", str(query),
                      "--out", str(out), "--finetune-from", str(best)]) == 0  # implies --finetune
-    assert used == [FinetuneSettings(steps=1, lr=0.0013, update="all", bn_mode="eval")]
+    assert used == [FinetuneSettings(steps=1, lr=0.0013, update="all", bn_mode="eval", pseudo_queries="pixels")]
     assert f"from the finetune: section of {best}" in capsys.readouterr().out
 
 
@@ -81,11 +82,13 @@ def test_settings_from_runs_old_and_new(tmp_path):
                      "selection/finetune_on_meta_val.json")
     chosen = settings_from(old.run_id)
     assert (chosen.settings.lr, chosen.settings.update, chosen.settings.bn_mode) == (0.01, "last_stage", "train")
+    assert chosen.settings.pseudo_queries == "pixels"  # logged before trunk maps existed: what it ran then
     assert "selected on meta-validation tasks" in chosen.source
 
     search_config = tmp_path / "search.yaml"
     search_config.write_text(yaml.safe_dump({"evaluate": {"finetune": {"lr": 0.002, "update": "last_stage"}}}))
-    assert settings_from(str(search_config)).settings.lr == 0.002
+    from_file = settings_from(str(search_config)).settings
+    assert from_file.lr == 0.002 and from_file.pseudo_queries == "trunk_maps"  # a config file: the defaults
 
 
 @pytest.mark.parametrize("source, message", [

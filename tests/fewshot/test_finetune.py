@@ -1,5 +1,6 @@
-"""Meta-test fine-tuning: exact restore between tasks and after errors, reduction to ProtoNet at lr 0,
-last-stage updates, BN mode, pseudo-query augmentation, the support-only lr search, and that it learns."""
+"""Meta-test fine-tuning on pixel pseudo-queries (FinetuneEngine with `pseudo_queries: pixels`): exact restore
+between tasks and after errors, reduction to ProtoNet at lr 0, last-stage updates, BN mode, pseudo-query
+augmentation, the support-only lr search, and that it learns. The cached-trunk form: test_finetune_engine.py."""
 
 from __future__ import annotations
 
@@ -13,14 +14,10 @@ from torch import nn
 from metallo_core.config import from_dict
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot.finetune import (
+    FinetuneEngine,
     FinetuneSettings,
     augment_support,
-    auto_lr,
-    autolr_accuracies,
     best_lr,
-    classify_task,
-    finetune_task,
-    protonet_task,
     pseudo_query_set,
     pseudo_query_views,
 )
@@ -82,6 +79,36 @@ def texture_task(seed: int, way: int = 5, shot: int = 5, query: int = 10):
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def pixels(**changes) -> FinetuneSettings:
+    """Pixel pseudo-queries with the settings these tests were written for: the whole backbone updated, 50
+    steps at lr 1e-4, one pseudo-query per class (a toy network has no stages to cache)."""
+    return FinetuneSettings(**{"pseudo_queries": "pixels", "update": "all", "steps": 50, "lr": 1e-4,
+                               "pseudo_queries_per_class": 1, **changes})
+
+
+# The engine's calls under the names of what they compute, each on a fresh engine over `model`.
+def finetune_task(model, support, support_labels, query, way, settings, *, normalizer, generator, lr=None):
+    engine = FinetuneEngine(model, settings, normalizer)
+    return engine.task_logits(support, support_labels, query, way, generator, lr=lr)
+
+
+def protonet_task(model, support, support_labels, query, way, *, normalizer):
+    return FinetuneEngine(model, pixels(), normalizer).protonet_logits(support, support_labels, query, way)
+
+
+def classify_task(model, mode, support, support_labels, query, way, settings, *, normalizer, generator, lr=None):
+    return FinetuneEngine(model, settings, normalizer).mode_logits(mode, support, support_labels, query, way,
+                                                                   generator, lr=lr)
+
+
+def auto_lr(model, support, support_labels, way, settings, *, normalizer, generator):
+    return FinetuneEngine(model, settings, normalizer).auto_lr(support, support_labels, way, generator)
+
+
+def autolr_accuracies(model, support, support_labels, way, settings, *, normalizer, generator):
+    return FinetuneEngine(model, settings, normalizer).autolr_accuracies(support, support_labels, way, generator)
+
+
 def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
@@ -124,7 +151,7 @@ def test_settings_validate_with_clear_messages():
 def test_no_steps_or_zero_lr_is_plain_protonet(override, bn_mode):
     model = tiny_protonet()
     support, support_labels, query, _ = random_task()
-    settings = FinetuneSettings(bn_mode=bn_mode, **override)
+    settings = pixels(bn_mode=bn_mode, **override)
     logits = finetune_task(model, support, support_labels, query, 3, settings, normalizer=NORMALIZER,
                            generator=seeded())
     expected = protonet_task(model, support, support_labels, query, 3, normalizer=NORMALIZER)
@@ -132,7 +159,7 @@ def test_no_steps_or_zero_lr_is_plain_protonet(override, bn_mode):
     model.eval()
     with torch.no_grad():
         assert torch.equal(logits, model(NORMALIZER.normalize(support), support_labels, NORMALIZER.normalize(query), 3))
-    lr_zero = finetune_task(model, support, support_labels, query, 3, FinetuneSettings(), normalizer=NORMALIZER,
+    lr_zero = finetune_task(model, support, support_labels, query, 3, pixels(), normalizer=NORMALIZER,
                             generator=seeded(), lr=0.0)
     assert torch.equal(lr_zero, expected)
 
@@ -141,7 +168,7 @@ def test_weights_and_buffers_restored_exactly_between_tasks():
     model = tiny_protonet()
     model.train()
     before = state_copy(model)
-    settings = FinetuneSettings(steps=5, lr=1e-2, bn_mode="train")
+    settings = pixels(steps=5, lr=1e-2, bn_mode="train")
     first = random_task(seed=1)
     finetune_task(model, first[0], first[1], first[2], 3, settings, normalizer=NORMALIZER, generator=seeded(1))
     assert same_state(model, before)  # weights, BN running stats and num_batches_tracked
@@ -173,7 +200,7 @@ def test_weights_restored_after_an_exception_midway():
     handle = model.backbone.register_forward_pre_hook(fail_on_fourth_forward)
     support, support_labels, query, _ = random_task()
     with pytest.raises(RuntimeError, match="simulated failure"):
-        finetune_task(model, support, support_labels, query, 3, FinetuneSettings(steps=10, lr=1e-2, bn_mode="train"),
+        finetune_task(model, support, support_labels, query, 3, pixels(steps=10, lr=1e-2, bn_mode="train"),
                       normalizer=NORMALIZER, generator=seeded())
     handle.remove()
     assert seen["changed_before_failure"]
@@ -195,7 +222,7 @@ def test_only_the_chosen_layers_change_during_the_task(update):
 
     handle = model.backbone.register_forward_pre_hook(record_changes)
     support, support_labels, query, _ = random_task()
-    settings = FinetuneSettings(steps=4, lr=1e-2, bn_mode="train", update=update)
+    settings = pixels(steps=4, lr=1e-2, bn_mode="train", update=update)
     finetune_task(model, support, support_labels, query, 3, settings, normalizer=NORMALIZER, generator=seeded())
     handle.remove()
     assert changed["layer4"]  # weights and, in BN train mode, running statistics
@@ -214,7 +241,7 @@ def test_batchnorm_update_moves_only_the_batchnorm_scales_and_shifts():
 
     handle = model.backbone.register_forward_pre_hook(record_moves)
     support, support_labels, query, _ = random_task()
-    settings = FinetuneSettings(steps=4, lr=1e-2, bn_mode="eval", update="batchnorm")
+    settings = pixels(steps=4, lr=1e-2, bn_mode="eval", update="batchnorm")
     finetune_task(model, support, support_labels, query, 3, settings, normalizer=NORMALIZER, generator=seeded())
     handle.remove()
     batchnorm = {f"{layer}.1.{kind}" for layer in ("layer1", "layer4") for kind in ("weight", "bias")}
@@ -226,7 +253,7 @@ def test_last_stage_needs_a_layer4():
     model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)))
     support, support_labels, query, _ = random_task()
     with pytest.raises(ConfigError, match="has none; use update: all"):
-        finetune_task(model, support, support_labels, query, 3, FinetuneSettings(steps=1, update="last_stage"),
+        finetune_task(model, support, support_labels, query, 3, pixels(steps=1, update="last_stage"),
                       normalizer=NORMALIZER, generator=seeded())
 
 
@@ -235,7 +262,7 @@ def test_adapts_even_when_called_under_no_grad_on_a_frozen_model():
     model.requires_grad_(False)
     support, support_labels, query, _ = random_task()
     with torch.no_grad():
-        logits = finetune_task(model, support, support_labels, query, 3, FinetuneSettings(steps=3, lr=1e-2),
+        logits = finetune_task(model, support, support_labels, query, 3, pixels(steps=3, lr=1e-2),
                                normalizer=NORMALIZER, generator=seeded())
     assert not torch.equal(logits, protonet_task(model, support, support_labels, query, 3, normalizer=NORMALIZER))
     assert not any(parameter.requires_grad for parameter in model.parameters())
@@ -246,21 +273,21 @@ def test_adapts_even_when_called_under_no_grad_on_a_frozen_model():
 
 def test_augment_support_is_per_sample_seeded_and_in_range():
     images = torch.rand(40, 3, 8, 8, generator=seeded(5))
-    settings = FinetuneSettings(augment_p=0.5)
+    settings = pixels(augment_p=0.5)
     pseudo_query = augment_support(images, settings, seeded(1))
     assert torch.equal(pseudo_query, augment_support(images, settings, seeded(1)))
     assert pseudo_query.shape == images.shape and 0 <= pseudo_query.min() and pseudo_query.max() <= 1
     unchanged = (pseudo_query == images).flatten(1).all(dim=1)
     assert 8 <= int(unchanged.sum()) <= 32  # about half left as they are, each sample drawn on its own
-    assert torch.equal(augment_support(images, FinetuneSettings(augment_p=0.0), seeded(1)), images)
-    everything = augment_support(images, FinetuneSettings(augment_p=1.0), seeded(1))
+    assert torch.equal(augment_support(images, pixels(augment_p=0.0), seeded(1)), images)
+    everything = augment_support(images, pixels(augment_p=1.0), seeded(1))
     assert int((everything == images).flatten(1).all(dim=1).sum()) <= 2  # brightness alone changes nearly all
 
 
 def test_pseudo_query_set_stacks_views_view_major():
     # Oracle: crops and flips of a constant image are that constant, so row v * S + i must hold image i's
     # value: the order adapt_to_support's `support_labels.repeat(views)` assumes.
-    settings = FinetuneSettings(augment_p=1.0)
+    settings = pixels(augment_p=1.0)
     constants = torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1, 1).expand(3, 3, 8, 8).contiguous()
     stacked = pseudo_query_set(constants, settings, 4, seeded(1))
     assert stacked.shape == (12, 3, 8, 8)
@@ -284,7 +311,7 @@ def test_pseudo_query_views_give_at_least_per_class_pseudo_queries(per_class, su
 def test_classify_task_dispatches_by_name():
     model = tiny_protonet()
     support, support_labels, query, _ = random_task(shot=3)
-    settings = FinetuneSettings(steps=3, lr=1e-2, lr_candidates=(0.0, 1e-2), autolr_steps=2)
+    settings = pixels(steps=3, lr=1e-2, lr_candidates=(0.0, 1e-2), autolr_steps=2)
     common = dict(normalizer=NORMALIZER)
     assert torch.equal(classify_task(model, "protonet", support, support_labels, query, 3, settings,
                                      generator=seeded(), **common),
@@ -315,7 +342,7 @@ def test_auto_lr_needs_two_shots():
     model = tiny_protonet()
     support, support_labels, _, _ = random_task(shot=1)
     with pytest.raises(ConfigError, match="at least 2 shots per class.*class 0 of this task has 1"):
-        auto_lr(model, support, support_labels, 3, FinetuneSettings(), normalizer=NORMALIZER, generator=seeded())
+        auto_lr(model, support, support_labels, 3, pixels(), normalizer=NORMALIZER, generator=seeded())
 
 
 # ------------------------------------------------------------------------------------------- learning
@@ -326,7 +353,7 @@ def test_fine_tuning_beats_protonet_when_the_features_are_poor(bn_mode):
     """A randomly initialised net sees mostly brightness; the support set shows the classes are grain sizes.
     Fixed seeds; observed gains are about +0.4 (0.31 -> 0.72), the assertion asks for +0.2 (chance is 0.2)."""
     model = tiny_protonet(seed=0)
-    settings = FinetuneSettings(steps=50, lr=3e-3, bn_mode=bn_mode)
+    settings = pixels(steps=50, lr=3e-3, bn_mode=bn_mode)
     plain, finetuned = [], []
     for task_seed in range(4):
         support, support_labels, query, query_labels = texture_task(task_seed)
@@ -342,7 +369,7 @@ def test_fine_tuning_beats_protonet_when_the_features_are_poor(bn_mode):
 def test_auto_lr_picks_a_learning_rate_that_helps():
     model = tiny_protonet(seed=0)
     support, support_labels, _, _ = texture_task(1)
-    settings = FinetuneSettings(lr_candidates=(0.0, 1e-3, 3e-3, 1e-2), autolr_steps=20)
+    settings = pixels(lr_candidates=(0.0, 1e-3, 3e-3, 1e-2), autolr_steps=20)
     scores = autolr_accuracies(model, support, support_labels, 5, settings, normalizer=NORMALIZER, generator=seeded(1))
     chosen = auto_lr(model, support, support_labels, 5, settings, normalizer=NORMALIZER, generator=seeded(1))
     assert chosen > 0 and chosen == best_lr(scores)
@@ -361,7 +388,7 @@ def test_last_stage_fast_path_adapts_a_resnet_exactly_like_the_full_forward(bn_m
     support = torch.rand(6, 3, 16, 16)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     queries = torch.rand(5, 3, 16, 16)
-    settings = FinetuneSettings(steps=3, lr=1e-2, update="last_stage", bn_mode=bn_mode,
+    settings = pixels(steps=3, lr=1e-2, update="last_stage", bn_mode=bn_mode,
                                 pseudo_queries_per_class=per_class)
 
     def adapted_logits() -> torch.Tensor:

@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from metallo_core.fewshot import finetune
-from metallo_core.fewshot.finetune import FinetuneSettings, adapt_to_support, protonet_task, restored_afterwards
-from tests.fewshot.test_finetune import NORMALIZER, random_task, seeded, tiny_protonet
+from metallo_core.fewshot.finetune import FinetuneEngine, restored_afterwards
+from tests.fewshot.test_finetune import NORMALIZER, pixels, protonet_task, random_task, seeded, tiny_protonet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Adam at 1e-2 moves every conv weight of the tiny net by ~1e-2 per step: far more than bf16 rounding.
-SETTINGS = FinetuneSettings(steps=3, lr=1e-2, bn_mode="eval")
+SETTINGS = pixels(steps=3, lr=1e-2, bn_mode="eval")
 
 
 def bf16_region():
-    """What `evaluation.finetuned_predictions` opens around a whole task (precision bf16, on the CPU)."""
+    """What `evaluation.engine_predictions` opens around a whole task (precision bf16, on the CPU)."""
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
@@ -29,8 +29,7 @@ def embeddings_inside_and_after(images: torch.Tensor) -> tuple[torch.Tensor, tor
     with bf16_region(), torch.no_grad():
         before = model.embed(NORMALIZER.normalize(images))
     with bf16_region():
-        adapt_to_support(model, support, support_labels, 3, SETTINGS, normalizer=NORMALIZER, generator=seeded(),
-                         lr=SETTINGS.lr)
+        FinetuneEngine(model, SETTINGS, NORMALIZER).adapt(support, support_labels, 3, seeded())
         with torch.no_grad():
             inside = model.embed(NORMALIZER.normalize(images))
     with bf16_region(), torch.no_grad():  # a new region casts the current fp32 weights afresh

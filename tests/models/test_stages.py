@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from metallo_core.errors import ConfigError
-from metallo_core.fewshot.finetune import FinetuneSettings, finetune_task, protonet_task
+from metallo_core.fewshot.finetune import FinetuneSettings
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.models.stages import last_block, last_stage
@@ -62,17 +62,14 @@ def test_last_block_names_and_split_match_the_full_forward(spec, names, splits):
     assert_part_is_named_and_splits(block, backbone, spec, names, splits)
 
 
-def test_last_block_of_efficientnet_lite0_is_what_the_tail_benchmark_tunes():
-    """`classify --finetune` (update last_block) adapts the very parameters that the X-SDD selection chose
-    for the cached-trunk benchmark (TailFinetuneSettings: the last block group and the head)."""
-    from metallo_core.fewshot.tail_finetune import (
-        TailFinetuner,
-        TailFinetuneSettings,
-        split_backbone,
-    )
+def test_last_block_of_efficientnet_lite0_is_its_last_block_group_and_the_head():
+    """update last_block adapts the part the X-SDD selection chose: EfficientNet-Lite0's last block group
+    (one block) and the head conv, all after the cached trunk (models.staged: stages = block groups)."""
+    from metallo_core.models.staged import split_backbone
 
     backbone = build_backbone(BackboneSpec(arch="tf_efficientnet_lite0", library="timm", image_size=64))
-    tail = TailFinetuner(split_backbone(backbone), TailFinetuneSettings()).tail
+    staged = split_backbone(backbone)
+    tail = nn.ModuleList([staged.stages[6], staged.head])
     assert {id(p) for p in last_block(backbone).modules.parameters()} == {id(p) for p in tail.parameters()}
 
 
@@ -96,17 +93,17 @@ def test_partial_fast_path_adapts_an_efficientnet_lite_exactly_like_the_full_for
     model = ProtoNet(build_backbone(spec))
     support, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
     queries = torch.rand(5, 3, 32, 32)
-    settings = FinetuneSettings(steps=3, lr=1e-2, update=update, bn_mode=bn_mode)
+    settings = FinetuneSettings(pseudo_queries="pixels", steps=3, lr=1e-2, update=update, bn_mode=bn_mode)
     before = model.backbone.blocks[0][0].conv_dw.weight.clone()
 
     def adapted_logits() -> torch.Tensor:
-        return finetune_task(model, support, labels, queries, 3, settings, normalizer=NORMALIZER,
-                             generator=torch.Generator().manual_seed(1))
+        return finetune.FinetuneEngine(model, settings, NORMALIZER).task_logits(
+            support, labels, queries, 3, torch.Generator().manual_seed(1))
 
     fast = adapted_logits()
     monkeypatch.setattr(finetune, "uses_frozen_trunk", lambda stage: False)
     full = adapted_logits()
-    plain = protonet_task(model, support, labels, queries, 3, normalizer=NORMALIZER)
+    plain = finetune.FinetuneEngine(model, settings, NORMALIZER).protonet_logits(support, labels, queries, 3)
     assert torch.allclose(fast, full, atol=1e-4), (fast - full).abs().max()
     assert not torch.allclose(fast, plain, atol=1e-3)  # it did adapt
     assert torch.equal(model.backbone.blocks[0][0].conv_dw.weight, before)  # and restored the weights

@@ -103,6 +103,9 @@ def test_metatraining_learns_and_evaluation_reports_finetuning_against_protonet(
     protonet_per_task = per_task_csv(client, evaluation.run_id, "protonet")
     finetune_per_task = per_task_csv(client, evaluation.run_id, "finetune")
     assert protonet.mean == pytest.approx(protonet_per_task.mean(), abs=1e-6)
+    # The per-task accuracies the result carries are the logged ones, task by task (a gate pairs them).
+    assert evaluation.per_task["finetune"] == pytest.approx(list(finetune_per_task), abs=1e-6)
+    assert summary_json(evaluation)["per_task"]["protonet"] == evaluation.per_task["protonet"]
 
     # Learning happened, judged on the 40 test tasks (classes never seen in training, tasks not used to
     # pick the epoch): the registered model against the untrained backbone on the very same tasks.

@@ -3,7 +3,7 @@ choices, and applying a trial's parameters to a config."""
 
 import pytest
 
-from metallo_core.config import from_dict, load_config
+from metallo_core.config import from_dict, load_config, to_dict
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot.config import MetaTrainConfig
 from metallo_core.fewshot.finetune import FinetuneSettings
@@ -117,3 +117,17 @@ def test_best_trial_prefers_trials_that_ran_their_whole_budget():
     assert table.splitlines()[2].startswith("| b | 90.00% | 1 | stopped early")
     assert "| c (best) | 75.00% | 2 | completed | 0.3 |" in table
     assert "| d | - | 0 | failed |" in table
+
+
+def test_the_cached_trunk_settings_are_searchable(repo_root):
+    space = ("space={finetune.pseudo_queries: {choice: [pixels, trunk_maps]}, finetune.cache_stage: {choice: [2, 3]}, "
+             "finetune.crop_scale: {uniform: [0.35, 1.0]}, finetune.vflip: {choice: [true, false]}}")
+    config = load_config(FinetuneSearchConfig, repo_root / "tuning/configs/finetune_tiny_cpu.yaml", [space])
+    assert set(to_tune_space(config.space)) == {"finetune.pseudo_queries", "finetune.cache_stage",
+                                                "finetune.crop_scale", "finetune.vflip"}
+    params = {"finetune.pseudo_queries": "trunk_maps", "finetune.cache_stage": 2, "finetune.crop_scale": 0.5,
+              "finetune.vflip": False}
+    plain = apply_params({"finetune": to_dict(config.evaluate.finetune)}, params)["finetune"]
+    settings = from_dict(FinetuneSettings, plain)
+    assert (settings.pseudo_queries, settings.cache_stage, settings.crop_scale, settings.vflip) == (
+        "trunk_maps", 2, 0.5, False)
