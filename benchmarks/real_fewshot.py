@@ -2,23 +2,24 @@
 plain ProtoNet (PN) and PN + per-task fine-tuning (PN+FT), N-way K-shot, mean ± 95% interval over fixed
 tasks and FT - PN paired per task; plus the cost of a fine-tuning step (--cost).
 
-    uv run --frozen python benchmarks/real_fewshot.py --data ../shared/data/x-sdd --tasks 600 --shots 1,5 \
+    uv run --frozen python benchmarks/real_fewshot.py --tasks 600 --shots 1,5 \
         --methods pn,ft --out results/real_fewshot.json --markdown results/real_fewshot.md
-    uv run --frozen python benchmarks/real_fewshot.py --data ../shared/data/x-sdd --select   # the choice
+    uv run --frozen python benchmarks/real_fewshot.py --select   # the choice
     uv run --frozen python benchmarks/real_fewshot.py --cost --cost-backbones efficientnet_lite0,resnet50
-    uv run --frozen python benchmarks/real_fewshot.py --data ../shared/data/x-sdd --adapt --adapt-epochs 10 \
+    uv run --frozen python benchmarks/real_fewshot.py --adapt --adapt-epochs 10 \
         --adapt-out results/xsdd_adapted.pth --tasks 600 --methods pn   # row (d), paired vs row (a)
-    uv run --frozen python benchmarks/real_fewshot.py --data ../shared/data/x-sdd --through-classify \
-        --model models:/metallo-protonet@pretrained --tasks 50 --shots 1   # classify agrees with the engine
+    uv run --frozen python benchmarks/real_fewshot.py --through-classify \
+        --model models:/metallo-protonet@quickstart --tasks 100 --shots 1   # classify agrees with the engine
 
-Protocol (metallo_core/fewshot/folder_benchmark.py): each class's images are split once (seeded) into a
-selection pool (--selection-fraction) and a test pool. `--select` scores fine-tuning settings on tasks
-of the selection pool; the reported tasks come from the test pool only. Fine-tuning is the one engine of
+Protocol (metallo_core/fewshot/folder_benchmark.py): each class's images are cut once (seeded) into the
+pools `metallo quickstart` uses (--pools, --pool-seed: DINO's unlabelled `train` pool, the selection pool
+`val`, the `test` pool). `--select` scores fine-tuning settings on tasks of the selection pool; the
+reported tasks come from the test pool only. Fine-tuning is the one engine of
 metallo_core/fewshot/finetune.py (`--finetune key=value` overrides its FinetuneSettings, whose defaults are
 the selected ones). `--through-classify` scores test-pool tasks through `metallo classify --finetune` on the
 real files and, beside it, the engine called directly on the same tasks, paired.
 `--adapt` runs domain-adaptive DINO (configs/pretrain/domain_adapt_efficientnet_lite0.yaml at the benchmark's
-image size, Ray-free) on the selection pool's images without their labels, and scores the adapted teacher
+image size, Ray-free) on the `train` pool's images without their labels, and scores the adapted teacher
 on the same test tasks as the ImageNet backbone, paired per task.
 """
 
@@ -34,12 +35,17 @@ from pathlib import Path
 
 import torch
 
+from metallo_core.datasets import xsdd_images
+from metallo_core.quickstart import DEFAULTS as QUICKSTART
+
 REPO = Path(__file__).resolve().parents[1]
+QUICKSTART_POOLS = QUICKSTART["pools"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/x-sdd", help="<root>/<class>/<image> folder")
+    parser.add_argument("--data", default=str(xsdd_images()),
+                        help="<root>/<class>/<image> folder (default: the built-in X-SDD)")
     parser.add_argument("--size", type=int, default=128, help="input side in px (X-SDD's own 128; 224 native)")
     parser.add_argument("--way", type=int, default=5)
     parser.add_argument("--shots", default="1,5", help="comma-separated shots")
@@ -47,8 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=600)
     parser.add_argument("--methods", default="pn,ft", help="pn (frozen ProtoNet), ft (PN + fine-tuning)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the task draws and the fine-tuning draws")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the selection/test split of each class")
-    parser.add_argument("--selection-fraction", type=float, default=0.3)
+    parser.add_argument("--pools", default=",".join(map(str, QUICKSTART_POOLS["fractions"])),
+                        help="fractions of each class for the pools train (DINO's, unlabelled), val (selection) "
+                             "and test; the quickstart's by default")
+    parser.add_argument("--pool-seed", type=int, default=QUICKSTART_POOLS["seed"], help="seed of the pools' cut")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="key=value",
                         help="FinetuneSettings overrides, e.g. lr=0.001 steps=20 cache_stage=4 bn_mode=eval")
     parser.add_argument("--select", action="store_true", help="score a grid of fine-tuning settings on selection tasks")
@@ -70,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="backbone source: imagenet-offline, or an EfficientNet-Lite0 weights file (a DINO "
                              "checkpoint's teacher, e.g. one --adapt-out wrote, or a metallo pretrain export)")
     parser.add_argument("--adapt", action="store_true",
-                        help="row (d): domain-adaptive DINO from --backbone on the selection pool's images (labels "
+                        help="row (d): domain-adaptive DINO from --backbone on the train pool's images (labels "
                              "unused), then score the adapted backbone, paired against the ImageNet one")
     parser.add_argument("--adapt-config", default=str(REPO / "configs/pretrain/domain_adapt_efficientnet_lite0.yaml"))
     parser.add_argument("--adapt-epochs", type=int, default=10)
@@ -81,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--markdown", help="write the tables as markdown here")
     return parser.parse_args(argv)
+
+
+def pool_fractions(args: argparse.Namespace) -> tuple[float, ...]:
+    return tuple(float(value) for value in args.pools.split(","))
 
 
 def finetune_settings(overrides: list[str], base=None):
@@ -131,10 +143,11 @@ def load(args: argparse.Namespace, settings):
 
     started = time.perf_counter()
     folder = read_labelled_folder(args.data, args.size)
-    selection, test = split_pools(folder.labels, args.selection_fraction, args.split_seed)
+    pools = split_pools(folder, pool_fractions(args), args.pool_seed)
+    selection, test = pools["val"], pools["test"]
     backbone, spec = backbone_from_source(args.backbone, offline_imagenet_spec(args.size))
     if args.adapt:
-        backbone = domain_adapted(args, folder, selection)
+        backbone = domain_adapted(args, folder, pools["train"])
     engine = FinetuneEngine(pretrained_protonet(backbone), settings, ImageNormalizer.for_backbone(spec))
     cache = folder_cache(folder, engine)
     print(f"{len(folder.images)} images of {len(folder.classes)} classes from {folder.root} at {args.size} px; "
@@ -143,10 +156,10 @@ def load(args: argparse.Namespace, settings):
     return folder, engine, cache, selection, test
 
 
-def domain_adapted(args: argparse.Namespace, folder, selection):
-    """Continue DINO from `--backbone` (teacher and student both start from it) on the selection pool's
+def domain_adapted(args: argparse.Namespace, folder, unlabelled):
+    """Continue DINO from `--backbone` (teacher and student both start from it) on the `train` pool's
     images, labels unused, with the domain-adaptive recipe at the benchmark's image size; returns the
-    teacher backbone. The k-NN probe printed per epoch uses the selection pool's labels (monitoring only:
+    teacher backbone. The k-NN probe printed per epoch uses that pool's labels (monitoring only:
     nothing is chosen on it)."""
     import numpy as np
 
@@ -159,13 +172,13 @@ def domain_adapted(args: argparse.Namespace, folder, selection):
         f"epochs={args.adapt_epochs}", f"seed={args.seed}", f"data.base_size={args.size}",
         f"backbone.image_size={args.size}", f"multicrop.global_size={args.size}", f"multicrop.local_size={local}",
         *args.adapt_set])
-    raw.setdefault("data", {})["uri"] = "memory:x-sdd-selection-pool"
+    raw.setdefault("data", {})["uri"] = "memory:train-pool"
     raw["init_weights"] = args.backbone  # student and teacher both start from it
     config = from_dict(DinoConfig, raw)
     config.validate()
-    rows = np.concatenate(selection)
+    rows = np.concatenate(unlabelled)
     images, labels = folder.images[rows], folder.labels[rows]
-    print(f"domain-adaptive DINO: {len(rows)} selection-pool images at {args.size} px (labels unused), "
+    print(f"domain-adaptive DINO: {len(rows)} train-pool images at {args.size} px (labels unused), "
           f"{args.adapt_epochs} epochs, config {args.adapt_config}", flush=True)
     print(f"{'epoch':>5} {'loss':>8} {'knn_acc':>8} {'seconds':>8}", flush=True)
 
@@ -345,7 +358,7 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
     model, spec, _ = load_protonet(args.model)
     engine = FinetuneEngine(model.eval(), settings, ImageNormalizer.for_backbone(spec))
     folder = read_labelled_folder(args.data, spec.image_size)  # as classify reads the files: at the model's size
-    _, test = split_pools(folder.labels, args.selection_fraction, args.split_seed)
+    test = split_pools(folder, pool_fractions(args), args.pool_seed)["test"]
     print(f"through classify: {args.model} at {spec.image_size} px, settings {settings} (from {chosen.source}"
           f"{'; overridden: ' + ' '.join(overrides) if overrides else ''})", flush=True)
     results = []
@@ -439,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown.append(cost_table(report["cost"]))
     else:
         if not Path(args.data).is_dir():
-            print(f"--data {args.data} is not a directory (X-SDD lives in ../shared/data/x-sdd)", file=sys.stderr)
+            print(f"--data {args.data} is not a directory (the built-in X-SDD is {xsdd_images()})", file=sys.stderr)
             return 2
         report["results"] = run_tasks(args, settings)
         markdown.append(accuracy_table(report["results"], "X-SDD test pool"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,6 @@ logger = logging.getLogger(__name__)
 EXPERIMENT = "metallo-quickstart"
 BACKBONE_NAME, PROTONET_NAME, ALIAS = "metallo-backbone", "metallo-protonet", "quickstart"
 START_ALIAS = "quickstart-start"  # the chain's starting point, registered so the test pool can score it too
-# A ProtoNet that was not meta-trained has no learnt logit scale; the fine-tuning loss uses this one
-# (ranking prototypes, i.e. plain ProtoNet, does not depend on it).
-UNTRAINED_COSINE_SCALE = 5.0
 
 LITE0 = {"library": "timm", "arch": "tf_efficientnet_lite0", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
@@ -109,7 +107,8 @@ class QuickstartResult:
     minutes: float = 0.0
 
 
-def run_quickstart(overrides: list[str] = (), *, images: str | None = None, tag: str | None = None) -> QuickstartResult:
+def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
+                   tag: str | None = None) -> QuickstartResult:
     from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
     from metallo_core.fewshot.stage_gate import stage_table
     from metallo_core.ssl.config import DinoConfig
@@ -157,7 +156,9 @@ def run_quickstart(overrides: list[str] = (), *, images: str | None = None, tag:
         result.runs["pretrain"] = pretrained.run_id
         verdicts = [pretrained.gate]
         result.models["dino"] = pretrained.model_uri or ""
-        backbone_source = pretrained.model_uri if pretrained.alias_moved else "imagenet-offline"
+        # The backbone meta-training starts from: DINO's teacher if its gate kept it, else the ImageNet start.
+        backbone_source = (pretrained.model_uri if pretrained.alias_moved and pretrained.model_uri
+                           else "imagenet-offline")
 
         _step(3, "ProtoNet meta-training", f"from {backbone_source} on {pools['base']}")
         metatrain = from_dict(MetaTrainConfig, deep_merge(settings["metatrain"], {
@@ -228,15 +229,23 @@ def ingest_pools(folder: Path, home: Path, settings: dict[str, Any]) -> str:
     from metallo_core.data.ingest.imagefolder import ingest_imagefolder
 
     pools, size = settings["pools"], settings["image_size"]
+    name = dataset_name(folder)
     key = hashlib.sha256(f"{folder}|{pools['fractions']}|{pools['seed']}|{size}".encode()).hexdigest()[:10]
-    uri = str(home / f"{folder.name}-pools-{key}")
+    uri = str(home / f"{name}-pools-{key}")
     try:
         read_manifest(uri)
     except DataError:
         ingest_imagefolder(str(folder), uri, IngestOptions(size=size, overwrite=True, seed=pools["seed"],
-                                                            name=folder.name),
+                                                            name=name),
                            split_rows=tuple(pools["fractions"]))
     return uri
+
+
+def dataset_name(folder: Path) -> str:
+    """`x-sdd` for the built-in set (its images live in `x_sdd/images`), else the folder's own name."""
+    from metallo_core.datasets import xsdd_images
+
+    return "x-sdd" if folder == xsdd_images() else folder.name
 
 
 def synthetic_base(home: Path, settings: dict[str, Any]) -> str:
@@ -291,13 +300,13 @@ def local_crop_size(size: int) -> int:
 def register_start(run_id: str, size: int) -> str:
     """The offline ImageNet EfficientNet-Lite0 at `size`, registered as a ProtoNet (`@quickstart-start`), so the
     test pool scores the chain's starting point on the same tasks."""
-    from metallo_core.fewshot.protonet import ProtoNet
+    from metallo_core.fewshot.folder_benchmark import pretrained_protonet
     from metallo_core.models.protonet_store import protonet_metadata
     from metallo_core.models.registry import log_backbone
     from metallo_core.models.sources import offline_imagenet_backbone
 
     backbone, spec = offline_imagenet_backbone(size)
-    protonet = ProtoNet(backbone, cosine_scale=UNTRAINED_COSINE_SCALE)
+    protonet = pretrained_protonet(backbone)
     registered = log_backbone(run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=START_ALIAS,
                               artifact_name="protonet_start",
                               tags={"metallo.source": spec.weights, "metallo.arch": spec.arch,
@@ -308,16 +317,16 @@ def register_start(run_id: str, size: int) -> str:
 
 
 def register_unchanged_protonet(run_id: str, backbone_source: str, size: int, pretrained, metatrained) -> str:
-    """The kept backbone as the quickstart's ProtoNet when meta-training did not help (cosine head at the
-    untrained scale), aliased `@quickstart`, with tags saying which stages it went through."""
-    from metallo_core.fewshot.protonet import ProtoNet
+    """The kept backbone as the quickstart's ProtoNet when meta-training did not help (the cosine head of a
+    ProtoNet that was not meta-trained), aliased `@quickstart`, with tags saying which stages it went through."""
+    from metallo_core.fewshot.folder_benchmark import pretrained_protonet
     from metallo_core.models.backbones import BackboneSpec
     from metallo_core.models.protonet_store import protonet_metadata
     from metallo_core.models.registry import log_backbone
     from metallo_core.models.sources import backbone_from_source
 
     backbone, spec = backbone_from_source(backbone_source, from_dict(BackboneSpec, {**LITE0, "image_size": size}))
-    protonet = ProtoNet(backbone.eval(), cosine_scale=UNTRAINED_COSINE_SCALE)
+    protonet = pretrained_protonet(backbone)
     registered = log_backbone(run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=ALIAS,
                               artifact_name="protonet",
                               tags={"metallo.backbone_source": backbone_source, "metallo.arch": spec.arch,
@@ -337,7 +346,7 @@ def describe_model_version(model_uri: str, result: QuickstartResult) -> None:
     version = resolve_version(model_uri)
     test = result.test
     text = "\n".join([
-        f"metallo quickstart's few-shot classifier (ProtoNet) for {Path(result.images).name}-like images, "
+        f"metallo quickstart's few-shot classifier (ProtoNet) for images like {dataset_name(Path(result.images))}'s, "
         f"{test['way']}-way {test['shot']}-shot tasks.",
         "",
         "Stages (each kept only where it beat its input on held-apart selection tasks):",
@@ -358,18 +367,13 @@ def describe_model_version(model_uri: str, result: QuickstartResult) -> None:
 
 
 def finetune_verdict(evaluation):
-    """Fine-tuning judged like the other stages: the lr chosen on the selection tasks against lr 0 (plain
-    ProtoNet) on the same tasks. None when no selection ran."""
-    from metallo_core.fewshot.stage_gate import judge
+    """Fine-tuning judged like the other stages, as the evaluation's selection judged it
+    (`train.evaluate.choose_on_selection`: the best lr against lr 0 on the same selection tasks); None when
+    no selection ran."""
+    from metallo_core.train.evaluate import choose_on_selection
 
-    grid = evaluation.selection.get("grid", [])
-    plain = next((row for row in grid if row["lr"] == 0), None)
-    best = evaluation.selection.get("best")
-    if plain is None or best is None:
-        return None
-    chosen = next(row for row in grid if row["lr"] == best["lr"] and row["steps"] == best["steps"])
-    return judge("finetune", "each task's support set (augmented), per task", "plain ProtoNet (lr 0)",
-                 plain["per_task"], chosen["per_task"])
+    grid = evaluation.selection.get("grid")
+    return choose_on_selection(grid)[1] if grid else None
 
 
 def figures_on_test_pool(evaluation, baseline) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,7 @@ class QuickstartResult:
     minutes: float = 0.0
 
 
-def run_quickstart(overrides: list[str] = (), *, tag: str | None = None) -> QuickstartResult:
+def run_quickstart(overrides: Sequence[str] = (), *, tag: str | None = None) -> QuickstartResult:
     from metallo_core.data.synth_dataset import write_fewshot
     from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
     from metallo_core.ssl.config import DinoConfig
@@ -131,7 +132,7 @@ def run_quickstart(overrides: list[str] = (), *, tag: str | None = None) -> Quic
     return QuickstartResult(
         protonet=modes.get("protonet", {}),
         finetune=modes.get("finetune", {}),
-        models={"backbone": pretrained.model_uri, "protonet": metatrained.model_uri},
+        models={"backbone": pretrained.model_uri or "", "protonet": metatrained.model_uri or ""},
         dataset=uri,
         way=evaluation.way,
         shot=evaluation.shot,

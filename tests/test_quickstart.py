@@ -57,12 +57,13 @@ def evaluation(per_task: dict, grid: list[dict] | None = None, best_lr: float | 
 def test_finetuning_is_judged_against_lr_0_on_the_same_selection_tasks():
     plain = [0.5, 0.6, 0.4, 0.5, 0.7, 0.6]
     better = [a + 0.1 for a in plain]
-    grid = [{"lr": 0.0, "steps": 10, "per_task": plain}, {"lr": 0.003, "steps": 10, "per_task": better}]
+    grid = [{"lr": 0.0, "steps": 10, "val_accuracy": 0.55, "per_task": plain},
+            {"lr": 0.003, "steps": 10, "val_accuracy": 0.65, "per_task": better}]
     verdict = finetune_verdict(evaluation({"protonet": plain}, grid, best_lr=0.003))
     assert verdict.stage == "finetune" and verdict.kept
     assert verdict.gain.mean == pytest.approx(0.1)
-    same = finetune_verdict(evaluation({"protonet": plain}, grid[:1] + [{**grid[1], "per_task": plain}], 0.0))
-    assert not same.kept
+    same = [grid[0], {**grid[1], "val_accuracy": 0.55, "per_task": plain}]
+    assert not finetune_verdict(evaluation({"protonet": plain}, same, 0.0)).kept
     assert finetune_verdict(evaluation({"protonet": plain})) is None  # no selection ran
 
 

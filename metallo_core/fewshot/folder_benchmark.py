@@ -1,8 +1,8 @@
 """Few-shot accuracy of a pretrained backbone on a labelled image folder (`<root>/<class>/<image>`), with
-and without per-task fine-tuning: the logic of `benchmarks/real_fewshot.py` and `metallo quickstart
---pretrained`.
+and without per-task fine-tuning: the logic of `benchmarks/real_fewshot.py`.
 
-Honest protocol. Each class's images are shuffled once (seeded) and cut into a *selection* pool and a
+Honest protocol. Each class's images are shuffled once (seeded) and cut into pools (`split_pools`, the
+same cut `metallo quickstart` makes): DINO's unlabelled `train` pool, a *selection* pool (`val`) and a
 *test* pool. Settings (fine-tuning lr, steps, stages, BN mode, input size) are chosen on tasks drawn from
 the selection pool only; the reported tasks are drawn from the test pool only, so no reported query or
 support image ever took part in a choice. (The classes are shared: a set of 7 classes cannot also give
@@ -65,17 +65,24 @@ def read_labelled_folder(root: str | Path, size: int) -> LabelledFolder:
     return LabelledFolder(np.stack(images), np.asarray(labels), classes, str(root), paths)
 
 
-def split_pools(labels: np.ndarray, selection_fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(selection rows per class, test rows per class): a seeded per-class shuffle, the first
-    `selection_fraction` of each class to selection, the rest to test. Disjoint by construction."""
-    rng = np.random.default_rng(seed)
-    selection, test = [], []
-    for label in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == label))
-        cut = round(selection_fraction * len(rows))
-        selection.append(np.sort(rows[:cut]))
-        test.append(np.sort(rows[cut:]))
-    return selection, test
+def split_pools(folder: LabelledFolder, fractions: Sequence[float], seed: int) -> dict[str, list[np.ndarray]]:
+    """{pool: rows per class} for the pools `train`, `val`, `test` (as many as `fractions`): the very
+    assignment `metallo data ingest --split-rows` and `metallo quickstart` make of the same folder
+    (`data.ingest.imagefolder.assign_row_splits`, seeded per class), so a benchmark's selection (`val`) and
+    test pools are the quickstart's. Disjoint by construction."""
+    from metallo_core.data.ingest.common import split_names
+    from metallo_core.data.ingest.imagefolder import assign_row_splits
+
+    if not folder.paths:
+        raise DataError(f"{folder.root}: pools are assigned by file; this folder was not read from files")
+    by_class = {name: sorted(path for path, label in zip(folder.paths, folder.labels) if label == index)
+                for index, name in sorted(enumerate(folder.classes), key=lambda item: item[1])}
+    assignment = assign_row_splits(by_class, tuple(fractions), seed)
+    row_of = {path: row for row, path in enumerate(folder.paths)}
+    # Rows per class in the folder's class order, as draw_tasks expects.
+    return {pool: [np.sort(np.asarray([row_of[path] for path in by_class[name] if assignment[path] == pool],
+                                      dtype=np.int64)) for name in folder.classes]
+            for pool in split_names(len(fractions))}
 
 
 def draw_tasks(pools: Sequence[np.ndarray], way: int, shot: int, query: int, count: int, seed: int,

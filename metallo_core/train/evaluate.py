@@ -32,6 +32,7 @@ from metallo_core.fewshot.episodes import (
 )
 from metallo_core.fewshot.evaluation import task_accuracy
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
+from metallo_core.fewshot.stage_gate import StageVerdict, judge
 from metallo_core.progress import Progress
 from metallo_core.report.figures import confusion_heatmap
 from metallo_core.storage import locate
@@ -233,12 +234,38 @@ def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dic
                       file=sys.stderr, flush=True)
     finally:
         scorer.close()
-    best = max(table, key=lambda row: (row["val_accuracy"], -row["lr"]))
+    best, verdict = choose_on_selection(table)
     run.log_dict(table, "selection/finetune_on_meta_val.json")
     run.log_metrics({"selected_lr": best["lr"], "selected_steps": best["steps"],
                      "selected_val_accuracy": best["val_accuracy"]})
+    if verdict is not None:
+        print(f"  {verdict.line()}", file=sys.stderr, flush=True)
     return best["lr"], best["steps"], {"on": config.data.val_split, "tasks": config.select_tasks, "grid": table,
-                                       "best": best}
+                                       "best": best, "verdict": verdict.to_dict() if verdict else None}
+
+
+def choose_on_selection(table: list[dict[str, Any]]) -> tuple[dict[str, Any], StageVerdict | None]:
+    """The selection row fine-tuning runs with, and the verdict on fine-tuning against plain ProtoNet.
+
+    Fine-tuning is gated like every other stage (fewshot.stage_gate): its most accurate row with lr > 0 (ties:
+    the smaller lr) is used only if the paired gain over the lr 0 row (plain ProtoNet; P>M>F's lr search has
+    it too) on the same selection tasks has a 95% interval above 0; otherwise the lr 0 row. Without an lr 0
+    row there is nothing to gate against: the most accurate row, and no verdict."""
+    def most_accurate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return max(rows, key=lambda row: (row["val_accuracy"], -row["lr"]))
+
+    plain = next((row for row in table if row["lr"] == 0), None)
+    finetuned = [row for row in table if row["lr"] > 0]
+    if plain is None or not finetuned:
+        return most_accurate(table), None
+    contender = most_accurate(finetuned)
+    verdict = judge_finetune(plain, contender)
+    return (contender if verdict.kept else plain), verdict
+
+
+def judge_finetune(plain: dict[str, Any], chosen: dict[str, Any]) -> StageVerdict:
+    return judge("finetune", "each task's support set, per task", "plain ProtoNet (lr 0)", plain["per_task"],
+                 chosen["per_task"])
 
 
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:

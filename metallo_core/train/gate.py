@@ -115,7 +115,7 @@ def gate_and_register(*, stage: str, gate: GateSettings, registry: RegistrySetti
         point_alias(model_uri, registry.alias)
     if verdict is not None:
         tracking.logger_for(run_id).set_tags({f"{TAG_PREFIX}alias_moved": str(move).lower()})
-        print(alias_line(registry, model_uri, verdict, forced=gate.force, moved=move), flush=True)
+        logger.info("%s", alias_line(registry, model_uri, verdict, forced=gate.force, moved=move))
     return GatedRegistration(model_uri=model_uri, verdict=verdict, alias_moved=move)
 
 
@@ -128,7 +128,7 @@ def judge_stage(*, stage: str, gate: GateSettings, registry: RegistrySettings, r
     if baseline.source is None:
         verdict = unopposed(stage, trained_on, baseline.words)
         log_verdict(run_id, verdict)
-        print(verdict.line(), flush=True)
+        logger.info("%s", verdict.line())
         return verdict
     from metallo_core.models.sources import backbone_from_source
 
@@ -141,7 +141,7 @@ def judge_stage(*, stage: str, gate: GateSettings, registry: RegistrySettings, r
     verdict = judge(stage, trained_on, baseline.words, before.task_accuracies, after.task_accuracies,
                     min_gain=gate.min_gain)
     log_verdict(run_id, verdict, before, after)
-    print(verdict.line(), flush=True)
+    logger.info("%s", verdict.line())
     return verdict
 
 

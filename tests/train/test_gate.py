@@ -174,7 +174,7 @@ def test_force_on_the_command_line_sets_gate_force(stage, capsys):
     assert "gate:" in printed and "  force: true" in printed
 
 
-def test_pretraining_gates_its_teacher_backbone_against_its_starting_weights(data, capsys):
+def test_pretraining_gates_its_teacher_backbone_against_its_starting_weights(data, caplog):
     from metallo_core.ssl.config import DinoConfig
     from metallo_core.train.dino import PretrainResult, describe_result, register_teacher_backbone
 
@@ -182,12 +182,13 @@ def test_pretraining_gates_its_teacher_backbone_against_its_starting_weights(dat
     config.data.uri = data
     teacher = {f"backbone.{key}": value for key, value in random_backbone().state_dict().items()}
     run_id = new_run()
-    registration = register_teacher_backbone(config, {"teacher": teacher}, {"epoch": 0}, run_id, {})
+    with caplog.at_level("INFO", logger="metallo_core.train.gate"):
+        registration = register_teacher_backbone(config, {"teacher": teacher}, {"epoch": 0}, run_id, {})
     verdict = registration.verdict
     assert not verdict.kept and not registration.alias_moved and registration.model_uri is not None
     assert verdict.stage == "pretrain" and verdict.trained_on == "synthetic-fewshot (train split)"
     assert alias_version("metallo-backbone", "current") is None
-    assert "pretrain gate: selection accuracy" in capsys.readouterr().out
+    assert "pretrain gate: selection accuracy" in caplog.text  # a stage's progress: on stderr, not stdout
     text = describe_result(PretrainResult(run_id, 1, {}, registration.model_uri, None, verdict,
                                           registration.alias_moved))
     assert "the baseline stays" in text and "alias moved to it: no" in text
