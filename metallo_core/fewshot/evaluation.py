@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from metallo_core.fewshot.episodes import Episode
-from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, task_generator
+from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, concat, task_generator
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.precision import autocast
 
@@ -64,8 +64,9 @@ class PreparedImages:
         self.maps: torch.Tensor | None = None
         if engine.staged is not None:
             with autocast(self.normalizer.device, precision):
-                self.maps = torch.cat([engine.prepare(self.normalizer.to_unit(images[start:start + batch_size]))
-                                       for start in range(0, len(images), batch_size)])
+                parts = [engine.prepare(self.normalizer.to_unit(images[start:start + batch_size]))
+                         for start in range(0, len(images), batch_size)]
+            self.maps = concat(parts)
 
     def rows(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The cache of the images at `rows`, in that order."""

@@ -174,9 +174,9 @@ class FinetuneEngine:
         if self.staged is None:
             return unit_images
         with eval_mode(self.model):
-            return torch.cat([self.staged.trunk(self.normalizer.normalize(unit_images[start:start + batch_size]),
-                                                self.settings.cache_stage).half()
-                              for start in range(0, len(unit_images), batch_size)])
+            return concat([self.staged.trunk(self.normalizer.normalize(unit_images[start:start + batch_size]),
+                                             self.settings.cache_stage).half()
+                           for start in range(0, len(unit_images), batch_size)])
 
     @torch.no_grad()
     def embed(self, cache: Tensor, batch_size: int = 256) -> Tensor:
@@ -195,7 +195,7 @@ class FinetuneEngine:
     def protonet_logits(self, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int) -> Tensor:
         """(Q, way) plain ProtoNet logits with the current weights: support and queries embedded in one pass
         (as ProtoNet.forward), eval mode, no gradients. Every fine-tuning mode ends with this call."""
-        features = self.embed(torch.cat([support_cache, query_cache]))
+        features = self.embed(concat([support_cache, query_cache]))
         support_features, query_features = features.split([len(support_cache), len(query_cache)])
         with torch.no_grad():
             return self.model.logits_from_features(support_features, support_labels, query_features, way)
@@ -285,7 +285,7 @@ class FinetuneEngine:
         pseudo_query = crop_trunk_maps(support_maps, views, settings.crop_scale, settings.vflip, generator)
         # One pass for support and pseudo-queries: with bn_mode "train" they share the batch statistics. The
         # stages before the updated part have no trainable weights, so autograd records nothing there.
-        features = self.staged.from_trunk(torch.cat([support_maps, pseudo_query]), settings.cache_stage)
+        features = self.staged.from_trunk(concat([support_maps, pseudo_query]), settings.cache_stage)
         support_features, query_features = features.split([len(support_maps), len(pseudo_query)])
         return self.model.logits_from_features(support_features, support_labels, query_features, way)
 
@@ -324,6 +324,13 @@ class FinetuneEngine:
                 f"finetune.update {self.settings.update!r} reaches into the cached trunk (stem and stages "
                 f"[0, {cache_stage}) of {len(self.staged.stages)}), which pseudo_queries 'trunk_maps' never runs "
                 f"again; lower finetune.cache_stage, update a later part, or use finetune.pseudo_queries: pixels")
+
+
+def concat(tensors: list[Tensor]) -> Tensor:
+    """torch.cat outside autocast: CPU autocast refuses to concatenate float16 tensors (the trunk-map cache)
+    under bfloat16 ("Unexpected floating ScalarType"), and a concatenation needs no cast anyway."""
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return torch.cat(tensors)
 
 
 def best_lr(accuracies: dict[float, float]) -> float:

@@ -24,7 +24,7 @@ from metallo_core.data.images import decode_rgb, square_resized
 from metallo_core.data.listing import list_folder
 from metallo_core.errors import DataError
 from metallo_core.fewshot.episodes import Episode, fixed_episodes
-from metallo_core.fewshot.finetune import FinetuneEngine, task_generator
+from metallo_core.fewshot.finetune import FinetuneEngine, concat, task_generator
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
 from metallo_core.fewshot.protonet import ProtoNet
 
@@ -121,8 +121,8 @@ def pretrained_protonet(backbone: torch.nn.Module) -> ProtoNet:
 def folder_cache(folder: LabelledFolder, engine: FinetuneEngine, batch_size: int = 64) -> torch.Tensor:
     """The engine's cache of every image of the folder (float16 trunk maps or [0, 1] pixels), in batches."""
     normalizer = engine.normalizer
-    return torch.cat([engine.prepare(normalizer.to_unit(folder.images[start:start + batch_size]))
-                      for start in range(0, len(folder.images), batch_size)])
+    return concat([engine.prepare(normalizer.to_unit(folder.images[start:start + batch_size]))
+                   for start in range(0, len(folder.images), batch_size)])
 
 
 def protonet_accuracies(engine: FinetuneEngine, cache: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:

@@ -161,6 +161,22 @@ def test_trunk_maps_split_is_exact_and_an_uncut_unflipped_crop_is_the_map_itself
     torch.testing.assert_close(engine.embed(crops[:4]), engine.embed(cache), rtol=0, atol=1e-4)
 
 
+def test_trunk_maps_run_inside_a_cpu_bfloat16_autocast_region():
+    """What evaluation opens around preparing a split and scoring a task (precision auto on a CPU): the float16
+    cache is concatenated and adapted from there, and the logits follow the fp32 ones."""
+    model = small_resnet_protonet()
+    engine = FinetuneEngine(model, FinetuneSettings(**ADAPTING), NORMALIZER)
+    support, labels, queries = toy_task()
+    fp32 = engine.protonet_logits(engine.prepare(support), labels, engine.prepare(queries), 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        support_cache, query_cache = engine.prepare(support), engine.prepare(queries)
+        plain = engine.protonet_logits(support_cache, labels, query_cache, 3)
+        adapted = engine.task_logits(support_cache, labels, query_cache, 3, task_generator(0, 0))
+    assert support_cache.dtype == torch.float16 and adapted.shape == (9, 3)
+    torch.testing.assert_close(plain.float(), fp32, rtol=0.05, atol=0.05)
+    assert not torch.equal(adapted, plain)
+
+
 def test_pseudo_query_maps_are_view_major_copies_of_the_support():
     # Oracle: a crop or flip of a constant map is the same constant, so row v * S + i of the pseudo-queries
     # must hold support image i's constant: the order the loss's `support_labels.repeat(views)` assumes.
