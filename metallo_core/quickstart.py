@@ -64,18 +64,18 @@ DEFAULTS: dict[str, Any] = {
                   "freeze_last_layer_epochs": 1},
         "loss": {"teacher_temperature": 0.04, "warmup_teacher_temperature": 0.04},
         "knn": {"every_epochs": 0},
-        "epochs": 3,
+        "epochs": 2,
         "run": {"log_every_steps": 5},
     },
     "metatrain": {
         "episodes": {"way": 5, "shot": 5, "query": 10},
-        "episodes_per_epoch": 20,
+        "episodes_per_epoch": 30,
         "val_episodes": 20,
         "val_shot": 1,
         "distance": "cosine",
         "bn_mode": "eval",  # keep ImageNet's BatchNorm statistics, as fine-tuning and DINO do
         "optim": {"name": "sgd", "lr": 0.001, "weight_decay": 0.0005},
-        "epochs": 2,
+        "epochs": 1,
         "run": {"log_every_steps": 5},
     },
     "evaluate": {

@@ -225,7 +225,9 @@ def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dic
         for steps in config.select_steps or [config.finetune.steps]:
             settings = to_dict(config.finetune) | {"steps": steps}
             for lr in config.select_lrs:
-                accuracies, _ = scorer.score("finetune", tasks, settings, config.seed, lr)
+                # lr 0 is plain ProtoNet (the engine adapts nothing): embed each image once, not per task.
+                mode, mode_lr = ("protonet", None) if lr == 0 else ("finetune", lr)
+                accuracies, _ = scorer.score(mode, tasks, settings, config.seed, mode_lr)
                 mean, ci95 = mean_and_ci95(accuracies)
                 # per_task: each meta-val task's accuracy, in task order, to compare candidates paired
                 table.append({"lr": lr, "steps": steps, "val_accuracy": mean, "val_ci95": ci95,

@@ -49,7 +49,8 @@ class RecordingScorer:
     """Stands in for the Ray actors: records the split it was built for and the lrs it scored."""
 
     splits: list[str] = []
-    lrs: list[float] = []
+    lrs: list[float | None] = []
+    modes: list[str] = []
 
     def __init__(self, config, split, progress_every_s: float = 30.0):
         RecordingScorer.splits.append(split)
@@ -57,6 +58,7 @@ class RecordingScorer:
     def score(self, mode, episodes, settings, seed, lr=None):
         RecordingScorer.lrs.append(lr)
         gain = 0.2 if lr == 3e-3 else 0.0
+        RecordingScorer.modes.append(mode)
         return [min(1.0, 0.5 + gain + 0.01 * (index % 3)) for index in range(len(episodes))], 1.0
 
     def close(self):
@@ -77,12 +79,14 @@ class NullRun:
 def test_selection_scores_only_the_validation_split_and_every_candidate(tmp_path, monkeypatch):
     uri = write_tiny_fewshot(tmp_path)
     monkeypatch.setattr(evaluate, "ParallelScorer", RecordingScorer)
-    RecordingScorer.splits, RecordingScorer.lrs = [], []
+    RecordingScorer.splits, RecordingScorer.lrs, RecordingScorer.modes = [], [], []
     config = from_dict(EvaluateConfig, {"model": "models:/m/1", "data": {"uri": uri}, "split": "test",
                                         "episodes": {"way": 5, "shot": 1, "query": 5}, "select_tasks": 6,
                                         "select_lrs": [0.0, 1e-3, 3e-3]})
     lr, steps, selection = select_finetune_on_val(config, NullRun())
     assert RecordingScorer.splits == ["val"]  # never the test split
-    assert RecordingScorer.lrs == [0.0, 1e-3, 3e-3]
+    # lr 0 adapts nothing: it is scored as plain ProtoNet (one embedding per image), the others fine-tuned
+    assert RecordingScorer.modes == ["protonet", "finetune", "finetune"]
+    assert RecordingScorer.lrs == [None, 1e-3, 3e-3]
     assert lr == pytest.approx(3e-3) and steps == config.finetune.steps
     assert selection["on"] == "val" and selection["verdict"]["kept"]
