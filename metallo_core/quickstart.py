@@ -176,7 +176,7 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
             protonet_uri = metatrained.model_uri
         else:  # meta-training did not help: the kept backbone becomes the ProtoNet, unchanged
             protonet_uri = register_unchanged_protonet(parent.run_id, backbone_source, size, pretrained,
-                                                       metatrained)
+                                                       metatrained, selection_data=f"{real_uri} (val split)")
 
         _step(4, "fine-tuning settings on the selection tasks, then the test pool",
               f"{protonet_uri} (and the frozen ImageNet start on the same tasks)")
@@ -186,10 +186,16 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
         })
         evaluation = run_evaluation(from_dict(EvaluateConfig, deep_merge(evaluate, {
             "model": protonet_uri, "run_name": f"quickstart-eval-{tag}"})))
-        baseline = run_evaluation(from_dict(EvaluateConfig, deep_merge(evaluate, {
-            "model": start_uri, "modes": ["protonet"], "select_on_val": False,
-            "run_name": f"quickstart-eval-imagenet-{tag}"})))
-        result.runs.update(evaluate=evaluation.run_id, evaluate_imagenet=baseline.run_id, quickstart=parent.run_id)
+        result.runs.update(evaluate=evaluation.run_id, quickstart=parent.run_id)
+        if backbone_source == "imagenet-offline" and protonet_uri != metatrained.model_uri:
+            # No stage changed the ImageNet weights: the registered model's ProtoNet IS the frozen start's,
+            # on the same tasks (evaluated once, not twice).
+            baseline = evaluation
+        else:
+            baseline = run_evaluation(from_dict(EvaluateConfig, deep_merge(evaluate, {
+                "model": start_uri, "modes": ["protonet"], "select_on_val": False,
+                "run_name": f"quickstart-eval-imagenet-{tag}"})))
+            result.runs["evaluate_imagenet"] = baseline.run_id
         verdicts.append(finetune_verdict(evaluation))
         result.stages = [verdict_dict(v) for v in verdicts if v is not None]
         result.stage_table = stage_table([v for v in verdicts if v is not None])
@@ -316,7 +322,8 @@ def register_start(run_id: str, size: int) -> str:
     return registered.uri
 
 
-def register_unchanged_protonet(run_id: str, backbone_source: str, size: int, pretrained, metatrained) -> str:
+def register_unchanged_protonet(run_id: str, backbone_source: str, size: int, pretrained, metatrained,
+                                selection_data: str) -> str:
     """The kept backbone as the quickstart's ProtoNet when meta-training did not help (the cosine head of a
     ProtoNet that was not meta-trained), aliased `@quickstart`, with tags saying which stages it went through."""
     from metallo_core.fewshot.folder_benchmark import pretrained_protonet
@@ -333,7 +340,8 @@ def register_unchanged_protonet(run_id: str, backbone_source: str, size: int, pr
                                     "metallo.dino": "kept" if pretrained.alias_moved else "not kept",
                                     "metallo.dino_run": pretrained.run_id,
                                     "metallo.meta_training": "not kept",
-                                    "metallo.meta_training_run": metatrained.run_id},
+                                    "metallo.meta_training_run": metatrained.run_id,
+                                    "metallo.selection_data": selection_data},
                               metadata=protonet_metadata(protonet))
     assert registered is not None
     return registered.uri

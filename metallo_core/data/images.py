@@ -56,17 +56,18 @@ def probe_image(data: bytes, source: str) -> ImageInfo:
 
 
 def prepare_bytes(data: bytes, source: str, size: int | None = None, crop: EdgeCrop | None = None) -> PreparedBytes:
-    """Validate (a full decode) and, only when a `size` or a `crop` is asked for, re-encode.
+    """Validate (a full decode) and, only when a `size` or a `crop` changes the pixels, re-encode.
 
-    Without either, the bytes stay as given. Otherwise the image is cropped, then resized so its shorter
-    side is `size` px (aspect kept), and stored lossless (PNG, 8-bit, or 16-bit for deeper grey data)
-    unless it came as JPEG (then JPEG q95)."""
+    Without either, or with a `size` the shorter side already has, the bytes stay as given (a JPEG is not
+    compressed twice for nothing). Otherwise the image is cropped, then resized so its shorter side is `size`
+    px (aspect kept), and stored lossless (PNG, 8-bit, or 16-bit for deeper grey data) unless it came as
+    JPEG (then JPEG q95)."""
     raw = read_pixels(data, source)
     rgb8 = render_rgb8(raw, source)  # proves the file renders (e.g. not all-NaN) and records the notes
     notes = list(raw.notes)
     report_notes(source, notes)
     crop = crop or EdgeCrop()
-    if size is None and crop.is_identity:
+    if crop.is_identity and (size is None or size == min(rgb8.shape[:2])):
         height, width = rgb8.shape[:2]
         return PreparedBytes(data, ImageInfo(height, width, raw.encoding), notes)
     return _reencode(raw, rgb8, source, size, crop, notes)

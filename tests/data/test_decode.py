@@ -262,3 +262,16 @@ def test_ingest_reencoding_keeps_float_detail_in_16_bits():
         assert any("NaN" in note for note in prepared.notes)
         with Image.open(io.BytesIO(prepared.data)) as image:
             assert image.mode.startswith("I") and len(np.unique(np.asarray(image))) > 300
+
+
+def test_ingest_keeps_the_bytes_of_an_image_already_at_the_asked_size():
+    """`--size 128` on 128-px JPEGs (X-SDD, as the quickstart ingests it) must not compress them a second
+    time; an image of another size is still resized and re-encoded."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.repeat(texture(1, 8)[..., None].astype(np.uint8), 3, axis=-1)).resize((160, 128)).save(
+        buffer, format="JPEG", quality=80)
+    original = buffer.getvalue()
+    kept = prepare_bytes(original, "a.jpg", size=128)
+    assert kept.data == original and (kept.info.height, kept.info.width) == (128, 160)
+    resized = prepare_bytes(original, "a.jpg", size=64)
+    assert resized.data != original and (resized.info.height, resized.info.width) == (64, 80)
