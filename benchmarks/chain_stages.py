@@ -81,6 +81,16 @@ ROWS = [
 ]
 
 
+def same_weights(first_uri: str, second_uri: str) -> bool:
+    """Whether two registered models hold the same backbone weights, tensor for tensor."""
+    import torch
+
+    from metallo_core.models.registry import load_backbone
+
+    first, second = load_backbone(first_uri)[0].state_dict(), load_backbone(second_uri)[0].state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
 def main(argv: list[str] | None = None) -> int:
     from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
 
@@ -89,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     models = record["models"]
     print(f"quickstart run {record['run_id']}: {json.dumps(models)}", flush=True)
     results: dict = {"quickstart_run": record["run_id"], "models": models, "stages": record["stages"], "shots": {}}
+    # The full chain is the frozen start when its gates kept no stage: then row (e) is row (d), scored once.
+    chain_is_start = same_weights(models["start"], models["protonet"])
+    results["full_chain_is_the_start"] = chain_is_start
     for shot in [int(s) for s in args.shots.split(",")]:
         per_task: dict[str, list[float]] = {}
         rows = []
@@ -97,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  ({key}) {label}: no model recorded, skipped", flush=True)
                 continue
             started = time.perf_counter()
+            if key == "e" and chain_is_start and "d" in per_task:
+                per_task[key] = per_task["d"]
+                row = {**next(r for r in rows if r["row"] == "d"), "row": key, "method": label,
+                       "model": models[model_key], "same_as": "d", "seconds": 0.0}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             result = evaluate(record, models[model_key], shot, args.tasks, args.parallelism, finetune, key)
             per_task[key] = result.per_task["finetune" if finetune else "protonet"]
             mean, ci95 = mean_and_ci95(per_task[key])
@@ -134,6 +154,7 @@ def markdown_table(results: dict) -> str:
                 cells += ["-", "-"]
                 continue
             lr = f" (lr {row['lr']:g})" if row.get("lr") is not None else ""
+            lr += f", the same network as ({row['same_as']})" if row.get("same_as") else ""
             gain = row.get("gain_vs_a")
             cells += [f"{100 * row['mean']:.2f}% ± {100 * row['ci95']:.2f}{lr}",
                       f"{100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f}" if gain else ""]

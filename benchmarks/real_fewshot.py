@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="score --tasks test-pool tasks through the classify API on the real files (support "
                              "as <class>/<file> links, queries as a folder), and the engine directly on the same "
                              "tasks, paired")
-    parser.add_argument("--model", default="models:/metallo-protonet@pretrained",
+    parser.add_argument("--model", default="models:/metallo-protonet@quickstart",
                         help="the registered ProtoNet --through-classify classifies with")
     parser.add_argument("--cost", action="store_true", help="time fine-tuning steps per backbone at 224 px")
     parser.add_argument("--cost-backbones", default="efficientnet_lite0,resnet18,resnet50")
@@ -345,6 +345,7 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
         TaskSetResult,
         as_dict,
         draw_tasks,
+        pretrained_protonet,
         read_labelled_folder,
         split_pools,
     )
@@ -352,11 +353,16 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
     from metallo_core.fewshot.protonet import ImageNormalizer
     from metallo_core.models.finetune_choice import choose
     from metallo_core.models.protonet_store import load_protonet
+    from metallo_core.models.sources import offline_imagenet_backbone
 
     chosen = choose(args.model)
     settings = finetune_settings(overrides, chosen.settings)
     model, spec, _ = load_protonet(args.model)
     engine = FinetuneEngine(model.eval(), settings, ImageNormalizer.for_backbone(spec))
+    # The frozen ImageNet start at the model's size: what the classifier must beat, on the same tasks.
+    imagenet_backbone, imagenet_spec = offline_imagenet_backbone(spec.image_size)
+    imagenet = FinetuneEngine(pretrained_protonet(imagenet_backbone), settings,
+                              ImageNormalizer.for_backbone(imagenet_spec))
     folder = read_labelled_folder(args.data, spec.image_size)  # as classify reads the files: at the model's size
     test = split_pools(folder, pool_fractions(args), args.pool_seed)["test"]
     print(f"through classify: {args.model} at {spec.image_size} px, settings {settings} (from {chosen.source}"
@@ -367,7 +373,7 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
         settings_file.write_text(to_yaml({"finetune": to_dict(settings)}))
         for shot in [int(s) for s in args.shots.split(",")]:
             episodes = draw_tasks(test, args.way, shot, args.query, args.tasks, args.seed, folder.classes)
-            scores = {"classify": MethodScores("classify", [], 0.0), "engine": MethodScores("engine", [], 0.0)}
+            scores = {name: MethodScores(name, [], 0.0) for name in ("classify", "engine", "imagenet_pn")}
             for index, episode in enumerate(episodes):
                 task_dir = Path(scratch) / f"{shot}-shot-task-{index}"
                 truth = link_task(folder, episode, task_dir)
@@ -385,6 +391,14 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
                                             task_generator(0, 0))
                 scores["engine"].seconds += time.perf_counter() - started
                 scores["engine"].accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
+                started = time.perf_counter()
+                plain = imagenet.protonet_logits(
+                    imagenet.prepare(imagenet.normalizer.to_unit(folder.images[episode.support])),
+                    torch.tensor(episode.support_labels),
+                    imagenet.prepare(imagenet.normalizer.to_unit(folder.images[episode.query])), episode.way)
+                scores["imagenet_pn"].seconds += time.perf_counter() - started
+                scores["imagenet_pn"].accuracies.append(
+                    float((plain.argmax(1).numpy() == episode.query_labels).mean()))
                 if (index + 1) % 10 == 0:
                     print(f"  {shot}-shot: {index + 1} tasks", flush=True)
             first = episodes[0]
@@ -392,6 +406,8 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
                                    {name: score.summary() for name, score in scores.items()})
             mean, ci95 = paired_gain(scores["engine"].accuracies, scores["classify"].accuracies)
             result.gains["classify - engine"] = {"mean": mean, "ci95": ci95}
+            mean, ci95 = paired_gain(scores["imagenet_pn"].accuracies, scores["classify"].accuracies)
+            result.gains["classify - imagenet_pn"] = {"mean": mean, "ci95": ci95}
             results.append(as_dict(result))
             print(through_classify_table([results[-1]]), flush=True)
     return results
@@ -416,13 +432,16 @@ def link_task(folder, episode, task_dir: Path) -> dict[str, int]:
 
 
 def through_classify_table(results: list[dict]) -> str:
-    lines = ["| task | classify --finetune (real files) | engine directly | classify - engine, paired (points) |",
-             "|---|---|---|---|"]
+    lines = ["| task | classify --finetune (real files) | engine directly | classify - engine, paired (points) "
+             "| frozen ImageNet ProtoNet | classify - frozen ImageNet PN, paired (points) |",
+             "|---|---|---|---|---|---|"]
     for result in results:
-        gain = result["gains"]["classify - engine"]
+        gain, over = result["gains"]["classify - engine"], result["gains"]["classify - imagenet_pn"]
         lines.append(f"| {result['way']}-way {result['shot']}-shot, {result['tasks']} tasks | "
                      f"{percent(result['methods']['classify'])} | {percent(result['methods']['engine'])} | "
-                     f"{100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f} |")
+                     f"{100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f} | "
+                     f"{percent(result['methods']['imagenet_pn'])} | "
+                     f"{100 * over['mean']:+.2f} ± {100 * over['ci95']:.2f} |")
     return "\n".join(lines)
 
 

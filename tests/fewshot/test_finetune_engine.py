@@ -66,7 +66,7 @@ def test_trunk_maps_fine_tuning_beats_protonet_on_real_xsdd_images():
 
     folder = read_labelled_folder(xsdd_images(), 128)
     assert len(folder.classes) == 7
-    selection, _ = split_pools(folder.labels, 0.3, seed=0)
+    selection = split_pools(folder, (0.2, 0.2, 0.6), seed=0)["val"]  # the quickstart's selection pool
     # Only the selection pool's images are prepared (what the tasks draw from): a third of the cost.
     rows = np.concatenate(selection)
     pool = LabelledFolder(folder.images[rows], folder.labels[rows], folder.classes, folder.root)
