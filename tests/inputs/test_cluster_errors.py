@@ -16,6 +16,15 @@ from metallo_core.errors import ClusterError, ConfigError, user_error_in
 from metallo_core.train import ray_setup
 
 
+@pytest.fixture(autouse=True)
+def _a_fresh_driver(monkeypatch):
+    """These tests are about a process that has not joined a cluster yet; the session's own Ray (started by
+    earlier tests in the same pytest process) must not make connect() return early."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
 def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
