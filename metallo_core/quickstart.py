@@ -8,7 +8,8 @@ metallo, on real images (the built-in X-SDD, or `--images DIR`):
    render the synthetic base classes meta-training learns from (no class and no image shared with the test);
 2. domain-adaptive DINO on the `train` pool without its labels (Ray Train, the shard stream);
 3. ProtoNet meta-training on episodes of the synthetic base classes (Ray Train), from the backbone step 2 kept;
-4. fine-tuning settings chosen on the selection tasks (lr 0, i.e. no fine-tuning, is a candidate);
+4. fine-tuning settings and inference levers (fewshot.inference) chosen on the selection tasks (lr 0, i.e.
+   no fine-tuning, and plain inference are candidates);
 5. plain ProtoNet (PN) and PN + fine-tuning on the test pool (Ray actors), beside the frozen ImageNet
    backbone's PN on the same tasks, paired.
 
@@ -86,6 +87,10 @@ DEFAULTS: dict[str, Any] = {
         "select_on_val": True,
         "select_lrs": [0.0, 0.003],
         "select_tasks": 40,
+        # Inference levers (fewshot.inference) tried on the same selection tasks, on every lr's features:
+        # the power transform, soft k-means over the test queries (transductive), and both.
+        "select_inference": [{"power": 0.5}, {"transductive": "soft_kmeans"},
+                             {"transductive": "soft_kmeans", "power": 0.5}],
         "parallelism": 2,
     },
 }
@@ -104,6 +109,7 @@ class QuickstartResult:
     models: dict[str, str] = field(default_factory=dict)
     runs: dict[str, str] = field(default_factory=dict)
     finetune_settings: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)  # the inference settings chosen on selection tasks
     minutes: float = 0.0
 
 
@@ -202,6 +208,7 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
         result.test = figures_on_test_pool(evaluation, baseline)
         result.finetune_settings = {"lr": evaluation.selection.get("best", {}).get("lr"),
                                     **settings["evaluate"]["finetune"]}
+        result.inference = evaluation.inference
         result.models.update(protonet=protonet_uri, protonet_alias=f"models:/{PROTONET_NAME}@{ALIAS}")
         result.minutes = (time.perf_counter() - started) / 60
         parent.log_text(result.stage_table, "stage_table.md")
@@ -363,6 +370,7 @@ def describe_model_version(model_uri: str, result: QuickstartResult) -> None:
         f"Test pool ({test['tasks']} tasks no stage saw): ProtoNet {percent(test['protonet'])}, "
         f"with fine-tuning {percent(test['finetune'])}; the frozen ImageNet backbone's ProtoNet "
         f"{percent(test['imagenet_protonet'])} on the same tasks.",
+        f"Inference: {describe_inference(result.inference)}.",
         "",
         "Classify your own images with it (one sub-folder of 1-5 images per class as the support):",
         f"    metallo classify --model models:/{PROTONET_NAME}@{ALIAS} --support SUPPORT_DIR --query QUERY_DIR "
@@ -396,15 +404,20 @@ def figures_on_test_pool(evaluation, baseline) -> dict[str, Any]:
         mean, ci95 = paired_gain(before, after)
         return {"mean": mean, "ci95": ci95}
 
-    imagenet = baseline.per_task["protonet"]
+    # The frozen start is always scored plain: when the evaluation is reused as the baseline, its plain rows.
+    imagenet = baseline.per_task.get("protonet_plain", baseline.per_task["protonet"])
     protonet, finetune = evaluation.per_task["protonet"], evaluation.per_task["finetune"]
-    return {
+    figures = {
         "way": evaluation.way, "shot": evaluation.shot, "tasks": evaluation.tasks,
         "imagenet_protonet": summary(imagenet), "protonet": summary(protonet), "finetune": summary(finetune),
         "gains": {"protonet - imagenet_protonet": gain(imagenet, protonet),
                   "finetune - imagenet_protonet": gain(imagenet, finetune),
                   "finetune - protonet": gain(protonet, finetune)},
     }
+    if "finetune_plain" in evaluation.per_task:  # inference levers on: the same model scored plain, paired
+        figures["finetune_plain"] = summary(evaluation.per_task["finetune_plain"])
+        figures["gains"]["finetune - finetune_plain"] = gain(evaluation.per_task["finetune_plain"], finetune)
+    return figures
 
 
 def verdict_dict(verdict) -> dict:
@@ -443,7 +456,12 @@ def describe(result: QuickstartResult) -> str:
         f"| frozen ImageNet EfficientNet-Lite0, ProtoNet | {percent(test['imagenet_protonet'])} |",
         f"| registered model, ProtoNet (PN) | {percent(test['protonet'])} |",
         f"| registered model, PN + fine-tuning | {percent(test['finetune'])} |",
+        *([f"| registered model, PN + fine-tuning, plain inference | {percent(test['finetune_plain'])} |"]
+          if "finetune_plain" in test else []),
         "",
+        f"inference (chosen on the selection tasks): {describe_inference(result.inference)}",
+        *([f"inference levers - plain inference, paired: {points(test['gains']['finetune - finetune_plain'])}"]
+          if "finetune_plain" in test else []),
         f"PN + fine-tuning - frozen ImageNet ProtoNet, paired: {points(test['gains']['finetune - imagenet_protonet'])}",
         f"PN + fine-tuning - PN, paired: {points(test['gains']['finetune - protonet'])}",
         f"registered: {result.models['protonet_alias']} ({result.models['protonet']})",
@@ -452,6 +470,16 @@ def describe(result: QuickstartResult) -> str:
         f"MLflow experiment '{EXPERIMENT}'; open the UI with: {tracking.ui_command()}",
     ]
     return "\n".join(lines)
+
+
+def describe_inference(inference: dict[str, Any]) -> str:
+    from metallo_core.fewshot.inference import InferenceSettings
+
+    settings = from_dict(InferenceSettings, inference or {}, "inference")
+    if not settings.is_transductive:
+        return settings.describe()
+    return (f"{settings.describe()}: the test queries of a task shape its prototypes together, so each prediction "
+            "depends on the other queries (classify prints this; --inference plain turns it off)")
 
 
 def _step(number: int, title: str, detail: str) -> None:

@@ -49,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "batchnorm (only every BatchNorm layer's scale and shift)")
     parser.add_argument("--bn-mode", choices=["train", "eval"], default=None,
                         help="BatchNorm while fine-tuning (overrides the chosen settings)")
+    parser.add_argument("--inference", choices=["recorded", "plain"], default="recorded",
+                        help="how features become predictions: the settings an evaluation chose for this model "
+                             "version on meta-validation tasks (recorded; plain where none are), or plain ProtoNet "
+                             "(each image predicted on its own). Which ones, and where from, is printed")
+    parser.add_argument("--transductive", choices=["none", "soft_kmeans", "bd_cspn"], default=None,
+                        help="override the transductive method: with one, the query images shape the class "
+                             "prototypes together, so a prediction depends on the other images in --query")
     parser.add_argument("--crop", default=None, metavar="SPEC",
                         help="cut edges of every support and query image first, e.g. an SEM data bar: bottom=64 "
                              "(px), bottom=0.1 (fraction of the height), bottom=0.08,left=12, or auto (find a bar "
@@ -64,6 +71,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_classify)
 
 
+def describe_inference(settings: dict | None) -> str:
+    from metallo_core.config import from_dict
+    from metallo_core.fewshot.inference import InferenceSettings
+
+    inference = from_dict(InferenceSettings, settings or {}, "inference")
+    if not inference.is_transductive:
+        return inference.describe()
+    return f"{inference.describe()} (each prediction depends on the other images in --query)"
+
+
 def _classify(args: argparse.Namespace) -> int:
     from metallo_core.csv_output import escape_name
     from metallo_core.data.crop import EdgeCrop
@@ -75,7 +92,8 @@ def _classify(args: argparse.Namespace) -> int:
     settings = ClassifySettings(tile=args.tile, query_scale=args.query_scale,
                                 finetune=args.finetune or bool(args.finetune_from), steps=args.steps, lr=args.lr,
                                 update=args.update, bn_mode=args.bn_mode, finetune_from=args.finetune_from,
-                                batch_size=args.batch_size, device=args.device)
+                                batch_size=args.batch_size, device=args.device, inference=args.inference,
+                                transductive=args.transductive)
     settings.crop = EdgeCrop.parse(args.crop)
     result = classify(args.model, args.support, args.query, args.out, settings)
     counts = {name: sum(p.predicted == name for p in result.predictions) for name in result.classes}
@@ -84,12 +102,14 @@ def _classify(args: argparse.Namespace) -> int:
                           "queries": len(result.predictions), "predicted": counts, "out": result.out,
                           "finetuned": result.finetuned, "finetune": {"settings": result.finetune_settings,
                                                                        "source": result.finetune_source},
+                          "inference": {"settings": result.inference, "source": result.inference_source},
                           "crop": result.crop, "query_images_per_s": result.query_images_per_s}))
     else:
         print(f"{len(result.predictions)} image(s) classified into {len(result.classes)} classes "
               f"({', '.join(f'{escape_name(name)}: {count}' for name, count in counts.items())}); "
               f"{result.query_images_per_s:.1f} images/s")
         print(f"crop: {result.crop}")
+        print(f"inference: {describe_inference(result.inference)}, from {result.inference_source}")
         if result.finetuned:
             print(f"fine-tuned with {result.finetune_settings}, from {result.finetune_source}")
         print(f"predictions: {result.out}")

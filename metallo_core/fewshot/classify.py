@@ -45,7 +45,8 @@ from metallo_core.data.images import decode_rgb, square_resized
 from metallo_core.errors import ConfigError, DataError
 from metallo_core.fewshot.evaluation import embed_images
 from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, task_generator
-from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet, prototypes
+from metallo_core.fewshot.inference import TRANSDUCTIVE, InferenceSettings, query_logits
+from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.progress import Progress
 
 
@@ -65,8 +66,17 @@ class ClassifySettings:
     batch_size: int = 64
     device: str = "cpu"
     crop: EdgeCrop = field(default_factory=EdgeCrop)  # edges cut from every image (a data bar), before tiling
+    # How features become predictions (fewshot.inference): "recorded" takes the settings an evaluation chose
+    # for the model version on meta-validation tasks (plain where none are recorded), "plain" is ProtoNet
+    # alone (each prediction depends on its own image only); `transductive` overrides that one field.
+    inference: str = "recorded"
+    transductive: str | None = None
 
     def validate(self) -> None:
+        if self.inference not in ("recorded", "plain"):
+            raise ConfigError(f"--inference must be recorded or plain, got {self.inference!r}")
+        if self.transductive is not None and self.transductive not in TRANSDUCTIVE:
+            raise ConfigError(f"--transductive must be one of {', '.join(TRANSDUCTIVE)}, got {self.transductive!r}")
         if self.tile < 0:
             raise ConfigError(f"--tile must be 0 (whole image) or a tile side in pixels, got {self.tile}")
         if not 0.05 <= self.query_scale <= 20:
@@ -97,6 +107,8 @@ class ClassifyResult:
     crop: str = "none"  # the crop used, as `describe_crop` words it
     finetune_settings: dict | None = None  # the fine-tuning settings used (None: no fine-tuning)
     finetune_source: str = ""  # where they came from, in words
+    inference: dict | None = None  # the inference settings used (fewshot.inference)
+    inference_source: str = ""  # where they came from, in words
 
 
 @dataclass
@@ -190,6 +202,12 @@ def classify(
     support_files = read_support(support_dir)  # input errors before the (slower) model download
     query_root, query_files = list_queries(query)
     model, spec, _ = load_protonet(model_uri)
+    inference, inference_source = classify_inference(model_uri, settings)
+    print(f"[classify] inference: {inference.describe()}; from {inference_source}", file=sys.stderr, flush=True)
+    if inference.is_transductive:
+        print(f"[classify] transductive: the {len(query_files)} query image(s) shape the class prototypes "
+              "together, so a prediction depends on which other images are in --query (--inference plain: "
+              "each image on its own)", file=sys.stderr, flush=True)
     chosen = None
     if settings.finetune:
         from metallo_core.models.finetune_choice import choose
@@ -220,44 +238,66 @@ def classify(
                           for start in range(0, len(tiles), settings.batch_size)])
 
     support_features = embed(support.tiles)
-    class_prototypes = prototypes(support_features, support_labels, len(classes))
     support_image_features = _mean_by_owner(support_features, support.owner, len(flat_support))
 
     progress = Progress("classify", len(query_files))
-    predictions: list[Prediction] = []
     started = time.perf_counter()
     chunks = [query_files[start:start + settings.batch_size]
               for start in range(0, len(query_files), settings.batch_size)]
+    features, owners = [], []
     for chunk, queries in zip(chunks, _prefetched_tiles(chunks, size, settings)):
-        features = embed(queries.tiles)
-        with torch.no_grad():
-            probabilities = model.classifier(features, class_prototypes).float().softmax(dim=1)
-        image_features = _mean_by_owner(features, queries.owner, len(chunk))
-        nearest = _nearest(model, image_features, support_image_features)
-        for index, path in enumerate(chunk):
-            rows = torch.as_tensor(queries.owner == index, device=probabilities.device)
-            mean = probabilities[rows].mean(dim=0)
-            votes = Counter(classes[i] for i in probabilities[rows].argmax(dim=1).tolist())
-            predictions.append(Prediction(
-                file=path.relative_to(query_root).as_posix(),
-                predicted=classes[int(mean.argmax())],
-                probabilities={name: float(p) for name, p in zip(classes, mean.tolist())},
-                nearest_support=flat_support[int(nearest[index])].relative_to(Path(support_dir).expanduser()).as_posix(),
-                tiles=int(rows.sum()),
-                tile_votes=dict(votes.most_common()),
-            ))
+        features.append(embed(queries.tiles))
+        owners.append(queries.owner + sum(len(done) for done in chunks[:len(owners)]))
         bottom_cropped += queries.bottom_cropped
         progress.advance(len(chunk))
+    query_features = torch.cat(features) if features else support_features[:0]
+    owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+    # Every query tile is scored at once: transductive inference uses all of them (plain inference gives
+    # each tile the same logits whether scored alone or with the others).
+    logits = query_logits(model.classifier, support_features, support_labels, query_features, len(classes), inference)
+    probabilities = logits.float().softmax(dim=1)
+    nearest = _nearest(model, _mean_by_owner(query_features, owner, len(query_files)), support_image_features)
+    predictions: list[Prediction] = []
+    for index, path in enumerate(query_files):
+        rows = torch.as_tensor(owner == index, device=probabilities.device)
+        mean = probabilities[rows].mean(dim=0)
+        votes = Counter(classes[i] for i in probabilities[rows].argmax(dim=1).tolist())
+        predictions.append(Prediction(
+            file=path.relative_to(query_root).as_posix(),
+            predicted=classes[int(mean.argmax())],
+            probabilities={name: float(p) for name, p in zip(classes, mean.tolist())},
+            nearest_support=flat_support[int(nearest[index])].relative_to(Path(support_dir).expanduser()).as_posix(),
+            tiles=int(rows.sum()),
+            tile_votes=dict(votes.most_common()),
+        ))
     rate = len(query_files) / max(time.perf_counter() - started, 1e-9)
     progress.finish(f"({rate:.1f} query images/s)")
     result = ClassifyResult(model_uri, classes, {name: len(files) for name, files in support_files.items()},
                             predictions, None, rate, settings.finetune,
                             crop=describe_crop(settings.crop, bottom_cropped),
                             finetune_settings=to_dict(chosen.settings) if chosen else None,
-                            finetune_source=chosen.source if chosen else "")
+                            finetune_source=chosen.source if chosen else "",
+                            inference=to_dict(inference), inference_source=inference_source)
     if out is not None:
         result.out = write_predictions(predictions, classes, out)
     return result
+
+
+def classify_inference(model_uri: str, settings: ClassifySettings) -> tuple[InferenceSettings, str]:
+    """(the inference settings classify scores with, where they came from in words); see ClassifySettings."""
+    import dataclasses
+
+    if settings.inference == "plain":
+        inference, source = InferenceSettings(), "--inference plain"
+    else:
+        from metallo_core.models.finetune_choice import recorded_inference
+
+        inference, source = recorded_inference(model_uri)
+    if settings.transductive is not None:
+        inference = dataclasses.replace(inference, transductive=settings.transductive)  # type: ignore[arg-type]
+        source += f"; overridden: transductive {settings.transductive}"
+    inference.validate()
+    return inference, source
 
 
 def _prefetched_tiles(chunks: list[list[Path]], size: int, settings: ClassifySettings) -> Iterator[LabelledTiles]:

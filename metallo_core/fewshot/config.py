@@ -7,6 +7,7 @@ from typing import Literal
 
 from metallo_core.config import require
 from metallo_core.fewshot.finetune import FinetuneSettings, MetaTestMode
+from metallo_core.fewshot.inference import InferenceSettings
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.sources import SourceKind, source_kind
 from metallo_core.settings import ComputeSettings, GateSettings, RegistrySettings, RunSettings
@@ -118,6 +119,11 @@ class EvaluateConfig:
     select_lrs: list[float] = field(default_factory=lambda: [0.0, 1e-4, 5e-4, 1e-3, 5e-3])
     select_steps: list[int] = field(default_factory=lambda: [])  # empty: keep finetune.steps
     select_tasks: int = 50
+    # How features become query logits (fewshot.inference): used as given, or, with select_on_val, the best of
+    # `inference` and `select_inference` on the same meta-validation tasks (each candidate on every lr's
+    # adapted features). Plain ProtoNet (every lever off) is always the gate's baseline.
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    select_inference: list[InferenceSettings] = field(default_factory=list)
     seed: int = 0
     parallelism: int = 2  # Ray actors scoring tasks in parallel
     gpus_per_actor: float = 0.0  # fractional GPUs (e.g. 0.25) when the cluster has GPUs
@@ -133,3 +139,5 @@ class EvaluateConfig:
         require(bool(self.modes), "modes must name at least one of protonet, finetune, finetune_autolr")
         require(self.parallelism >= 1, "parallelism must be >= 1")
         require(self.select_tasks >= 1, "select_tasks must be >= 1")
+        for candidate in [self.inference, *self.select_inference]:
+            candidate.validate()

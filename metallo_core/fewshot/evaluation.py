@@ -10,6 +10,7 @@ import torch
 
 from metallo_core.fewshot.episodes import Episode
 from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, concat, task_generator
+from metallo_core.fewshot.inference import InferenceSettings, query_logits
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.precision import autocast
 
@@ -33,17 +34,25 @@ def task_accuracy(predicted: np.ndarray, episode: Episode) -> float:
 
 
 @torch.no_grad()
-def protonet_predictions(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode]) -> list[np.ndarray]:
-    """Vanilla ProtoNet over many tasks, reusing one embedding per image across all of them: per task, the
-    episode-local label predicted for each query (in `episode.query` order)."""
-    predictions = []
+def protonet_predictions(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode],
+                         inference: InferenceSettings | None = None) -> list[np.ndarray]:
+    """ProtoNet over many tasks, reusing one embedding per image across all of them: per task, the
+    episode-local label predicted for each query (in `episode.query` order), under `inference` (plain
+    prototypes by default)."""
+    return [logits.argmax(1).cpu().numpy()
+            for logits in task_logits_from_features(model, features, episodes, inference or InferenceSettings())]
+
+
+def task_logits_from_features(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode],
+                              inference: InferenceSettings) -> list[torch.Tensor]:
+    """Per task, (Q, way) query logits from the (N, D) features of every image the tasks index."""
+    logits = []
     for episode in episodes:
         support = features[torch.tensor(episode.support, device=features.device)]
         query = features[torch.tensor(episode.query, device=features.device)]
         support_labels = torch.tensor(episode.support_labels, device=features.device)
-        logits = model.logits_from_features(support, support_labels, query, len(episode.classes))
-        predictions.append(logits.argmax(1).cpu().numpy())
-    return predictions
+        logits.append(query_logits(model.classifier, support, support_labels, query, len(episode.classes), inference))
+    return logits
 
 
 def protonet_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:
@@ -89,8 +98,19 @@ def cache_key(settings: FinetuneSettings) -> tuple[str, int | None]:
 def engine_predictions(engine: FinetuneEngine, prepared: PreparedImages, episodes: Sequence[Episode], mode: str,
                        *, seed: int, lr: float | None = None, precision: str = "auto",
                        first_task: int = 0) -> list[np.ndarray]:
-    """Per task, the episode-local label predicted for each query under a meta-test mode (fine-tuning modes
-    restore the weights after every task); "protonet" embeds every image once and reuses the features.
+    """Per task, the episode-local label predicted for each query under a meta-test mode and the engine's
+    inference settings (see `engine_predictions_by_inference`)."""
+    return engine_predictions_by_inference(engine, prepared, episodes, mode, [engine.inference], seed=seed, lr=lr,
+                                           precision=precision, first_task=first_task)[0]
+
+
+def engine_predictions_by_inference(engine: FinetuneEngine, prepared: PreparedImages, episodes: Sequence[Episode],
+                                    mode: str, inferences: Sequence[InferenceSettings], *, seed: int,
+                                    lr: float | None = None, precision: str = "auto",
+                                    first_task: int = 0) -> list[list[np.ndarray]]:
+    """Per inference settings, per task, the episode-local label predicted for each query under a meta-test
+    mode. Each task is adapted once (fine-tuning modes restore the weights after every task) and its features
+    scored under every inference settings; "protonet" embeds every image once and reuses the features.
 
     `episodes` may be a slice of a longer task list starting at task `first_task`: each task's random
     stream is `task_generator(seed, its index in the whole list)`, so any split into chunks gives the same
@@ -98,16 +118,20 @@ def engine_predictions(engine: FinetuneEngine, prepared: PreparedImages, episode
     if prepared.key != cache_key(engine.settings):
         raise ValueError(f"images prepared for {prepared.key}, engine settings need {cache_key(engine.settings)}")
     if mode == "protonet":
-        return protonet_predictions(engine.model, prepared.features(engine, precision), episodes)
+        features = prepared.features(engine, precision)
+        return [protonet_predictions(engine.model, features, episodes, inference) for inference in inferences]
     device = prepared.normalizer.device
-    predictions = []
+    predictions: list[list[np.ndarray]] = [[] for _ in inferences]
     for index, episode in enumerate(episodes, start=first_task):
         support_labels = torch.tensor(episode.support_labels, device=device)
         with autocast(device, precision):
-            logits = engine.mode_logits(mode, prepared.rows(episode.support), support_labels,
-                                        prepared.rows(episode.query), len(episode.classes),
-                                        task_generator(seed, index), lr=lr)
-        predictions.append(logits.argmax(1).cpu().numpy())
+            support, query = engine.mode_features(mode, prepared.rows(episode.support), support_labels,
+                                                  prepared.rows(episode.query), len(episode.classes),
+                                                  task_generator(seed, index), lr=lr)
+        for row, inference in zip(predictions, inferences):
+            logits = query_logits(engine.model.classifier, support.float(), support_labels, query.float(),
+                                  len(episode.classes), inference)
+            row.append(logits.argmax(1).cpu().numpy())
     return predictions
 
 

@@ -39,6 +39,7 @@ from metallo_core.data.tensor_augment import (
     random_translate,
 )
 from metallo_core.errors import ConfigError
+from metallo_core.fewshot.inference import InferenceSettings, query_logits
 from metallo_core.fewshot.metrics import accuracy
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.models.staged import StagedBackbone, split_backbone
@@ -140,15 +141,19 @@ def task_generator(seed: int, task_index: int, device: torch.device | str = "cpu
 
 
 class FinetuneEngine:
-    """A ProtoNet, its fine-tuning settings and its input normaliser: prepare images once, then adapt to a
-    support set, embed, or score whole tasks (restoring the weights after each).
+    """A ProtoNet, its fine-tuning settings, its inference settings (how support and query features become
+    query logits, `fewshot.inference`) and its input normaliser: prepare images once, then adapt to a support
+    set, embed, or score whole tasks (restoring the weights after each).
 
     The model is adapted in place: `adapt` leaves it adapted (classify), `task_logits` restores it bit-exactly,
     also after an exception. ConfigError at construction for settings this model cannot run (trunk_maps on a
     network without stages, an update inside the cached trunk, a cache_stage past the last stage)."""
 
-    def __init__(self, model: ProtoNet, settings: FinetuneSettings, normalizer: ImageNormalizer) -> None:
+    def __init__(self, model: ProtoNet, settings: FinetuneSettings, normalizer: ImageNormalizer,
+                 inference: InferenceSettings | None = None) -> None:
         settings.validate()
+        self.inference = inference or InferenceSettings()
+        self.inference.validate()
         self.model, self.settings, self.normalizer = model, settings, normalizer
         self.staged: StagedBackbone | None = None
         if settings.pseudo_queries == "trunk_maps":
@@ -163,7 +168,8 @@ class FinetuneEngine:
 
     def with_settings(self, **changes: Any) -> FinetuneEngine:
         """An engine on the same model and normaliser with some settings changed (e.g. steps for autolr)."""
-        return FinetuneEngine(self.model, dataclasses.replace(self.settings, **changes), self.normalizer)
+        return FinetuneEngine(self.model, dataclasses.replace(self.settings, **changes), self.normalizer,
+                              self.inference)
 
     # ---------------------------------------------------------------------------------------- cache
 
@@ -193,12 +199,18 @@ class FinetuneEngine:
     # ---------------------------------------------------------------------------------------- tasks
 
     def protonet_logits(self, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int) -> Tensor:
-        """(Q, way) plain ProtoNet logits with the current weights: support and queries embedded in one pass
-        (as ProtoNet.forward), eval mode, no gradients. Every fine-tuning mode ends with this call."""
+        """(Q, way) ProtoNet logits with the current weights under the engine's inference settings: support and
+        queries embedded in one pass (as ProtoNet.forward), eval mode, no gradients. Every fine-tuning mode
+        ends with this call."""
+        support_features, query_features = self.task_features(support_cache, query_cache)
+        return query_logits(self.model.classifier, support_features, support_labels, query_features, way,
+                            self.inference)
+
+    def task_features(self, support_cache: Tensor, query_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """((S, D), (Q, D)) features of a task's support and queries with the current weights, one pass."""
         features = self.embed(concat([support_cache, query_cache]))
         support_features, query_features = features.split([len(support_cache), len(query_cache)])
-        with torch.no_grad():
-            return self.model.logits_from_features(support_features, support_labels, query_features, way)
+        return support_features, query_features
 
     def task_logits(self, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int,
                     generator: torch.Generator, lr: float | None = None) -> Tensor:
@@ -209,19 +221,35 @@ class FinetuneEngine:
             self.adapt(support_cache, support_labels, way, generator, lr=lr)
             return self.protonet_logits(support_cache, support_labels, query_cache, way)
 
+    def mode_features(self, mode: str, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int,
+                      generator: torch.Generator, lr: float | None = None) -> tuple[Tensor, Tensor]:
+        """((S, D), (Q, D)) support and query features of one task after the named meta-test mode's adaptation
+        (weights restored afterwards): what any inference settings then score (`inference.query_logits`)."""
+        self._check_mode(mode, lr)
+        if mode == "finetune_autolr":
+            lr = self.auto_lr(support_cache, support_labels, way, generator)
+        with restored_afterwards(self.model):
+            if mode != "protonet":
+                self.adapt(support_cache, support_labels, way, generator, lr=lr)
+            return self.task_features(support_cache, query_cache)
+
     def mode_logits(self, mode: str, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int,
                     generator: torch.Generator, lr: float | None = None) -> Tensor:
         """Query logits of one task under the named meta-test mode; `lr` overrides settings.lr in "finetune"."""
-        if mode not in META_TEST_MODES:
-            raise ConfigError(f"meta-test mode must be one of {list(META_TEST_MODES)}, got {mode!r}")
-        if lr is not None and mode != "finetune":
-            raise ValueError(f"an lr applies to mode 'finetune' only; mode {mode!r} "
-                             f"{'chooses its own' if mode == 'finetune_autolr' else 'has none'}")
+        self._check_mode(mode, lr)
         if mode == "protonet":
             return self.protonet_logits(support_cache, support_labels, query_cache, way)
         if mode == "finetune_autolr":
             lr = self.auto_lr(support_cache, support_labels, way, generator)
         return self.task_logits(support_cache, support_labels, query_cache, way, generator, lr=lr)
+
+    @staticmethod
+    def _check_mode(mode: str, lr: float | None) -> None:
+        if mode not in META_TEST_MODES:
+            raise ConfigError(f"meta-test mode must be one of {list(META_TEST_MODES)}, got {mode!r}")
+        if lr is not None and mode != "finetune":
+            raise ValueError(f"an lr applies to mode 'finetune' only; mode {mode!r} "
+                             f"{'chooses its own' if mode == 'finetune_autolr' else 'has none'}")
 
     def auto_lr(self, support_cache: Tensor, support_labels: Tensor, way: int, generator: torch.Generator) -> float:
         """P>M>F's Auto_Finetune choice, made from the support set alone (no query labels, no test episodes)."""
@@ -232,7 +260,9 @@ class FinetuneEngine:
         """{lr: accuracy on held-out support images} for each candidate: the first shot of each class is the
         support, the other shots are labelled queries, fine-tuned for autolr_steps (weights restored after each)."""
         prototype_rows, validation_rows = split_support_for_autolr(support_labels, way)
-        search = self.with_settings(steps=self.settings.autolr_steps)
+        # Inductive whatever the engine's inference: the held-out support images are not a query folder.
+        search = FinetuneEngine(self.model, dataclasses.replace(self.settings, steps=self.settings.autolr_steps),
+                                self.normalizer)
         start = generator.get_state()
         accuracies = {}
         for lr in sorted(self.settings.lr_candidates):

@@ -32,10 +32,15 @@ from metallo_core import tracking
 from metallo_core.config import from_dict, load_yaml, to_dict
 from metallo_core.errors import ConfigError, TrackingError
 from metallo_core.fewshot.finetune import FinetuneSettings
+from metallo_core.fewshot.inference import InferenceSettings
 
 SETTINGS_TAG = "metallo.finetune.settings"
 CHOSEN_BY_TAG = "metallo.finetune.chosen_by"
 SETTINGS_ARTIFACT = "finetune_settings.json"
+# The inference settings (fewshot.inference) chosen beside them, recorded the same way.
+INFERENCE_TAG = "metallo.inference.settings"
+INFERENCE_CHOSEN_BY_TAG = "metallo.inference.chosen_by"
+INFERENCE_ARTIFACT = "inference_settings.json"
 LEGACY_PSEUDO_QUERIES = "pixels"  # what every recorded choice without the field used (see recorded_plain)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -69,6 +74,41 @@ def record_chosen_settings(run_id: str, model_uri: str, settings: FinetuneSettin
         version = resolve_version(model_uri)
         client.set_model_version_tag(version.name, version.version, SETTINGS_TAG, json.dumps(plain))
         client.set_model_version_tag(version.name, version.version, CHOSEN_BY_TAG, f"{chosen_by} (run {run_id})")
+
+
+def record_chosen_inference(run_id: str, model_uri: str, inference: InferenceSettings, chosen_by: str) -> None:
+    """Log the inference settings chosen on meta-validation tasks on run `run_id` and tag the model version
+    behind `model_uri` with them (as `record_chosen_settings` does for fine-tuning settings)."""
+    from metallo_core.tracking.registry import parse_model_uri, resolve_version
+
+    plain = to_dict(inference)
+    client = tracking.client()
+    client.log_text(run_id, json.dumps({"settings": plain, "chosen_by": chosen_by}, indent=2), INFERENCE_ARTIFACT)
+    if parse_model_uri(model_uri):
+        version = resolve_version(model_uri)
+        client.set_model_version_tag(version.name, version.version, INFERENCE_TAG, json.dumps(plain))
+        client.set_model_version_tag(version.name, version.version, INFERENCE_CHOSEN_BY_TAG,
+                                     f"{chosen_by} (run {run_id})")
+
+
+def recorded_inference(model_uri: str) -> tuple[InferenceSettings, str]:
+    """(the inference settings recorded on a registered model version, where they came from in words); plain
+    ProtoNet, saying why, where none are recorded."""
+    from metallo_core.tracking.registry import parse_model_uri, resolve_version, version_uri
+
+    if not parse_model_uri(model_uri):
+        return InferenceSettings(), f"plain ({model_uri} is not a registered model version)"
+    version = resolve_version(model_uri)
+    tags = dict(version.tags or {})
+    where = version_uri(version.name, version.version)
+    if INFERENCE_TAG not in tags:
+        return InferenceSettings(), f"plain (no evaluation recorded inference settings on {where})"
+    try:
+        settings = from_dict(InferenceSettings, json.loads(tags[INFERENCE_TAG]), "inference")
+        settings.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"inference settings from tag {INFERENCE_TAG} of {where}: {exc}") from exc
+    return settings, f"recorded on {where} by {tags.get(INFERENCE_CHOSEN_BY_TAG, 'an earlier run')}"
 
 
 def choose(model_uri: str, finetune_from: str = "", overrides: dict[str, Any] | None = None) -> ChosenFinetune:

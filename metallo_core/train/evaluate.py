@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from metallo_core import tracking
-from metallo_core.config import config_hash, to_dict
+from metallo_core.config import config_hash, from_dict, to_dict
 from metallo_core.data.class_index import indices_by_class, load_split_labels
 from metallo_core.data.manifest import read_manifest
 from metallo_core.errors import DataError
@@ -31,6 +31,7 @@ from metallo_core.fewshot.episodes import (
     fixed_episodes,
 )
 from metallo_core.fewshot.evaluation import task_accuracy
+from metallo_core.fewshot.inference import InferenceSettings
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
 from metallo_core.fewshot.stage_gate import StageVerdict, judge
 from metallo_core.progress import Progress
@@ -66,6 +67,9 @@ class EvaluationResult:
     # mode -> accuracy of each test task, in task order (the same tasks for every mode: compare them paired)
     per_task: dict[str, list[float]] = field(default_factory=dict)
     run_id: str = ""
+    # The inference settings every mode was scored with (fewshot.inference, as a dict); with any lever on,
+    # `<mode>_plain` entries hold the same modes scored plain
+    inference: dict[str, Any] = field(default_factory=dict)
 
 
 class TaskScorer:
@@ -90,18 +94,23 @@ class TaskScorer:
         self.prepared: dict = {}  # cache_key -> PreparedImages of the whole split
 
     def predict(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None,
-                first_task: int = 0) -> list[list[int]]:
-        """Per task, the episode-local label predicted for each query; the tasks are the slice of the
-        evaluation's list that starts at task `first_task` (which seeds each task's fine-tuning)."""
+                first_task: int = 0, inferences: list[dict] | None = None) -> list[list[list[int]]]:
+        """Per inference settings (`inferences`, as dicts; default: plain ProtoNet), per task, the
+        episode-local label predicted for each query; the tasks are the slice of the evaluation's list that
+        starts at task `first_task` (which seeds each task's fine-tuning). Each task is adapted once for all
+        the inference settings."""
         from metallo_core.config import from_dict
-        from metallo_core.fewshot.evaluation import engine_predictions
+        from metallo_core.fewshot.evaluation import engine_predictions_by_inference
         from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings
+        from metallo_core.fewshot.inference import InferenceSettings
 
         episodes, _ = episodes_from_json(episodes_json)
         engine = FinetuneEngine(self.model, from_dict(FinetuneSettings, settings, "finetune"), self.normalizer)
-        predictions = engine_predictions(engine, self._prepared(engine), episodes, mode, seed=seed, lr=lr,
-                                         precision=self.precision, first_task=first_task)
-        return [predicted.tolist() for predicted in predictions]
+        chosen = [from_dict(InferenceSettings, inference, "inference") for inference in inferences or [{}]]
+        predictions = engine_predictions_by_inference(engine, self._prepared(engine), episodes, mode, chosen,
+                                                      seed=seed, lr=lr, precision=self.precision,
+                                                      first_task=first_task)
+        return [[predicted.tolist() for predicted in per_task] for per_task in predictions]
 
     def _prepared(self, engine):
         """The split prepared for the engine's settings: once per actor (per cache stage), not per task."""
@@ -114,16 +123,10 @@ class TaskScorer:
         return self.prepared[key]
 
     def predict_chunk(self, first_task: int, mode: str, episodes_json: str, settings: dict, seed: int,
-                      lr: float | None) -> tuple[int, list[list[int]]]:
+                      lr: float | None, inferences: list[dict] | None = None) -> tuple[int, list[list[list[int]]]]:
         """(first_task, `predict` of the chunk): the pool hands results back in completion order, and the
         chunk's first task index puts them back in task order."""
-        return first_task, self.predict(mode, episodes_json, settings, seed, lr, first_task)
-
-    def score(self, mode: str, episodes_json: str, settings: dict, seed: int, lr: float | None) -> list[float]:
-        """Per-task accuracies."""
-        episodes, _ = episodes_from_json(episodes_json)
-        predictions = self.predict(mode, episodes_json, settings, seed, lr)
-        return [task_accuracy(np.asarray(predicted), episode) for predicted, episode in zip(predictions, episodes)]
+        return first_task, self.predict(mode, episodes_json, settings, seed, lr, first_task, inferences)
 
 
 def plan_tasks(data_uri: str, split: str, config: EvaluateConfig, count: int, seed: int) -> tuple[list[Episode], str]:
@@ -168,9 +171,17 @@ class ParallelScorer:
         ]
         self.progress_every_s = progress_every_s
 
-    def predict(self, mode: str, episodes: list[Episode], settings: dict, seed: int,
-                lr: float | None = None) -> tuple[list[np.ndarray], float]:
-        """(per task, the episode-local label predicted for each query, in task order; episodes/s).
+    def predict(self, mode: str, episodes: list[Episode], settings: dict, seed: int, lr: float | None = None,
+                inference: dict | None = None) -> tuple[list[np.ndarray], float]:
+        """(per task, the episode-local label predicted for each query, in task order; episodes/s), under
+        one inference settings (default: plain ProtoNet); see `predict_by_inference`."""
+        predictions, rate = self.predict_by_inference(mode, episodes, settings, seed, lr, [inference or {}])
+        return predictions[0], rate
+
+    def predict_by_inference(self, mode: str, episodes: list[Episode], settings: dict, seed: int,
+                             lr: float | None, inferences: list[dict]) -> tuple[list[list[np.ndarray]], float]:
+        """(per inference settings, per task, the episode-local label predicted for each query, in task
+        order; episodes/s). Each task is adapted once and scored under every inference settings.
 
         Each task's prediction depends only on the task, its index and `seed`, never on how the tasks were
         chunked or which actor scored them, so the same seed gives the same predictions at any parallelism."""
@@ -183,20 +194,22 @@ class ParallelScorer:
         progress = Progress(f"evaluate {mode}", total=len(episodes), every_s=self.progress_every_s)
         pool = ActorPool(self.actors)
         chunks = [(start, episodes_to_json(episodes[start:stop], {})) for start, stop in bounds]
-        by_start: dict[int, list[list[int]]] = {}
+        by_start: dict[int, list[list[list[int]]]] = {}
         for start, predicted in pool.map_unordered(
-                lambda scorer, chunk: scorer.predict_chunk.remote(chunk[0], mode, chunk[1], settings, seed, lr),
+                lambda scorer, chunk: scorer.predict_chunk.remote(chunk[0], mode, chunk[1], settings, seed, lr,
+                                                                  inferences),
                 chunks):
             by_start[start] = predicted
-            progress.advance(len(predicted))
+            progress.advance(len(predicted[0]))
         rate = progress.finish()
-        predictions = [np.asarray(task, dtype=np.int64) for start, _ in bounds for task in by_start[start]]
+        predictions = [[np.asarray(task, dtype=np.int64) for start, _ in bounds for task in by_start[start][which]]
+                       for which in range(len(inferences))]
         return predictions, rate
 
-    def score(self, mode: str, episodes: list[Episode], settings: dict, seed: int,
-              lr: float | None = None) -> tuple[list[float], float]:
+    def score(self, mode: str, episodes: list[Episode], settings: dict, seed: int, lr: float | None = None,
+              inference: dict | None = None) -> tuple[list[float], float]:
         """(per-task accuracies in task order, episodes/s)."""
-        predictions, rate = self.predict(mode, episodes, settings, seed, lr)
+        predictions, rate = self.predict(mode, episodes, settings, seed, lr, inference)
         return [task_accuracy(predicted, episode) for predicted, episode in zip(predictions, episodes)], rate
 
     def close(self) -> None:
@@ -215,10 +228,13 @@ def _per_task_csv(accuracies: list[float]) -> str:
 
 
 def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dict[str, Any]]:
-    """Pick the fine-tuning lr (and steps) by mean accuracy on meta-validation tasks."""
+    """Pick the fine-tuning lr (and steps) and the inference settings by accuracy on meta-validation tasks
+    (`choose_on_selection`); each (steps, lr) adapts every task once and scores it under every inference
+    candidate. Returns (lr, steps, the selection record: tasks, grid, best row, verdict)."""
     tasks, tasks_json = plan_tasks(config.data.uri, config.data.val_split, config, config.select_tasks,
                                    seed=config.seed + 7)
     run.log_text(tasks_json, "episodes/meta_val_selection.json")
+    candidates = inference_candidates(config)
     scorer = ParallelScorer(config, config.data.val_split)
     table = []
     try:
@@ -227,47 +243,69 @@ def select_finetune_on_val(config: EvaluateConfig, run) -> tuple[float, int, dic
             for lr in config.select_lrs:
                 # lr 0 is plain ProtoNet (the engine adapts nothing): embed each image once, not per task.
                 mode, mode_lr = ("protonet", None) if lr == 0 else ("finetune", lr)
-                accuracies, _ = scorer.score(mode, tasks, settings, config.seed, mode_lr)
-                mean, ci95 = mean_and_ci95(accuracies)
-                # per_task: each meta-val task's accuracy, in task order, to compare candidates paired
-                table.append({"lr": lr, "steps": steps, "val_accuracy": mean, "val_ci95": ci95,
-                              "per_task": accuracies})
-                print(f"  meta-val selection: lr {lr:g}, steps {steps}: {mean:.4f} ± {ci95:.4f}",
-                      file=sys.stderr, flush=True)
+                predictions, _ = scorer.predict_by_inference(mode, tasks, settings, config.seed, mode_lr, candidates)
+                for inference, predicted in zip(candidates, predictions):
+                    accuracies = [task_accuracy(labels, task) for labels, task in zip(predicted, tasks)]
+                    mean, ci95 = mean_and_ci95(accuracies)
+                    # per_task: each meta-val task's accuracy, in task order, to compare candidates paired
+                    table.append({"lr": lr, "steps": steps, "inference": inference, "val_accuracy": mean,
+                                  "val_ci95": ci95, "per_task": accuracies})
+                    print(f"  meta-val selection: lr {lr:g}, steps {steps}, "
+                          f"{from_dict(InferenceSettings, inference, 'inference').describe()}: {mean:.4f} ± {ci95:.4f}",
+                          file=sys.stderr, flush=True)
     finally:
         scorer.close()
     best, verdict = choose_on_selection(table)
     run.log_dict(table, "selection/finetune_on_meta_val.json")
     run.log_metrics({"selected_lr": best["lr"], "selected_steps": best["steps"],
                      "selected_val_accuracy": best["val_accuracy"]})
+    run.set_tags({"metallo.inference": from_dict(InferenceSettings, best["inference"], "inference").describe()})
     if verdict is not None:
         print(f"  {verdict.line()}", file=sys.stderr, flush=True)
     return best["lr"], best["steps"], {"on": config.data.val_split, "tasks": config.select_tasks, "grid": table,
                                        "best": best, "verdict": verdict.to_dict() if verdict else None}
 
 
-def choose_on_selection(table: list[dict[str, Any]]) -> tuple[dict[str, Any], StageVerdict | None]:
-    """The selection row fine-tuning runs with, and the verdict on fine-tuning against plain ProtoNet.
+def inference_candidates(config: EvaluateConfig) -> list[dict[str, Any]]:
+    """Plain ProtoNet first (the selection's baseline), then `inference` and `select_inference`, each once."""
+    candidates: list[dict[str, Any]] = []
+    for candidate in [InferenceSettings(), config.inference, *config.select_inference]:
+        if to_dict(candidate) not in candidates:
+            candidates.append(to_dict(candidate))
+    return candidates
 
-    Fine-tuning is gated like every other stage (fewshot.stage_gate): its most accurate row with lr > 0 (ties:
-    the smaller lr) is used only if the paired gain over the lr 0 row (plain ProtoNet; P>M>F's lr search has
-    it too) on the same selection tasks has a 95% interval above 0; otherwise the lr 0 row. Without an lr 0
-    row there is nothing to gate against: the most accurate row, and no verdict."""
+
+def choose_on_selection(table: list[dict[str, Any]]) -> tuple[dict[str, Any], StageVerdict | None]:
+    """The selection row the test tasks run with (its lr, steps and inference settings), and the verdict on
+    it against plain ProtoNet.
+
+    Every change is gated like every other stage (fewshot.stage_gate): the most accurate row that is not
+    plain ProtoNet (lr 0 with every inference lever off; ties: the smaller lr) is used only if its paired
+    gain over the plain row (P>M>F's lr search has lr 0 too) on the same selection tasks has a 95% interval
+    above 0; otherwise the plain row. Without a plain row there is nothing to gate against: the most
+    accurate row, and no verdict. Rows without an `inference` entry are plain inference."""
+    plain_inference = to_dict(InferenceSettings())
+
+    def is_plain(row: dict[str, Any]) -> bool:
+        return row["lr"] == 0 and row.get("inference", plain_inference) == plain_inference
+
     def most_accurate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return max(rows, key=lambda row: (row["val_accuracy"], -row["lr"]))
 
-    plain = next((row for row in table if row["lr"] == 0), None)
-    finetuned = [row for row in table if row["lr"] > 0]
-    if plain is None or not finetuned:
+    plain = next((row for row in table if is_plain(row)), None)
+    others = [row for row in table if not is_plain(row)]
+    if plain is None or not others:
         return most_accurate(table), None
-    contender = most_accurate(finetuned)
+    contender = most_accurate(others)
     verdict = judge_finetune(plain, contender)
     return (contender if verdict.kept else plain), verdict
 
 
 def judge_finetune(plain: dict[str, Any], chosen: dict[str, Any]) -> StageVerdict:
-    return judge("finetune", "each task's support set, per task", "plain ProtoNet (lr 0)", plain["per_task"],
-                 chosen["per_task"])
+    inference = from_dict(InferenceSettings, chosen.get("inference", {}), "inference")
+    what = f"fine-tuning lr {chosen['lr']:g}" if chosen["lr"] > 0 else "no fine-tuning"
+    return judge("finetune", f"each task's support set ({what}, {inference.describe()})", "plain ProtoNet (lr 0)",
+                 plain["per_task"], chosen["per_task"])
 
 
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
@@ -296,36 +334,52 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         result.run_id = run.run_id
         run.log_text(tasks_json, f"episodes/{config.split}.json")
         lr, steps = config.finetune.lr, config.finetune.steps
-        if config.select_on_val and any(mode != "protonet" for mode in config.modes):
+        inference = to_dict(config.inference)
+        if config.select_on_val and (any(mode != "protonet" for mode in config.modes) or config.select_inference):
             lr, steps, result.selection = select_finetune_on_val(config, run)
+            inference = result.selection["best"]["inference"]
+        result.inference = inference
         settings = to_dict(config.finetune) | {"steps": steps}
+        # With any inference lever on, each mode is also scored plain (every lever off, inductive) on the
+        # same adaptation of each task: `<mode>_plain`, so the levers' gain is reported paired and the
+        # transductive figure never stands alone.
+        scored = [inference] if inference == to_dict(InferenceSettings()) else [inference, to_dict(InferenceSettings())]
         scorer = ParallelScorer(config, config.split)
         per_task = result.per_task
         try:
             for mode in config.modes:
-                predictions, rate = scorer.predict(mode, tasks, settings, config.seed,
-                                                   lr if mode == "finetune" else None)
-                accuracies = [task_accuracy(predicted, task) for predicted, task in zip(predictions, tasks)]
-                per_task[mode] = accuracies
-                mean, ci95 = mean_and_ci95(accuracies)
-                result.modes[mode] = ModeResult(mean=mean, ci95=ci95, n=len(accuracies), episodes_per_s=rate,
-                                                lr=lr if mode == "finetune" else None,
-                                                steps=steps if mode != "protonet" else None)
-                run.log_metrics({f"{mode}_accuracy": mean, f"{mode}_ci95": ci95, f"{mode}_episodes_per_s": rate})
-                run.log_text(_per_task_csv(accuracies), f"per_task/{mode}.csv")
-                confusion = confusion_over_tasks(tasks, predictions, class_names)
-                run.log_dict(confusion.to_json(), f"{CONFUSION_ARTIFACT_DIR}/{mode}.json")
-                log_figures(run.run_id, {f"{CONFUSION_ARTIFACT_DIR}/{mode}.png": confusion_heatmap(
-                    confusion, title=f"{mode}, {config.split}, {config.episodes.way}w{config.episodes.shot}s")})
-                print(f"  {mode}: {mean:.4f} ± {ci95:.4f} over {len(accuracies)} tasks ({rate:.2f} episodes/s)",
-                      file=sys.stderr, flush=True)
+                by_inference, rate = scorer.predict_by_inference(mode, tasks, settings, config.seed,
+                                                                 lr if mode == "finetune" else None, scored)
+                for name, predictions in zip((mode, f"{mode}_plain"), by_inference):
+                    accuracies = [task_accuracy(predicted, task) for predicted, task in zip(predictions, tasks)]
+                    per_task[name] = accuracies
+                    mean, ci95 = mean_and_ci95(accuracies)
+                    result.modes[name] = ModeResult(mean=mean, ci95=ci95, n=len(accuracies), episodes_per_s=rate,
+                                                    lr=lr if mode == "finetune" else None,
+                                                    steps=steps if mode != "protonet" else None)
+                    run.log_metrics({f"{name}_accuracy": mean, f"{name}_ci95": ci95, f"{name}_episodes_per_s": rate})
+                    run.log_text(_per_task_csv(accuracies), f"per_task/{name}.csv")
+                    confusion = confusion_over_tasks(tasks, predictions, class_names)
+                    run.log_dict(confusion.to_json(), f"{CONFUSION_ARTIFACT_DIR}/{name}.json")
+                    log_figures(run.run_id, {f"{CONFUSION_ARTIFACT_DIR}/{name}.png": confusion_heatmap(
+                        confusion, title=f"{name}, {config.split}, {config.episodes.way}w{config.episodes.shot}s")})
+                    how = (from_dict(InferenceSettings, inference, "inference").describe() if name == mode
+                           else "plain, inductive")
+                    print(f"  {name} ({how}): {mean:.4f} ± {ci95:.4f} over {len(accuracies)} tasks "
+                          f"({rate:.2f} episodes/s)", file=sys.stderr, flush=True)
         finally:
             scorer.close()
-        adapted = [mode for mode in per_task if mode != "protonet"] if "protonet" in per_task else []
-        for mode in adapted:
-            gain, gain_ci95 = result.gains[mode] = paired_gain(per_task["protonet"], per_task[mode])
-            run.log_metrics({f"{mode}_gain_over_protonet": gain, f"{mode}_gain_ci95": gain_ci95})
-            print(f"  {mode} - protonet, paired over the same tasks: {gain:+.4f} ± {gain_ci95:.4f}",
+        # Paired gains: each adapted mode over protonet (same inference), each mode over its plain self.
+        pairs = [(mode, "protonet") for mode in config.modes if mode != "protonet" and "protonet" in per_task]
+        pairs += [(name, f"{name}_plain") for name in config.modes if f"{name}_plain" in per_task]
+        for after, before in pairs:
+            key = after if before == "protonet" else f"{after} - {before}"
+            gain, gain_ci95 = result.gains[key] = paired_gain(per_task[before], per_task[after])
+            if before == "protonet":
+                run.log_metrics({f"{after}_gain_over_protonet": gain, f"{after}_gain_ci95": gain_ci95})
+            else:
+                run.log_metrics({f"{after}_gain_over_plain": gain, f"{after}_gain_ci95_over_plain": gain_ci95})
+            print(f"  {after} - {before}, paired over the same tasks: {gain:+.4f} ± {gain_ci95:.4f}",
                   file=sys.stderr, flush=True)
         run.log_dict(summary_json(result), "summary.json")
         if "finetune" in config.modes:  # what classify --finetune uses for this model (finetune_choice)
@@ -337,6 +391,11 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
                          if result.selection else f"evaluation {run_name!r} (settings as configured, not selected)")
             record_chosen_settings(run.run_id, model_uri, dataclasses.replace(config.finetune, lr=lr, steps=steps),
                                    chosen_by, tag_model=bool(result.selection))
+        if result.selection:  # what classify scores this model's queries with (finetune_choice)
+            from metallo_core.models.finetune_choice import record_chosen_inference
+
+            record_chosen_inference(run.run_id, model_uri, from_dict(InferenceSettings, inference, "inference"),
+                                    f"evaluation {run_name!r}, chosen on {config.select_tasks} meta-validation tasks")
     return result
 
 
@@ -352,6 +411,7 @@ def summary_json(result: EvaluationResult) -> dict[str, Any]:
         "tasks": result.tasks,
         "modes": {mode: vars(value) for mode, value in result.modes.items()},
         "selection": result.selection.get("best", {}),
+        "inference": result.inference,
         "gain_over_protonet": {mode: {"mean": mean, "ci95": ci95} for mode, (mean, ci95) in result.gains.items()},
         "per_task": result.per_task,
         "run_id": result.run_id,
@@ -363,7 +423,11 @@ def describe_result(result: EvaluationResult) -> str:
     for mode, value in result.modes.items():
         extra = f" (lr {value.lr:g}, {value.steps} steps)" if value.lr is not None else ""
         lines.append(f"  {mode:<16} {100 * value.mean:6.2f}% ± {100 * value.ci95:.2f}{extra}")
+    if result.inference and result.inference != to_dict(InferenceSettings()):
+        lines.append(f"  inference: {from_dict(InferenceSettings, result.inference, 'inference').describe()} "
+                     "(<mode>_plain: the same mode with every inference lever off)")
     for mode, (gain, gain_ci95) in result.gains.items():
-        lines.append(f"  {mode} - protonet (paired, same tasks): {100 * gain:+.2f} ± {100 * gain_ci95:.2f} points")
+        label = mode if " - " in mode else f"{mode} - protonet"
+        lines.append(f"  {label} (paired, same tasks): {100 * gain:+.2f} ± {100 * gain_ci95:.2f} points")
     lines.append(f"  see it in MLflow: {tracking.ui_command()}")
     return "\n".join(lines)

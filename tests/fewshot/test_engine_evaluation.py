@@ -63,11 +63,11 @@ def test_the_evaluation_actor_prepares_its_split_once_and_chunks_do_not_matter(t
     threads = torch.get_num_threads()
     try:
         scorer = TaskScorer(model_uri, data_uri, config.split, 0, "fp32", tracking.tracking_uri(), threads=1)
-        whole = scorer.predict("finetune", episodes_to_json(tasks, {}), settings, 3, 0.05)
+        [whole] = scorer.predict("finetune", episodes_to_json(tasks, {}), settings, 3, 0.05)
         [prepared] = scorer.prepared.values()
         chunked = [task for start in (0, 3) for task in scorer.predict(
-            "finetune", episodes_to_json(tasks[start:start + 3], {}), settings, 3, 0.05, first_task=start)]
-        plain = scorer.predict("protonet", episodes_to_json(tasks, {}), settings, 3, None)
+            "finetune", episodes_to_json(tasks[start:start + 3], {}), settings, 3, 0.05, first_task=start)[0]]
+        [plain] = scorer.predict("protonet", episodes_to_json(tasks, {}), settings, 3, None)
         [again] = scorer.prepared.values()
     finally:
         torch.set_num_threads(threads)

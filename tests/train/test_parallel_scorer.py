@@ -9,6 +9,7 @@ from metallo_core import tracking
 from metallo_core.config import from_dict, to_dict
 from metallo_core.fewshot.config import EvaluateConfig
 from metallo_core.fewshot.episodes import episodes_to_json
+from metallo_core.fewshot.evaluation import task_accuracy
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.train.evaluate import (
     ParallelScorer,
@@ -53,6 +54,9 @@ def test_pool_returns_per_task_results_in_task_order_equal_to_one_serial_pass(tm
     try:
         pooled = {mode: scorer.predict(mode, tasks, settings, seed=3, lr=0.05)[0] for mode in ("protonet", "finetune")}
         accuracies, rate = scorer.score("finetune", tasks, settings, seed=3, lr=0.05)
+        # Several inference settings on one adaptation per task: the plain one is the same as scored alone.
+        by_inference, _ = scorer.predict_by_inference("finetune", tasks, settings, 3, 0.05,
+                                                      [{}, {"transductive": "soft_kmeans", "power": 0.5}])
     finally:
         scorer.close()
     progress = capfd.readouterr().err
@@ -65,11 +69,14 @@ def test_pool_returns_per_task_results_in_task_order_equal_to_one_serial_pass(tm
                             tracking.tracking_uri(), threads=1)
         tasks_json = episodes_to_json(tasks, {})
         for mode in ("protonet", "finetune"):
-            expected = serial.predict(mode, tasks_json, settings, 3, 0.05)
+            expected = serial.predict(mode, tasks_json, settings, 3, 0.05)[0]
             assert [predicted.tolist() for predicted in pooled[mode]] == expected, mode
-        expected_accuracies = serial.score("finetune", tasks_json, settings, 3, 0.05)
+        transductive = serial.predict("finetune", tasks_json, settings, 3, 0.05, 0,
+                                      [{"transductive": "soft_kmeans", "power": 0.5}])[0]
     finally:
         torch.set_num_threads(threads)
-    assert accuracies == expected_accuracies
+    assert accuracies == [task_accuracy(predicted, task) for predicted, task in zip(pooled["finetune"], tasks)]
+    assert [predicted.tolist() for predicted in by_inference[0]] == [p.tolist() for p in pooled["finetune"]]
+    assert [predicted.tolist() for predicted in by_inference[1]] == transductive
     assert len(set(accuracies)) > 1  # tasks differ, so a shuffled order could not pass
     assert all(isinstance(task, np.ndarray) and task.dtype == np.int64 for task in pooled["finetune"])
