@@ -6,6 +6,8 @@ tasks and FT - PN paired per task; plus the cost of a fine-tuning step (--cost).
         --methods pn,ft --out results/real_fewshot.json --markdown results/real_fewshot.md
     uv run --frozen python benchmarks/real_fewshot.py --select   # the choice
     uv run --frozen python benchmarks/real_fewshot.py --cost --cost-backbones efficientnet_lite0,resnet50
+    uv run --frozen python benchmarks/real_fewshot.py --levers --tasks 600 --shots 1,5 \
+        --out results/levers.json --markdown results/levers.md   # each inference lever, PN and PN+FT
     uv run --frozen python benchmarks/real_fewshot.py --adapt --adapt-epochs 10 \
         --adapt-out results/xsdd_adapted.pth --tasks 600 --methods pn   # row (d), paired vs row (a)
     uv run --frozen python benchmarks/real_fewshot.py --through-classify \
@@ -85,6 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapt-out", help="write the adapted teacher backbone's state dict here")
     parser.add_argument("--adapt-set", nargs="*", default=[], metavar="key=value",
                         help="DinoConfig overrides for --adapt, e.g. head.use_bn=true")
+    parser.add_argument("--levers", action="store_true",
+                        help="score each inference setting of --lever-set (fewshot.inference) on PN and PN+FT on "
+                             "the same test-pool tasks (one adaptation per task, the evaluation's own scoring "
+                             "path), paired against plain PN and against the same mode with plain inference")
+    parser.add_argument("--lever-set", nargs="*", metavar="key=value[,key=value]",
+                        default=["power=0.5", "transductive=soft_kmeans", "transductive=soft_kmeans,power=0.5",
+                                 "transductive=bd_cspn", "transductive=bd_cspn,power=0.5"],
+                        help="inference settings to score beside plain, each as comma-separated key=value")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--markdown", help="write the tables as markdown here")
@@ -235,6 +245,74 @@ def run_tasks(args: argparse.Namespace, settings) -> list[dict]:
         results.append(as_dict(result))
         print(accuracy_table([results[-1]], "X-SDD test pool"), flush=True)
     return results
+
+
+def lever_settings(entries: list[str]) -> list[dict]:
+    """Plain inference first, then each --lever-set entry as a validated InferenceSettings dict."""
+    from metallo_core.config import apply_overrides, from_dict, to_dict
+    from metallo_core.fewshot.inference import InferenceSettings
+
+    settings = [to_dict(InferenceSettings())]
+    for entry in entries:
+        chosen = from_dict(InferenceSettings, apply_overrides(to_dict(InferenceSettings()), entry.split(",")),
+                           "inference")
+        chosen.validate()
+        settings.append(to_dict(chosen))
+    return settings
+
+
+def run_levers(args: argparse.Namespace, settings) -> list[dict]:
+    """Per shot and meta-test mode, every inference setting's per-task accuracy on the same test-pool tasks,
+    through `evaluation.engine_predictions_by_inference` (what `metallo evaluate` runs), with paired gains."""
+    from metallo_core.config import from_dict
+    from metallo_core.fewshot.evaluation import PreparedImages, engine_predictions_by_inference, task_accuracy
+    from metallo_core.fewshot.folder_benchmark import draw_tasks
+    from metallo_core.fewshot.inference import InferenceSettings
+    from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
+
+    folder, engine, _, _, test = load(args, settings)
+    prepared = PreparedImages(engine, folder.images, precision="fp32")
+    candidates = lever_settings(args.lever_set)
+    rows = []
+    for shot in [int(s) for s in args.shots.split(",")]:
+        episodes = draw_tasks(test, args.way, shot, args.query, args.tasks, args.seed, folder.classes)
+        per_task: dict[tuple[str, int], list[float]] = {}
+        seconds = {}
+        for mode in ("protonet", "finetune"):
+            started = time.perf_counter()
+            predictions = engine_predictions_by_inference(engine, prepared, episodes, mode,
+                                                          [from_dict(InferenceSettings, c, "inference")
+                                                           for c in candidates], seed=args.seed, precision="fp32")
+            seconds[mode] = (time.perf_counter() - started) / len(episodes)
+            for index, predicted in enumerate(predictions):
+                per_task[(mode, index)] = [task_accuracy(p, e) for p, e in zip(predicted, episodes)]
+        plain_pn = per_task[("protonet", 0)]
+        for (mode, index), accuracies in per_task.items():
+            inference = from_dict(InferenceSettings, candidates[index], "inference")
+            mean, ci95 = mean_and_ci95(accuracies)
+            over_pn, over_pn_ci = paired_gain(plain_pn, accuracies)
+            over_plain, over_plain_ci = paired_gain(per_task[(mode, 0)], accuracies)
+            rows.append({"shot": shot, "tasks": len(episodes), "mode": mode, "inference": candidates[index],
+                         "inference_words": inference.describe(), "mean": mean, "ci95": ci95,
+                         "gain_over_plain_pn": {"mean": over_pn, "ci95": over_pn_ci},
+                         "gain_over_plain_inference": {"mean": over_plain, "ci95": over_plain_ci},
+                         "seconds_per_task": seconds[mode]})
+        print(levers_table([row for row in rows if row["shot"] == shot]), flush=True)
+    return rows
+
+
+def levers_table(rows: list[dict]) -> str:
+    def points(gain: dict) -> str:
+        return f"{100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f}"
+
+    lines = ["| task | mode | inference | accuracy (95% interval) | - plain PN, paired | - same mode plain, paired "
+             "| s per task (mode, all inferences) |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        mode = {"protonet": "PN", "finetune": "PN + fine-tuning"}[row["mode"]]
+        lines.append(f"| 5-way {row['shot']}-shot, {row['tasks']} tasks | {mode} | {row['inference_words']} | "
+                     f"{percent(row)} | {points(row['gain_over_plain_pn'])} | "
+                     f"{points(row['gain_over_plain_inference'])} | {row['seconds_per_task']:.2f} |")
+    return "\n".join(lines)
 
 
 # Grid scored by --select: every combination, on the same selection tasks, FT - PN paired.
@@ -466,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.through_classify:
         report["results"] = run_through_classify(args, args.finetune)
         markdown.append(through_classify_table(report["results"]))
+    elif args.levers:
+        report["levers"] = run_levers(args, settings)
+        markdown.append(levers_table(report["levers"]))
     elif args.cost:
         report["cost"] = run_cost(args, settings)
         markdown.append(cost_table(report["cost"]))

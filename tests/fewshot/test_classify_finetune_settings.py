@@ -13,10 +13,12 @@ from metallo_core import cli, tracking
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot import classify as classify_module
 from metallo_core.fewshot.finetune import FinetuneSettings
+from metallo_core.fewshot.inference import InferenceSettings
 from metallo_core.models.finetune_choice import (
     CHOSEN_BY_TAG,
     SETTINGS_TAG,
     choose,
+    record_chosen_inference,
     record_chosen_settings,
     settings_from,
 )
@@ -102,3 +104,38 @@ def test_bad_sources_are_named(source, message, tmp_path):
     bad.write_text(yaml.safe_dump({"finetune": {"update": "everything"}}))
     with pytest.raises(ConfigError, match=f"{bad}.*update"):
         settings_from(str(bad))
+
+
+def test_classify_scores_with_the_inference_recorded_on_the_model_and_says_it_is_transductive(
+        folders, tmp_path, capsys):  # noqa: F811
+    model_uri = register_untrained_protonet(SPEC)
+    support, query = folders
+
+    def run(out, *flags):
+        assert cli.main(["classify", "--model", model_uri, "--support", str(support), "--query", str(query),
+                         "--out", str(out), "--json", *flags]) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+    before, err = run(tmp_path / "before.csv")
+    assert before["inference"]["settings"]["transductive"] == "none" and "no evaluation recorded" in \
+        before["inference"]["source"]
+    assert "transductive:" not in err
+
+    with tracking.start_run("metallo-evaluate", "eval-levers") as recording:
+        pass
+    record_chosen_inference(recording.run_id, model_uri, InferenceSettings(transductive="soft_kmeans", power=0.5),
+                            "evaluation 'eval-levers', chosen on 16 meta-validation tasks")
+    chosen, err = run(tmp_path / "chosen.csv")
+    assert chosen["inference"]["settings"] == {**before["inference"]["settings"], "transductive": "soft_kmeans",
+                                               "power": 0.5}
+    assert "eval-levers" in chosen["inference"]["source"]
+    assert "shape the class prototypes together" in err  # said plainly: predictions depend on the folder
+
+    plain, err = run(tmp_path / "plain.csv", "--inference", "plain")
+    assert plain["inference"]["settings"]["transductive"] == "none" and "transductive:" not in err
+    # Plain inference is the ProtoNet classify always ran: the same CSV as before anything was recorded.
+    assert (tmp_path / "plain.csv").read_text() == (tmp_path / "before.csv").read_text()
+    overridden, _ = run(tmp_path / "bd.csv", "--transductive", "bd_cspn")
+    assert overridden["inference"]["settings"]["transductive"] == "bd_cspn"
+    assert overridden["inference"]["settings"]["power"] == 0.5 and "overridden" in overridden["inference"]["source"]
