@@ -29,6 +29,18 @@ os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+# The fixtures that start the session's shared components, and the marker of each: `-m "not ray and not s3"`
+# (the fast tier) leaves out every test that uses one, also where its module does not say so.
+COMPONENT_MARKERS = {"ray_cluster": "ray", "s3_server": "s3", "s3_bucket": "s3", "authenticating_s3_server": "s3"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for marker in sorted({COMPONENT_MARKERS[name] for name in getattr(item, "fixturenames", ())
+                              if name in COMPONENT_MARKERS}):
+            item.add_marker(marker)
+
+
 @pytest.fixture
 def restore_console(monkeypatch):
     """`main` configures this process's console (metallo_core.console); undo it for the next tests."""

@@ -4,6 +4,7 @@ import base64
 import http.server
 import ipaddress
 import json
+import os
 import ssl
 import threading
 from pathlib import Path
@@ -240,3 +241,28 @@ def test_log_batch_is_left_to_mlflow_even_past_its_request_limits(local_store):
     stored = tracking.client().get_run(run_id)
     assert len(stored.data.params) == 250 and stored.data.params["p249"] == "249"
     assert len(stored.data.metrics) == 1200 and stored.data.metrics["m1199"] == 1199.0
+
+
+def test_a_password_in_the_tracking_uri_is_kept_out_of_what_is_shown_and_what_mlflow_is_given(monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv(tracking.ENV_TRACKING_URI, f"http://ada:s3cr%40t@127.0.0.1:{port}/mlflow")
+    for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(variable, "")  # recorded, so configure()'s export is undone after the test
+        monkeypatch.delenv(variable)
+    assert tracking.split_credentials(tracking.tracking_uri()) == (f"http://127.0.0.1:{port}/mlflow", "ada", "s3cr@t")
+    assert tracking.ui_command() == f"open http://127.0.0.1:{port}/mlflow"
+    assert "s3cr" not in tracking.describe_store() and "ada" not in tracking.describe_store()
+    with pytest.raises(tracking.TrackingError, match=f"MLflow server http://127.0.0.1:{port}/mlflow cannot") as caught:
+        tracking.configure()
+    assert "s3cr" not in str(caught.value)
+    # MLflow gets the credentials from its own variables, never inside the URI it prints ("View run ... at").
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ada" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr@t"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-the-environment")  # set variables win over the URI
+    with pytest.raises(tracking.TrackingError):
+        tracking.configure()
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "from-the-environment"
+    assert tracking.split_credentials("sqlite:////a/b.db") == ("sqlite:////a/b.db", None, None)

@@ -33,7 +33,8 @@ is reported once per file, as an `ImageDecodeWarning` naming it (never silently)
 - Multi-frame files (multi-page TIFF): the first frame is used (reported).
 - EXIF/TIFF orientation: applied, as viewers do (reported).
 - Colour deeper than 8 bits per channel is read from TIFF with `tifffile` when it is installed; without
-  it, and for 16-bit colour PNG (Pillow keeps only the high bytes), the file is refused.
+  it, and for 16-bit colour PNG (Pillow keeps only the high bytes), the file is refused. 16-bit grey+alpha
+  PNG, which Pillow also cuts to its high bytes, is read whole: its grey takes the 16-bit grey path.
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ def _read_with_pillow(image: Image.Image, data: bytes, source: str, draft_size: 
     notes: list[str] = []
     if encoding == "tiff" and _tiff_needs_tifffile(image):
         return _read_tiff_with_tifffile(data, source, "Pillow keeps only 8 bits of each colour channel")
+    if encoding == "png" and _is_deep_grey_alpha_png(data):
+        return _read_deep_grey_alpha_png(data, source)
     if encoding == "png" and _is_deep_colour_png(data):
         raise DataError(f"{source}: 16-bit colour PNG; Pillow keeps only the high byte of each channel, which "
                         "would lose the image's detail. Save it as 16-bit TIFF or 8-bit PNG")
@@ -352,6 +355,62 @@ def _tiff_needs_tifffile(image: Image.Image) -> bool:
 def _is_deep_colour_png(data: bytes) -> bool:
     # IHDR follows the 8-byte signature: length (4), type (4), width (4), height (4), bit depth, colour type.
     return len(data) > 25 and data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 6)
+
+
+def _is_deep_grey_alpha_png(data: bytes) -> bool:
+    return len(data) > 25 and data[12:16] == b"IHDR" and data[24] == 16 and data[25] == 4
+
+
+# PNG chunks the relabelled 16-bit grey+alpha file keeps: the pixels and the orientation (eXIf). The others
+# (sBIT, bKGD, ...) would be read with the meaning they have for RGBA, and none of them changes the pixels.
+_KEPT_PNG_CHUNKS = (b"IHDR", b"IDAT", b"IEND", b"eXIf")
+
+
+def _read_deep_grey_alpha_png(data: bytes, source: str) -> RawPixels:
+    """16-bit grey+alpha PNG as 16-bit grey values and their alpha (Pillow keeps only the high byte of each).
+
+    Its rows are laid out as an 8-bit RGBA PNG's: 4 bytes per pixel, filtered over the same 4-byte distance,
+    interlaced in the same passes. Relabelled as 8-bit RGBA (IHDR only), Pillow's decoder unfilters it exactly,
+    and each pixel's R, G, B, A are the grey's high and low bytes and the alpha's high and low bytes. The grey
+    then takes the 16-bit grey path (stretch_to_8bit), the alpha the same compositing as any other."""
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    _refuse_too_large((width, height), source)
+    notes: list[str] = []
+    with Image.open(io.BytesIO(_png_relabelled_as_rgba8(data, source))) as image:
+        image.load()  # a truncated file fails here
+        orientation = image.getexif().get(0x0112, 1)
+        samples = np.asarray(image).astype(np.uint16)  # (H, W, 4): grey high, grey low, alpha high, alpha low
+    grey = (samples[..., 0] << 8) | samples[..., 1]
+    alpha = ((samples[..., 2] << 8) | samples[..., 3]).astype(np.float32) / 65535.0
+    grey, alpha = _block_reduced(grey, alpha, notes)
+    if orientation in _ORIENTATIONS:
+        grey, alpha = _ORIENTATIONS[orientation](grey), _ORIENTATIONS[orientation](alpha)
+        notes.append(f"rotated/flipped as its orientation tag ({orientation}) says")
+    return RawPixels(np.ascontiguousarray(grey), _alpha_or_none(np.ascontiguousarray(alpha), notes), "png", notes)
+
+
+def _png_relabelled_as_rgba8(data: bytes, source: str) -> bytes:
+    """The PNG `data` (16-bit grey+alpha) with its IHDR saying 8-bit RGBA and only `_KEPT_PNG_CHUNKS` left."""
+    import struct
+    import zlib
+
+    chunks, position = [], 8
+    while position + 12 <= len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        kind = data[position + 4:position + 8]
+        body = data[position + 8:position + 8 + length]
+        if len(body) < length:
+            break  # truncated: Pillow refuses what is left
+        if kind == b"IHDR":
+            body = body[:8] + bytes([8, 6]) + body[10:]
+        if kind in _KEPT_PNG_CHUNKS:
+            chunks.append(struct.pack(">I", length) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
+        position += 12 + length
+        if kind == b"IEND":
+            break
+    if not chunks or not chunks[0][4:8] == b"IHDR":
+        raise DataError(f"{source}: not a readable PNG (no IHDR chunk)")
+    return data[:8] + b"".join(chunks)
 
 
 # --- tifffile (deep colour, float colour, float64) ------------------------------------------------------

@@ -32,6 +32,7 @@ from metallo_core.fewshot.metrics import mean_and_ci95
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.precision import autocast, resolve_precision
+from metallo_core.seeding import reseed
 from metallo_core.ssl.schedules import cosine_schedule
 
 
@@ -93,8 +94,9 @@ class ProtoNetTrainer:
                                         warmup_epochs=config.optim.warmup_epochs)
         self.precision = resolve_precision(config.compute.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        # Augmentation and episode draws differ per rank but are reproducible per (seed, rank).
-        self.generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+        # Augmentation and episode draws differ per rank; both are drawn afresh every epoch from (seed, rank,
+        # epoch), so a resumed run draws what the uninterrupted one would, on every rank.
+        self.generator = reseed(torch.Generator(), config.seed, rank, 0)
         self.best_val_accuracy, self.best_epoch = -1.0, -1
         self.best_state: dict[str, torch.Tensor] | None = None
 
@@ -149,6 +151,7 @@ class ProtoNetTrainer:
         episodes = self.config.episodes
         sampler = EpisodeSampler(images.indices_by_class, episodes.way, episodes.shot, episodes.query,
                                  seed=self.config.seed, rank=self.rank, epoch=epoch, cap_query=episodes.cap_query)
+        reseed(self.generator, self.config.seed, self.rank, epoch)
         self.model.train(self.config.bn_mode == "train")
         losses, accuracies, started = [], [], time.perf_counter()
         for index in range(self.steps_per_epoch):
@@ -197,7 +200,6 @@ class ProtoNetTrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "generator": self.generator.get_state(),
             "best": self.best_state,
         }
 
@@ -206,6 +208,5 @@ class ProtoNetTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
         self.best_state = state["best"]
         self.best_val_accuracy, self.best_epoch = best_val_accuracy, best_epoch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -351,7 +350,7 @@ def _quiet_downloads() -> Iterator[None]:
 
 def _shown_uri() -> str:
     """The tracking URI without any user:password@ part, since the report may travel."""
-    return re.sub(r"//[^/@]*@", "//", tracking.tracking_uri())
+    return tracking.shown_uri()
 
 
 def _task_shape(run: RunRecord) -> tuple[int | None, int | None]:

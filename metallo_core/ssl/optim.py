@@ -75,7 +75,9 @@ def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float,
     if max_norm <= 0:
         return total
     if mode == "global":
-        torch.nn.utils.clip_grad_norm_(gradients, max_norm)  # accepts tensors
+        # One factor for all, as torch's clip_grad_norm_ computes it (which takes parameters, not gradients:
+        # handed the gradients it finds no `.grad` on them and clips nothing).
+        torch._foreach_mul_(gradients, min(max_norm / (total + 1e-6), 1.0))
     else:
         scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(gradients, list(scales.unbind()))

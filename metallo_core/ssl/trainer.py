@@ -19,6 +19,7 @@ from metallo_core.errors import TrainingDiverged
 from metallo_core.models.backbones import build_backbone, convert_sync_batchnorm
 from metallo_core.models.sources import backbone_from_source
 from metallo_core.precision import autocast, resolve_precision
+from metallo_core.seeding import reseed
 from metallo_core.ssl.config import DinoConfig
 from metallo_core.ssl.ema import update_teacher
 from metallo_core.ssl.head import DINOHead
@@ -131,8 +132,10 @@ class DinoTrainer:
         ):
             warnings.warn(f"DINO schedules: {message}", stacklevel=2)
         self.augment = MultiCropAugment(config.multicrop)
-        # Augmentation randomness differs per rank (different images) but is reproducible per (seed, rank).
-        self.generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+        # Augmentation randomness differs per rank (different images) and is drawn afresh at every step from
+        # (seed, rank, step): a resumed run augments as the uninterrupted one would, on every rank.
+        self.rank = rank
+        self.generator = torch.Generator()
         self.last_metrics: dict[str, float] = {}
 
     def train_step(self, base_images: torch.Tensor, step: int, epoch: int, *,
@@ -149,7 +152,7 @@ class DinoTrainer:
         if images.shape[-1] == 3:
             images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: already channels-last
         with torch.no_grad():
-            global_views, local_views = self.augment(images, self.generator)
+            global_views, local_views = self.augment(images, reseed(self.generator, self.config.seed, self.rank, step))
         if self.channels_last:
             global_views = global_views.contiguous(memory_format=torch.channels_last)
             local_views = local_views.contiguous(memory_format=torch.channels_last)
@@ -223,7 +226,6 @@ class DinoTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "center": self.center.state_dict(),
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -233,4 +235,3 @@ class DinoTrainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.center.load_state_dict(state["center"])
-        self.generator.set_state(state["generator"])

@@ -34,6 +34,8 @@ from metallo_core.tracking.store import (
     local_store_path,
     lookup_client,
     require_existing_store,
+    shown_uri,
+    split_credentials,
     tracking_uri,
     ui_command,
 )
@@ -42,5 +44,6 @@ __all__ = [
     "ENV_HOME", "ENV_TRACKING_URI", "MAX_PARAM_LENGTH", "RUN_NAME_TAG", "NullLogger", "RunLogger", "TrackingError",
     "check_server", "client", "code_version", "configure", "dataset_tags", "describe_store", "ensure_experiment",
     "how_to_point_at_a_store", "is_local_store", "is_rank_zero", "local_home", "local_store_path", "logger_for",
-    "lookup_client", "open_run", "require_existing_store", "start_run", "tracking_uri", "ui_command",
+    "lookup_client", "open_run", "require_existing_store", "shown_uri", "split_credentials", "start_run",
+    "tracking_uri", "ui_command",
 ]

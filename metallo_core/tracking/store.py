@@ -31,6 +31,26 @@ def tracking_uri() -> str:
     return f"sqlite:///{local_home() / 'mlflow.db'}"
 
 
+ENV_USERNAME, ENV_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(the URI without its `user:password@` part, the user, the password) of an http(s) tracking URI."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parsed = urlsplit(uri)
+    if parsed.scheme not in ("http", "https") or "@" not in parsed.netloc:
+        return uri, None, None
+    userinfo, _, host = parsed.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parsed._replace(netloc=host)), unquote(user) or None, unquote(password) or None
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI as it may be shown (printed, logged, written to a report): without `user:password@`."""
+    return split_credentials(uri or tracking_uri())[0]
+
+
 def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
@@ -52,7 +72,7 @@ def local_store_path(uri: str) -> Path | None:
 
 def describe_store() -> str:
     """Where look-ups go and why, for error messages: the URI and the setting it came from."""
-    uri = tracking_uri()
+    uri = shown_uri()
     if os.environ.get(ENV_TRACKING_URI):
         return f"{uri} (from {ENV_TRACKING_URI})"
     if os.environ.get(ENV_HOME):
@@ -81,23 +101,30 @@ _configured_uri: str | None = None
 
 def configure(*, create: bool = True) -> str:
     """Point MLflow at the tracking store, export it for Ray workers, and fail fast if a server is unreachable.
+    Returns the URI MLflow was given.
 
-    `create=False` is for look-ups (loading a model, reading a run): a local store that does not exist
+    A server URI's `user:password@` part is handed to MLflow as MLFLOW_TRACKING_USERNAME / _PASSWORD (unless
+    those are set) and the URI without it: MLflow prints the URI it was given ("View run ... at <uri>") into
+    job logs. `create=False` is for look-ups (loading a model, reading a run): a local store that does not exist
     is an error naming where it was looked for (see `require_existing_store`) instead of a new empty store."""
     global _configured_uri
     import mlflow
 
     uri = tracking_uri()
+    plain_uri, user, password = split_credentials(uri)
+    for variable, value in ((ENV_USERNAME, user), (ENV_PASSWORD, password)):
+        if value and not os.environ.get(variable):
+            os.environ[variable] = value
     if not create:
         require_existing_store(uri)
     if uri.startswith("sqlite:") and create:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    elif uri.startswith(("http://", "https://")) and _configured_uri != uri:
-        check_server(uri)
-    mlflow.set_tracking_uri(uri)
+    elif uri.startswith(("http://", "https://")) and _configured_uri != plain_uri:
+        check_server(plain_uri)
+    mlflow.set_tracking_uri(plain_uri)
     os.environ[ENV_TRACKING_URI] = uri  # Ray workers and subprocesses log to the same place
-    _configured_uri = uri
-    return uri
+    _configured_uri = plain_uri
+    return plain_uri
 
 
 def check_server(uri: str, timeout_s: float = 10.0) -> None:
@@ -117,6 +144,7 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
         response = http_request(get_default_host_creds(uri), PROBE_ENDPOINT, "GET", max_retries=0,
                                 timeout=timeout_s, retry_codes=frozenset(), params={"max_results": 1})
     except MlflowException as exc:
+        uri = shown_uri(uri)
         causes = _causes(exc)
         reason = causes[-1]  # the socket or TLS error itself, e.g. "[Errno 111] Connection refused"
         hint = ""
@@ -126,6 +154,7 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
         raise TrackingError(f"MLflow server {uri} cannot be reached ({reason}){hint}; " + _check_the_uri()) from exc
     if response.status_code == 200:
         return
+    uri = shown_uri(uri)
     if response.status_code in (401, 403):
         raise TrackingError(
             f"MLflow server {uri} refused the credentials (HTTP {response.status_code}); set MLFLOW_TRACKING_USERNAME "
@@ -186,7 +215,7 @@ def ensure_experiment(name: str) -> str:
 
 def ui_command() -> str:
     """The command that opens the runs in a browser: `mlflow ui` on the local store, or the server's address."""
-    uri = tracking_uri()
+    uri = shown_uri()
     if uri.startswith("sqlite:"):
         return f"uv run mlflow ui --backend-store-uri {uri} --port 5000"
     return f"open {uri}"

@@ -10,8 +10,11 @@ the default settings, on the same tasks.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from metallo_core import tracking
@@ -43,7 +46,10 @@ class FinetuneSearchResult:
 
 def finetune_trial(params: dict, *, context: dict) -> None:
     """One Tune trial: fine-tune on each fixed meta-val task with the sampled settings, reporting the
-    running mean every `report_every` tasks (to MLflow as a curve and to Tune for its scheduler)."""
+    running mean every `report_every` tasks (to MLflow as a curve and to Tune for its scheduler).
+
+    Each report carries the per-task accuracies so far as the trial's checkpoint: a trial restored after its
+    search was stopped (Ctrl-C, a killed driver) goes on from its last reported task, not from the first."""
     import torch
     from ray import tune
 
@@ -51,7 +57,6 @@ def finetune_trial(params: dict, *, context: dict) -> None:
     from metallo_core.fewshot.episodes import episodes_from_json
     from metallo_core.fewshot.evaluation import PreparedImages, engine_accuracies
     from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings
-    from metallo_core.fewshot.metrics import mean_and_ci95
     from metallo_core.fewshot.protonet import ImageNormalizer
     from metallo_core.models.protonet_store import load_protonet
 
@@ -72,18 +77,39 @@ def finetune_trial(params: dict, *, context: dict) -> None:
     prepared = PreparedImages(engine, images.images, context["precision"])  # once for every task of the trial
     tags = {runner.TRIAL_TAG: trial_id, runner.SEARCH_TAG: context["search"], "metallo.stage": "tune-finetune-trial",
             "metallo.model_uri": context["model"]}
+    accuracies = _restored_accuracies(tune.get_checkpoint())
     with tracking.open_run(context["experiment"], f"{context['search']}-{trial_id}", config={"finetune": plain},
                            tags=tags, parent_run_id=context["parent_run_id"]) as run:
-        accuracies: list[float] = []
         every = context["report_every"]
-        for start in range(0, len(episodes), every):
+        if accuracies and len(accuracies) >= len(episodes):  # restored after its last report: report it again
+            tune.report(_running_mean(accuracies))
+        for start in range(len(accuracies), len(episodes), every):
             # Seeds by task index (finetune.task_generator), so a trial is reproducible chunk by chunk.
             chunk = engine_accuracies(engine, prepared, episodes[start:start + every], "finetune",
                                       seed=context["seed"], precision=context["precision"], first_task=start)
             accuracies += chunk
-            mean, ci95 = mean_and_ci95(accuracies) if len(accuracies) > 1 else (accuracies[0], 0.0)
-            run.log_metrics({METRIC: mean, "val_ci95": ci95, TIME_ATTR: len(accuracies)}, step=len(accuracies))
-            tune.report({METRIC: mean, "val_ci95": ci95, TIME_ATTR: len(accuracies)})
+            result = _running_mean(accuracies)
+            run.log_metrics(result, step=len(accuracies))
+            with tempfile.TemporaryDirectory() as directory:
+                (Path(directory) / ACCURACIES_FILE).write_text(json.dumps(accuracies))
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+ACCURACIES_FILE = "accuracies.json"  # a fine-tuning trial's checkpoint: its per-task accuracies so far
+
+
+def _restored_accuracies(checkpoint) -> list[float]:
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as directory:
+        return [float(value) for value in json.loads((Path(directory) / ACCURACIES_FILE).read_text())]
+
+
+def _running_mean(accuracies: list[float]) -> dict[str, float]:
+    from metallo_core.fewshot.metrics import mean_and_ci95
+
+    mean, ci95 = mean_and_ci95(accuracies) if len(accuracies) > 1 else (accuracies[0], 0.0)
+    return {METRIC: mean, "val_ci95": ci95, TIME_ATTR: len(accuracies)}
 
 
 def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
