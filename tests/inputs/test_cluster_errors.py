@@ -16,10 +16,10 @@ from metallo_core.errors import ClusterError, ConfigError, user_error_in
 from metallo_core.train import ray_setup
 
 
-@pytest.fixture(autouse=True)
-def _a_fresh_driver(monkeypatch):
-    """These tests are about a process that has not joined a cluster yet; the session's own Ray (started by
-    earlier tests in the same pytest process) must not make connect() return early."""
+@pytest.fixture
+def fresh_driver(monkeypatch):
+    """A process that has not joined a cluster yet: the session's own Ray (started by earlier tests in the
+    same pytest process) must not make connect() return early. Only for tests that never reach Ray itself."""
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -31,7 +31,7 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_a_closed_ray_address_from_the_environment_is_named_with_the_way_out(monkeypatch):
+def test_a_closed_ray_address_from_the_environment_is_named_with_the_way_out(fresh_driver, monkeypatch):
     port = _closed_port()
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     with pytest.raises(ClusterError) as caught:
@@ -41,7 +41,7 @@ def test_a_closed_ray_address_from_the_environment_is_named_with_the_way_out(mon
     assert "unset RAY_ADDRESS and compute.ray_address to let metallo start a local cluster" in message
 
 
-def test_a_closed_ray_address_from_the_config_names_the_setting(monkeypatch):
+def test_a_closed_ray_address_from_the_config_names_the_setting(fresh_driver, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ClusterError, match=r"\(from search\.ray_address \(config\)\)"):
         ray_setup.connect(f"127.0.0.1:{_closed_port()}", "search.ray_address")

@@ -40,6 +40,8 @@ def toy_xsdd(tmp_path_factory):
 
 
 def test_quickstart_runs_the_gated_chain_and_registers_what_classify_uses(ray_cluster, toy_xsdd):
+    from metallo_core.config import to_dict
+    from metallo_core.fewshot.inference import InferenceSettings
     from metallo_core.models.finetune_choice import recorded_for_model
     from metallo_core.quickstart import describe, run_quickstart
     from metallo_core.tracking.registry import resolve_version
@@ -55,8 +57,11 @@ def test_quickstart_runs_the_gated_chain_and_registers_what_classify_uses(ray_cl
     assert "Test pool (6 tasks no stage saw)" in version.description
     recorded = recorded_for_model("models:/metallo-protonet@quickstart")
     assert recorded.settings.pseudo_queries == "trunk_maps"  # the engine's cached-trunk form, as evaluated
+    levers_chosen = result.inference != to_dict(InferenceSettings())  # chosen on the toy selection tasks
     assert set(result.test["gains"]) == {"protonet - imagenet_protonet", "finetune - imagenet_protonet",
-                                         "finetune - protonet"}
+                                         "finetune - protonet"} | ({"finetune - finetune_plain"} if levers_chosen
+                                                                   else set())
+    assert ("finetune_plain" in result.test) == levers_chosen  # the same model scored plain, beside the levers
     assert "30 images of 5 classes" in result.pools["test"]  # 6 per class, used by the evaluation alone
 
     client = tracking.client()
