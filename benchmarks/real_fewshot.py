@@ -429,14 +429,16 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
     )
     from metallo_core.fewshot.metrics import paired_gain
     from metallo_core.fewshot.protonet import ImageNormalizer
-    from metallo_core.models.finetune_choice import choose
+    from metallo_core.models.finetune_choice import choose, recorded_inference
     from metallo_core.models.protonet_store import load_protonet
     from metallo_core.models.sources import offline_imagenet_backbone
 
     chosen = choose(args.model)
     settings = finetune_settings(overrides, chosen.settings)
+    # classify scores with the inference settings recorded on the model: the engine here uses the same ones.
+    inference, inference_source = recorded_inference(args.model)
     model, spec, _ = load_protonet(args.model)
-    engine = FinetuneEngine(model.eval(), settings, ImageNormalizer.for_backbone(spec))
+    engine = FinetuneEngine(model.eval(), settings, ImageNormalizer.for_backbone(spec), inference=inference)
     # The frozen ImageNet start at the model's size: what the classifier must beat, on the same tasks.
     imagenet_backbone, imagenet_spec = offline_imagenet_backbone(spec.image_size)
     imagenet = FinetuneEngine(pretrained_protonet(imagenet_backbone), settings,
@@ -444,7 +446,8 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
     folder = read_labelled_folder(args.data, spec.image_size)  # as classify reads the files: at the model's size
     test = split_pools(folder, pool_fractions(args), args.pool_seed)["test"]
     print(f"through classify: {args.model} at {spec.image_size} px, settings {settings} (from {chosen.source}"
-          f"{'; overridden: ' + ' '.join(overrides) if overrides else ''})", flush=True)
+          f"{'; overridden: ' + ' '.join(overrides) if overrides else ''}); inference {inference.describe()} "
+          f"(from {inference_source}); the frozen ImageNet ProtoNet is scored plain", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="through-classify-") as scratch:
         settings_file = Path(scratch) / "finetune.yaml"
@@ -486,7 +489,7 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
             result.gains["classify - engine"] = {"mean": mean, "ci95": ci95}
             mean, ci95 = paired_gain(scores["imagenet_pn"].accuracies, scores["classify"].accuracies)
             result.gains["classify - imagenet_pn"] = {"mean": mean, "ci95": ci95}
-            results.append(as_dict(result))
+            results.append(as_dict(result) | {"inference": to_dict(inference), "inference_source": inference_source})
             print(through_classify_table([results[-1]]), flush=True)
     return results
 

@@ -367,14 +367,13 @@ def describe_model_version(model_uri: str, result: QuickstartResult) -> None:
         "Stages (each kept only where it beat its input on held-apart selection tasks):",
         result.stage_table,
         "",
-        f"Test pool ({test['tasks']} tasks no stage saw): ProtoNet {percent(test['protonet'])}, "
-        f"with fine-tuning {percent(test['finetune'])}; the frozen ImageNet backbone's ProtoNet "
-        f"{percent(test['imagenet_protonet'])} on the same tasks.",
+        f"Test pool ({test['tasks']} tasks no stage saw): as classify runs it ({as_classify_runs_it(result)}) "
+        f"{percent(test['finetune'])}; plain ProtoNet {percent(test.get('protonet_plain', test['protonet']))}; "
+        f"the frozen ImageNet backbone's plain ProtoNet {percent(test['imagenet_protonet'])} on the same tasks.",
         f"Inference: {describe_inference(result.inference)}.",
         "",
         "Classify your own images with it (one sub-folder of 1-5 images per class as the support):",
-        f"    metallo classify --model models:/{PROTONET_NAME}@{ALIAS} --support SUPPORT_DIR --query QUERY_DIR "
-        "--out predictions.csv --finetune",
+        f"    {classify_command(result, f'models:/{PROTONET_NAME}@{ALIAS}')}",
     ])
     tracking.client().update_model_version(version.name, version.version, description=text)
 
@@ -409,15 +408,36 @@ def figures_on_test_pool(evaluation, baseline) -> dict[str, Any]:
     protonet, finetune = evaluation.per_task["protonet"], evaluation.per_task["finetune"]
     figures = {
         "way": evaluation.way, "shot": evaluation.shot, "tasks": evaluation.tasks,
+        # the lr the selection chose (0: no fine-tuning); `finetune` is the model as classify runs it
+        "finetune_lr": evaluation.modes["finetune"].lr,
         "imagenet_protonet": summary(imagenet), "protonet": summary(protonet), "finetune": summary(finetune),
         "gains": {"protonet - imagenet_protonet": gain(imagenet, protonet),
                   "finetune - imagenet_protonet": gain(imagenet, finetune),
                   "finetune - protonet": gain(protonet, finetune)},
     }
     if "finetune_plain" in evaluation.per_task:  # inference levers on: the same model scored plain, paired
-        figures["finetune_plain"] = summary(evaluation.per_task["finetune_plain"])
+        for name in ("protonet_plain", "finetune_plain"):
+            figures[name] = summary(evaluation.per_task[name])
         figures["gains"]["finetune - finetune_plain"] = gain(evaluation.per_task["finetune_plain"], finetune)
+        figures["gains"]["finetune - protonet_plain"] = gain(evaluation.per_task["protonet_plain"], finetune)
     return figures
+
+
+def classify_command(result: QuickstartResult, alias_uri: str) -> str:
+    """The classify command line for the registered model: `--finetune` only where the selection chose an lr
+    above 0 (with lr 0 chosen, fine-tuning would change nothing and cost time)."""
+    finetune = " --finetune" if result.test.get("finetune_lr") else ""
+    return (f"metallo classify --model {alias_uri} --support SUPPORT_DIR --query QUERY_DIR "
+            f"--out predictions.csv{finetune}")
+
+
+def as_classify_runs_it(result: QuickstartResult) -> str:
+    """The registered model as classify runs it, in words: the fine-tuning chosen and the inference settings."""
+    from metallo_core.fewshot.inference import InferenceSettings
+
+    lr = result.test.get("finetune_lr")
+    inference = from_dict(InferenceSettings, result.inference or {}, "inference").describe()
+    return f"{f'fine-tuning lr {lr:g}' if lr else 'no fine-tuning (lr 0 chosen)'}, {inference}"
 
 
 def verdict_dict(verdict) -> dict:
@@ -441,6 +461,7 @@ def points(summary: dict[str, float]) -> str:
 def describe(result: QuickstartResult) -> str:
     test = result.test
     task = f"{test['way']}-way {test['shot']}-shot, {test['tasks']} test tasks"
+    plain = "protonet_plain" if "protonet_plain" in test else "protonet"  # every inference lever off
     lines = [
         "",
         f"metallo quickstart finished in {result.minutes:.1f} min, on {result.images}",
@@ -453,20 +474,16 @@ def describe(result: QuickstartResult) -> str:
         "",
         f"| {task} | accuracy (95% interval) |",
         "|---|---|",
-        f"| frozen ImageNet EfficientNet-Lite0, ProtoNet | {percent(test['imagenet_protonet'])} |",
-        f"| registered model, ProtoNet (PN) | {percent(test['protonet'])} |",
-        f"| registered model, PN + fine-tuning | {percent(test['finetune'])} |",
-        *([f"| registered model, PN + fine-tuning, plain inference | {percent(test['finetune_plain'])} |"]
-          if "finetune_plain" in test else []),
+        f"| frozen ImageNet EfficientNet-Lite0, plain ProtoNet | {percent(test['imagenet_protonet'])} |",
+        f"| registered model, plain ProtoNet | {percent(test[plain])} |",
+        f"| registered model as classify runs it: {as_classify_runs_it(result)} | {percent(test['finetune'])} |",
         "",
         f"inference (chosen on the selection tasks): {describe_inference(result.inference)}",
-        *([f"inference levers - plain inference, paired: {points(test['gains']['finetune - finetune_plain'])}"]
-          if "finetune_plain" in test else []),
-        f"PN + fine-tuning - frozen ImageNet ProtoNet, paired: {points(test['gains']['finetune - imagenet_protonet'])}",
-        f"PN + fine-tuning - PN, paired: {points(test['gains']['finetune - protonet'])}",
+        "as classify runs it - frozen ImageNet ProtoNet, paired: "
+        f"{points(test['gains']['finetune - imagenet_protonet'])}",
+        f"as classify runs it - plain ProtoNet, paired: {points(test['gains'][f'finetune - {plain}'])}",
         f"registered: {result.models['protonet_alias']} ({result.models['protonet']})",
-        (f"classify with it: metallo classify --model {result.models['protonet_alias']} --support S --query Q "
-         "--out P.csv --finetune"),
+        f"classify with it: {classify_command(result, result.models['protonet_alias'])}",
         f"MLflow experiment '{EXPERIMENT}'; open the UI with: {tracking.ui_command()}",
     ]
     return "\n".join(lines)

@@ -51,7 +51,8 @@ def test_local_crops_keep_dinos_ratio_on_a_multiple_of_8():
 def evaluation(per_task: dict, grid: list[dict] | None = None, best_lr: float | None = None):
     best = next((row for row in grid or [] if row["lr"] == best_lr), None)
     return SimpleNamespace(way=5, shot=1, tasks=len(next(iter(per_task.values()))), per_task=per_task,
-                           selection={"grid": grid, "best": best} if grid else {})
+                           selection={"grid": grid, "best": best} if grid else {},
+                           modes={"finetune": SimpleNamespace(lr=0.003 if best_lr is None else best_lr)})
 
 
 def test_finetuning_is_judged_against_lr_0_on_the_same_selection_tasks():
@@ -89,7 +90,30 @@ def test_summary_shows_what_each_stage_saw_the_stage_table_and_the_paired_test_f
     text = describe(result)
     assert "finished in 7.5 min, on /x/x_sdd/images" in text
     assert "test: 816 images of 7 classes, seen by no training stage" in text
-    assert "| frozen ImageNet EfficientNet-Lite0, ProtoNet | 60.00% ± " in text
-    assert "| registered model, PN + fine-tuning | 70.00% ± " in text
-    assert "PN + fine-tuning - frozen ImageNet ProtoNet, paired: +10.00 ± 0.00 points" in text
-    assert "metallo classify --model models:/metallo-protonet@quickstart" in text
+    assert "| frozen ImageNet EfficientNet-Lite0, plain ProtoNet | 60.00% ± " in text
+    assert "| registered model, plain ProtoNet | 60.00% ± " in text
+    assert "| registered model as classify runs it: fine-tuning lr 0.003, inductive | 70.00% ± " in text
+    assert "as classify runs it - frozen ImageNet ProtoNet, paired: +10.00 ± 0.00 points" in text
+    assert "metallo classify --model models:/metallo-protonet@quickstart" in text and "--finetune" in text
+
+
+def test_summary_with_levers_chosen_and_no_finetuning_names_what_classify_runs():
+    """lr 0 and a transductive lever chosen: the plain rows are the evaluation's `<mode>_plain`, and the
+    classify command has no --finetune (it would change nothing)."""
+    imagenet, levers = [0.6, 0.7, 0.5, 0.6], [0.8, 0.9, 0.7, 0.8]
+    chain = evaluation({"protonet": levers, "finetune": levers, "protonet_plain": imagenet,
+                        "finetune_plain": imagenet}, best_lr=0.0)
+    figures = figures_on_test_pool(chain, chain)
+    assert figures["finetune_lr"] == 0.0 and figures["imagenet_protonet"]["mean"] == pytest.approx(0.6)
+    assert figures["gains"]["finetune - protonet_plain"]["mean"] == pytest.approx(0.2)
+    result = QuickstartResult(
+        images="/x", pools={}, stage_table="| stage |", test=figures,
+        inference={"transductive": "soft_kmeans", "power": 0.5},
+        models={"protonet": "models:/metallo-protonet/3", "protonet_alias": "models:/metallo-protonet@quickstart"},
+        minutes=1.0)
+    text = describe(result)
+    assert "| registered model, plain ProtoNet | 60.00% ± " in text
+    assert ("| registered model as classify runs it: no fine-tuning (lr 0 chosen), transductive soft_kmeans, "
+            "power transform 0.5 | 80.00% ± ") in text
+    assert "as classify runs it - plain ProtoNet, paired: +20.00 ± 0.00 points" in text
+    assert "--finetune" not in text.split("classify with it:")[1]

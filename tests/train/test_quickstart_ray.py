@@ -58,9 +58,9 @@ def test_quickstart_runs_the_gated_chain_and_registers_what_classify_uses(ray_cl
     recorded = recorded_for_model("models:/metallo-protonet@quickstart")
     assert recorded.settings.pseudo_queries == "trunk_maps"  # the engine's cached-trunk form, as evaluated
     levers_chosen = result.inference != to_dict(InferenceSettings())  # chosen on the toy selection tasks
+    with_levers = {"finetune - finetune_plain", "finetune - protonet_plain"} if levers_chosen else set()
     assert set(result.test["gains"]) == {"protonet - imagenet_protonet", "finetune - imagenet_protonet",
-                                         "finetune - protonet"} | ({"finetune - finetune_plain"} if levers_chosen
-                                                                   else set())
+                                         "finetune - protonet"} | with_levers
     assert ("finetune_plain" in result.test) == levers_chosen  # the same model scored plain, beside the levers
     assert "30 images of 5 classes" in result.pools["test"]  # 6 per class, used by the evaluation alone
 
@@ -71,4 +71,4 @@ def test_quickstart_runs_the_gated_chain_and_registers_what_classify_uses(ray_cl
         splits[stage] = sorted(tag.value for entry in inputs for tag in entry.tags if tag.key == "split")
     assert splits["pretrain"] == ["train"]  # DINO saw the unlabelled pool only
     assert "test" not in splits["metatrain"] and "test" in splits["evaluate"]
-    assert "registered model, PN + fine-tuning" in describe(result)
+    assert "registered model as classify runs it" in describe(result)
