@@ -409,7 +409,8 @@ def run_cost(args: argparse.Namespace, settings) -> list[dict]:
 
 
 def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
-    """Per test-pool task, `classify.classify(--finetune)` on the task's real files (support as
+    """Per test-pool task, `classify.classify` (with `--finetune` where the model's recorded lr is above 0, and
+    its recorded inference settings) on the task's real files (support as
     <label>_<class>/<nn>_<file> links, so classify sees the classes and images in the task's own order, and
     the queries as one folder), and the engine called directly on the same images with the same settings
     and draws (task 0 of seed 0, as classify draws them); the two paired per task."""
@@ -459,8 +460,10 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
                 task_dir = Path(scratch) / f"{shot}-shot-task-{index}"
                 truth = link_task(folder, episode, task_dir)
                 started = time.perf_counter()
+                # As the quickstart's command line runs it: --finetune only where an lr above 0 was chosen.
                 outcome = classify(args.model, task_dir / "support", task_dir / "query",
-                                   settings=ClassifySettings(finetune=True, finetune_from=str(settings_file)))
+                                   settings=ClassifySettings(finetune=settings.lr > 0,
+                                                             finetune_from=str(settings_file) if settings.lr else ""))
                 scores["classify"].seconds += time.perf_counter() - started
                 scores["classify"].accuracies.append(
                     sum(int(p.predicted.split("_", 1)[0]) == truth[p.file] for p in outcome.predictions)
@@ -513,7 +516,7 @@ def link_task(folder, episode, task_dir: Path) -> dict[str, int]:
 
 
 def through_classify_table(results: list[dict]) -> str:
-    lines = ["| task | classify --finetune (real files) | engine directly | classify - engine, paired (points) "
+    lines = ["| task | classify (real files) | engine directly | classify - engine, paired (points) "
              "| frozen ImageNet ProtoNet | classify - frozen ImageNet PN, paired (points) |",
              "|---|---|---|---|---|---|"]
     for result in results:
