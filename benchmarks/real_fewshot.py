@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from metallo_core.datasets import xsdd_images
@@ -418,7 +419,8 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
 
     from metallo_core.config import to_dict, to_yaml
     from metallo_core.fewshot.classify import ClassifySettings, classify
-    from metallo_core.fewshot.finetune import FinetuneEngine, task_generator
+    from metallo_core.fewshot.evaluation import PreparedImages, engine_predictions
+    from metallo_core.fewshot.finetune import FinetuneEngine
     from metallo_core.fewshot.folder_benchmark import (
         MethodScores,
         TaskSetResult,
@@ -468,21 +470,18 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
                 scores["classify"].accuracies.append(
                     sum(int(p.predicted.split("_", 1)[0]) == truth[p.file] for p in outcome.predictions)
                     / len(outcome.predictions))
-                started = time.perf_counter()
-                support = engine.prepare(engine.normalizer.to_unit(folder.images[episode.support]))
-                query = engine.prepare(engine.normalizer.to_unit(folder.images[episode.query]))
-                logits = engine.task_logits(support, torch.tensor(episode.support_labels), query, episode.way,
-                                            task_generator(0, 0))
-                scores["engine"].seconds += time.perf_counter() - started
-                scores["engine"].accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
-                started = time.perf_counter()
-                plain = imagenet.protonet_logits(
-                    imagenet.prepare(imagenet.normalizer.to_unit(folder.images[episode.support])),
-                    torch.tensor(episode.support_labels),
-                    imagenet.prepare(imagenet.normalizer.to_unit(folder.images[episode.query])), episode.way)
-                scores["imagenet_pn"].seconds += time.perf_counter() - started
-                scores["imagenet_pn"].accuracies.append(
-                    float((plain.argmax(1).numpy() == episode.query_labels).mean()))
+                # The evaluation's own path (fewshot.evaluation, what `metallo evaluate` and the quickstart run)
+                # on the task's images, support first: task 0 of seed 0, precision auto, as classify runs it.
+                local = dataclasses.replace(episode, support=np.arange(len(episode.support)),
+                                            query=len(episode.support) + np.arange(len(episode.query)))
+                rows = np.concatenate([episode.support, episode.query])
+                for name, scorer, mode in (("engine", engine, "finetune" if settings.lr > 0 else "protonet"),
+                                           ("imagenet_pn", imagenet, "protonet")):
+                    started = time.perf_counter()
+                    (predicted,) = engine_predictions(scorer, PreparedImages(scorer, folder.images[rows]), [local],
+                                                      mode, seed=0, lr=settings.lr)
+                    scores[name].seconds += time.perf_counter() - started
+                    scores[name].accuracies.append(float((predicted == episode.query_labels).mean()))
                 if (index + 1) % 10 == 0:
                     print(f"  {shot}-shot: {index + 1} tasks", flush=True)
             first = episodes[0]

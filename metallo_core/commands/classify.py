@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "than the support")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                        help="features and fine-tuning in this precision; auto resolves per device as metallo "
+                             "evaluate does (bf16 on CPUs with native bf16 and on GPUs, fp32 on other CPUs)")
     parser.add_argument("--json", action="store_true", help="print a summary as one JSON object")
     parser.set_defaults(func=_classify)
 
@@ -93,7 +96,7 @@ def _classify(args: argparse.Namespace) -> int:
                                 finetune=args.finetune or bool(args.finetune_from), steps=args.steps, lr=args.lr,
                                 update=args.update, bn_mode=args.bn_mode, finetune_from=args.finetune_from,
                                 batch_size=args.batch_size, device=args.device, inference=args.inference,
-                                transductive=args.transductive)
+                                transductive=args.transductive, precision=args.precision)
     settings.crop = EdgeCrop.parse(args.crop)
     result = classify(args.model, args.support, args.query, args.out, settings)
     counts = {name: sum(p.predicted == name for p in result.predictions) for name in result.classes}

@@ -43,10 +43,10 @@ from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.image_files import is_image_file, list_image_files, list_image_listing, read_file_bytes
 from metallo_core.data.images import decode_rgb, square_resized
 from metallo_core.errors import ConfigError, DataError
-from metallo_core.fewshot.evaluation import embed_images
 from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, task_generator
 from metallo_core.fewshot.inference import TRANSDUCTIVE, InferenceSettings, query_logits
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.precision import PRECISIONS, autocast
 from metallo_core.progress import Progress
 
 
@@ -71,12 +71,17 @@ class ClassifySettings:
     # alone (each prediction depends on its own image only); `transductive` overrides that one field.
     inference: str = "recorded"
     transductive: str | None = None
+    # Computation precision of the features (and of fine-tuning), resolved per device as `metallo evaluate`
+    # resolves it (metallo_core.precision): the same value gives the same features as the evaluation's.
+    precision: str = "auto"
 
     def validate(self) -> None:
         if self.inference not in ("recorded", "plain"):
             raise ConfigError(f"--inference must be recorded or plain, got {self.inference!r}")
         if self.transductive is not None and self.transductive not in TRANSDUCTIVE:
             raise ConfigError(f"--transductive must be one of {', '.join(TRANSDUCTIVE)}, got {self.transductive!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tile < 0:
             raise ConfigError(f"--tile must be 0 (whole image) or a tile side in pixels, got {self.tile}")
         if not 0.05 <= self.query_scale <= 20:
@@ -226,16 +231,21 @@ def classify(
     bottom_cropped = list(support.bottom_cropped)
     image_labels = np.concatenate([np.full(len(support_files[name]), i) for i, name in enumerate(classes)])
     support_labels = torch.as_tensor(image_labels[support.owner], device=device)
-    engine = None
+    # One feature path with and without fine-tuning, the evaluation's (fewshot.evaluation.PreparedImages and
+    # engine_predictions): the engine's cache and features under autocast at the resolved precision, so
+    # classify's features of an image are the ones `metallo evaluate` scored.
     if chosen is not None:
-        engine = _finetune(model, normalizer, support.tiles, support_labels, len(classes), chosen.settings)
+        engine = _finetune(model, normalizer, support.tiles, support_labels, len(classes), chosen.settings,
+                           settings.precision)
+    else:
+        engine = FinetuneEngine(model, FinetuneSettings(), normalizer)
 
     def embed(tiles: np.ndarray) -> torch.Tensor:
-        """Features with the model as it is now (adapted, with --finetune), the way the engine computes them."""
-        if engine is None:
-            return embed_images(model, tiles, normalizer, device)
-        return torch.cat([engine.embed(engine.prepare(normalizer.to_unit(tiles[start:start + settings.batch_size])))
-                          for start in range(0, len(tiles), settings.batch_size)])
+        """(N, D) float32 features with the model as it is now (adapted, with --finetune)."""
+        with autocast(device, settings.precision):
+            return torch.cat([
+                engine.embed(engine.prepare(normalizer.to_unit(tiles[start:start + settings.batch_size])))
+                for start in range(0, len(tiles), settings.batch_size)]).float()
 
     support_features = embed(support.tiles)
     support_image_features = _mean_by_owner(support_features, support.owner, len(flat_support))
@@ -326,9 +336,10 @@ def describe_crop(crop: EdgeCrop, bottom_cropped: list[int]) -> str:
 
 
 def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, labels: torch.Tensor, way: int,
-              settings: FinetuneSettings) -> FinetuneEngine:
-    """Adapt `model` in place to the support tiles (task 0 of seed 0 of `finetune.task_generator`); the engine
-    then embeds support and queries with the adapted weights."""
+              settings: FinetuneSettings, precision: str) -> FinetuneEngine:
+    """Adapt `model` in place to the support tiles (task 0 of seed 0 of `finetune.task_generator`), under
+    autocast at `precision` as the evaluation adapts each task; the engine then embeds support and queries
+    with the adapted weights."""
     engine = FinetuneEngine(model, settings, normalizer)
     progress = Progress("fine-tune on the support set", settings.steps, every_s=2.0)
     started = time.perf_counter()
@@ -340,8 +351,9 @@ def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, l
                   f"{first:.1f} s, expect about {first * settings.steps:.0f} s in all", file=sys.stderr, flush=True)
         progress.advance(1, f"loss {loss:.4f}")
 
-    engine.adapt(engine.prepare(normalizer.to_unit(tiles)), labels, way,
-                 task_generator(0, 0, device=normalizer.device), on_step=on_step)
+    with autocast(normalizer.device, precision):
+        engine.adapt(engine.prepare(normalizer.to_unit(tiles)), labels, way,
+                     task_generator(0, 0, device=normalizer.device), on_step=on_step)
     progress.finish()
     model.eval()
     return engine
