@@ -327,8 +327,9 @@ def train_choosing_layers(config: MultilabelConfig, prepared: PreparedInputs, *,
 
 
 def candidate_records(scores: list[CandidateScore]) -> list[dict]:
-    """One plain dict per candidate (JSON, the run's results.json)."""
-    return [{"layers": score.layers.name, "validation_cumulative_error": score.validation_error,
+    """One plain dict per candidate (JSON, the run's results.json; no error for regression-only: None)."""
+    return [{"layers": score.layers.name,
+             "validation_cumulative_error": None if math.isnan(score.validation_error) else score.validation_error,
              "validation_loss": score.validation_loss, "epochs_trained": score.epochs_trained,
              "kept_epoch": score.kept_epoch, "train_seconds": score.train_seconds, "feature_dim": score.feature_dim}
             for score in scores]
@@ -476,7 +477,7 @@ def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
             trained = train_model(config, prepared, image_encoder=image_encoder, feature_dim=feature_dim,
                                   on_epoch=report)
             progress.finish()
-        layer_tags = feature_layer_tags(config, prepared, scores)
+        layer_tags = feature_layer_tags(prepared, scores)
         lineage = {**lineage, **layer_tags}
         log_history(run.run_id, trained.history)
         run.log_metrics({**summary_metrics(trained, prepared), **candidate_metrics(scores)},
@@ -525,8 +526,7 @@ def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
         )
 
 
-def feature_layer_tags(config: MultilabelConfig, prepared: PreparedInputs,
-                       scores: list[CandidateScore]) -> dict[str, str]:
+def feature_layer_tags(prepared: PreparedInputs, scores: list[CandidateScore]) -> dict[str, str]:
     """The feature set the model reads, and how it was decided (run and model-version tags)."""
     if prepared.layers is None:
         return {}
@@ -539,7 +539,8 @@ def feature_layer_tags(config: MultilabelConfig, prepared: PreparedInputs,
 
 def describe_choice(chosen: FeatureLayers, scores: list[CandidateScore], num_validation: int) -> str:
     """Lines for people: the chosen set, then every candidate's validation figures."""
-    lines = [f"  feature layers: {chosen.name} (lowest cumulative error on the {num_validation} validation images; "
+    measure = "loss" if all(math.isnan(score.validation_error) for score in scores) else "cumulative error"
+    lines = [f"  feature layers: {chosen.name} (lowest {measure} on the {num_validation} validation images; "
              "the test images decide nothing)"]
     for score in scores:
         error = ("" if math.isnan(score.validation_error)
@@ -568,7 +569,9 @@ def describe_result(result: MultilabelResult) -> str:
     if result.feature_candidates:
         chosen = FeatureLayers.parse(result.feature_layers)
         lines.append(describe_choice(chosen, [
-            CandidateScore(FeatureLayers.parse(item["layers"]), item["validation_cumulative_error"],
+            CandidateScore(FeatureLayers.parse(item["layers"]),
+                           math.nan if item["validation_cumulative_error"] is None
+                           else item["validation_cumulative_error"],
                            item["validation_loss"], item["epochs_trained"], item["kept_epoch"],
                            item["train_seconds"], item["feature_dim"]) for item in result.feature_candidates],
             result.num_validation))
