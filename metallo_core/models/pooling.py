@@ -28,7 +28,8 @@ def early_stage_names(backbone: nn.Module, count: int) -> tuple[str, ...]:
     names = stage_names(backbone)
     if not 0 <= count < len(names):
         raise ConfigError(f"backbone.pooled_early_stages must be in 0..{len(names) - 1} for this "
-                          f"{type(backbone).__name__} ({len(names)} stages), got {count}")
+                          f"{type(backbone).__name__} ({len(names)} stages), got {count} (the same bound holds "
+                          f"for N in backbone.feature_layers: early<N>)")
     return names[:count]
 
 
@@ -68,3 +69,20 @@ def pooled_with_early_stages(backbone: nn.Module, averages: StageAverages, image
     if len(collected) != len(averages.names):
         raise RuntimeError(f"expected outputs of {averages.names}, the forward produced {len(collected)}")
     return torch.cat([*collected, final.float()] if include_final else collected, dim=1)
+
+
+def stage_widths(backbone: nn.Module, names: Sequence[str], image_size: int) -> tuple[int, ...]:
+    """Channels C_i of each named stage's output, from one probe forward of a (1, 3, S, S) zero image in
+    eval mode without gradients (the widths do not depend on the size; the probe only needs a valid one)."""
+    if not names:
+        return ()
+    averages = StageAverages(backbone, names)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad(), averages.collecting() as collected:
+            backbone(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        averages.remove()
+        backbone.train(was_training)
+    return tuple(int(average.shape[1]) for average in collected)

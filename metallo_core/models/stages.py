@@ -175,4 +175,4 @@ def stage_names(backbone: nn.Module) -> tuple[str, ...]:
     if isinstance(module, ConvNeXt):
         return tuple(f"stages.{i}" for i in range(len(module.stages)))
     raise ConfigError(f"pooling early stages is defined for ResNets, EfficientNets and ConvNeXts; this backbone "
-                      f"({type(module).__name__}) has no stage list: set backbone.pooled_early_stages: 0")
+                      f"({type(module).__name__}) has no stage list: set backbone.feature_layers: final")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from metallo_core.config import require
+from metallo_core.multilabel.feature_layers import AUTO, DEFAULT_CANDIDATES, FINAL_LAYERS, FeatureLayers
 from metallo_core.settings import RegistrySettings
 from metallo_core.user_paths import PathSetting
 
@@ -81,13 +82,21 @@ class BackboneSettings:
     # Features then change every step, so the feature cache cannot be used: each epoch runs the whole
     # backbone on the images.
     unfreeze_last_stage: bool = False
-    # Also average the outputs of the first N stages (ResNet layer1.., EfficientNet block groups) and put
-    # them before the final pooled features. Deep features ignore how much of the image is bright, which is
-    # what a volume fraction is; the early stages keep it (see metallo_core/models/pooling.py). 0: off.
-    pooled_early_stages: int = 0
-    # Keep the backbone's final pooled features (with pooled_early_stages >= 1, false uses only the early
-    # stages' averages: on seed 002's binary phase images they read both labels better; see pooling.py).
-    final_features: bool = True
+    # Which features the heads read (metallo_core/multilabel/feature_layers.py, models/pooling.py):
+    # - auto (default): train the heads once per `feature_candidates` entry on the training rows, keep the
+    #   one with the lowest cumulative error on the validation rows early stopping watches (never the test
+    #   rows; ties: the earlier entry). The candidates are extracted once, as one table. Only where features
+    #   are cached: with unfreeze_last_stage, auto means `final`.
+    # - final: the backbone's pooled features; early<N>: the spatial averages of its first N stages (ResNet
+    #   layer1.., EfficientNet block groups); early<N>+final: both, averages first. Deep features ignore how
+    #   much of the image is bright, which is what a volume fraction is; the early stages keep it.
+    feature_layers: str = "auto"
+    # Fewest features first, so a tie goes to the smaller head.
+    feature_candidates: list[str] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
+    # The older spelling of an explicit choice (either one set: auto is off): average the first N stages
+    # (0: none) and (final_features) keep the final pooled features; unset ones read 0 and true.
+    pooled_early_stages: int | None = None
+    final_features: bool | None = None
     extract_batch_size: int = 64
     cache: bool = True  # reuse features computed before for the same backbone, image size and dataset
     cache_dir: PathSetting = ""  # "": $METALLO_HOME/cache/features
@@ -101,9 +110,31 @@ class BackboneSettings:
                 "backbone.weights_path applies to torchvision backbones only (source auto or torchvision); "
                 "drop it, or give the file as backbone.source")
         require(self.extract_batch_size >= 1, "backbone.extract_batch_size must be >= 1")
-        require(self.pooled_early_stages >= 0, "backbone.pooled_early_stages must be >= 0")
-        require(self.final_features or self.pooled_early_stages >= 1,
+        require(self.pooled_early_stages is None or self.pooled_early_stages >= 0,
+                "backbone.pooled_early_stages must be >= 0")
+        require(self.final_features is not False or (self.pooled_early_stages or 0) >= 1,
                 "backbone.final_features: false needs backbone.pooled_early_stages >= 1 (no features otherwise)")
+        legacy = self.pooled_early_stages is not None or self.final_features is not None
+        require(not legacy or self.feature_layers == AUTO,
+                f"backbone.feature_layers: {self.feature_layers} and backbone.pooled_early_stages/final_features "
+                "both choose the features; keep one (e.g. feature_layers: early2 is pooled_early_stages: 2 with "
+                "final_features: false)")
+        if self.feature_layers != AUTO:
+            FeatureLayers.parse(self.feature_layers)
+        require(bool(self.feature_candidates), "backbone.feature_candidates must list at least one feature set")
+        names = [FeatureLayers.parse(text, "backbone.feature_candidates").name for text in self.feature_candidates]
+        require(len(set(names)) == len(names), f"backbone.feature_candidates lists a set twice: {names}")
+
+    @property
+    def explicit_layers(self) -> FeatureLayers | None:
+        """The feature set the settings name, or None under auto (chosen on the validation rows)."""
+        if self.pooled_early_stages is not None or self.final_features is not None:
+            return FeatureLayers(self.pooled_early_stages or 0, self.final_features is not False)
+        return None if self.feature_layers == AUTO else FeatureLayers.parse(self.feature_layers)
+
+    @property
+    def candidate_layers(self) -> list[FeatureLayers]:
+        return [FeatureLayers.parse(text, "backbone.feature_candidates") for text in self.feature_candidates]
 
 
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -216,6 +247,25 @@ class MultilabelConfig:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         require(not duplicates, f"properties: {duplicates} declared more than once")
         require(self.torch_threads >= 0, "torch_threads must be >= 0")
+        require(not self.chooses_feature_layers or self.optim.validation_fraction > 0,
+                "backbone.feature_layers: auto chooses the features on the validation rows, and "
+                "optim.validation_fraction is 0; set it > 0 (e.g. 0.1) or name the features "
+                "(backbone.feature_layers: final, early2, ...)")
+
+    @property
+    def chooses_feature_layers(self) -> bool:
+        """True when training picks the feature set on the validation rows (auto on cached features)."""
+        return self.uses_feature_cache and self.backbone.explicit_layers is None
+
+    @property
+    def feature_layers(self) -> FeatureLayers | None:
+        """The fixed feature set of a pretrained encoder (auto with an unfrozen stage: final); None when
+        it is chosen on the validation rows, or for the small CNN."""
+        if self.encoder != "pretrained":
+            return None
+        if self.backbone.explicit_layers is None and self.backbone.unfreeze_last_stage:
+            return FINAL_LAYERS  # one training on images per candidate would cost too much
+        return self.backbone.explicit_layers
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -278,6 +328,17 @@ class ExperimentsConfig(MultilabelConfig):
     variants: list[VariantSettings] = field(default_factory=_seed002_variants)
     tune: TuneSettings = field(default_factory=TuneSettings)
     run: MultilabelRun = field(default_factory=lambda: MultilabelRun(name="seed002-experiments"))
+
+    # The grid does not choose feature sets (each trial would train once per candidate): under
+    # backbone.feature_layers: auto its trials read the final pooled features; name a set to change that.
+    @property
+    def chooses_feature_layers(self) -> bool:
+        return False
+
+    @property
+    def feature_layers(self) -> FeatureLayers | None:
+        layers = super().feature_layers
+        return FINAL_LAYERS if layers is None and self.encoder == "pretrained" else layers
 
     def validate(self) -> None:
         super().validate()

@@ -44,6 +44,7 @@ from metallo_core.models.sources import (
     split_file_source,
 )
 from metallo_core.multilabel.config import BackboneSettings
+from metallo_core.multilabel.feature_layers import FINAL_LAYERS, FeatureLayers
 from metallo_core.multilabel.model import ImageEncoder, images_to_unit_tensor
 from metallo_core.progress import Progress
 
@@ -213,14 +214,19 @@ def load_image_table(uri: str, split: str, *, image_size: int, manifest: Manifes
 
 
 def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, image_size: int, manifest: Manifest,
-                       settings: BackboneSettings, max_images: int = 0) -> InputTable:
-    """Features of every image of `split` from the cache, or extracted once and cached."""
-    stages = early_stage_names(backbone.module, settings.pooled_early_stages) if settings.pooled_early_stages else ()
+                       settings: BackboneSettings, max_images: int = 0,
+                       layers: FeatureLayers = FINAL_LAYERS) -> InputTable:
+    """Features `layers` (N, D) of every image of `split` from the cache, or extracted once and cached.
+
+    Columns: each early stage's average in stage order, then the final pooled features. ConfigError if
+    the backbone has fewer stages than `layers` names.
+    """
+    stages = early_stage_names(backbone.module, layers.early_stages) if layers.early_stages else ()
     cache_file = None
     if settings.cache:
         key = feature_cache_key(backbone_identity=backbone.identity, image_size=image_size,
                                 manifest_digest=manifest_sha256(uri), split=split, max_images=max_images,
-                                pooled_stages=stages, final_features=settings.final_features)
+                                pooled_stages=stages, final_features=layers.final)
         cache_file = Path(settings.cache_dir or default_cache_dir()).expanduser().resolve() / f"{key}.npz"
         cached = _read_cache(cache_file)
         if cached is not None:
@@ -228,7 +234,7 @@ def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, imag
             return cached
     started = time.perf_counter()
     table = load_image_table(uri, split, image_size=image_size, manifest=manifest, max_images=max_images)
-    encoder = ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std, stages, settings.final_features)
+    encoder = ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std, stages, layers.final)
     try:
         features = extract_features(encoder, table.inputs, batch_size=settings.extract_batch_size,
                                     label=f"features {split} @ {image_size}px")
@@ -242,7 +248,7 @@ def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, imag
             "backbone": backbone.identity, "backbone_description": backbone.description, "dataset_uri": uri,
             "manifest_sha256": manifest_sha256(uri), "split": split, "image_size": image_size,
             "max_images": max_images, "num_images": len(result), "feature_dim": int(features.shape[1]),
-            "pooled_stages": list(stages), "final_features": settings.final_features,
+            "pooled_stages": list(stages), "final_features": layers.final,
             "extract_seconds": extract_seconds, "format": CACHE_FORMAT,
         })
         result.cache_path = str(cache_file)

@@ -25,6 +25,8 @@ def trial_config(config: ExperimentsConfig, variant: VariantSettings, test_fract
     names = variant_properties(config, variant)
     plain["properties"] = [prop for name in names for prop in plain["properties"] if prop["name"] == name]
     plain["encoder"] = variant.encoder
+    if config.backbone.explicit_layers is None and config.feature_layers is not None:
+        plain["backbone"]["feature_layers"] = config.feature_layers.name  # what the shared table holds
     plain["head"]["fc_width"] = variant.fc_width
     plain["data"]["test_fraction"] = test_fraction
     if variant.max_epochs:

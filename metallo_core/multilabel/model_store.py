@@ -57,6 +57,7 @@ class MultilabelModelSpec:
     cnn: dict | None = None  # small_cnn: channels, pooled_size
     pooled_stages: list[str] = field(default_factory=list)  # backbone stages averaged into the features
     final_features: bool = True  # the backbone's own pooled features follow those averages
+    feature_layers: str = ""  # their name (final, early2, ...; feature_layers.py); "" for the small CNN
     lineage: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

@@ -19,9 +19,12 @@ from torch import nn
 from metallo_core import tracking
 from metallo_core.config import config_hash
 from metallo_core.data.manifest import Manifest, read_manifest
-from metallo_core.errors import DataError
+from metallo_core.errors import ConfigError, DataError
+from metallo_core.models.pooling import early_stage_names, stage_widths
+from metallo_core.models.stages import stage_names
 from metallo_core.multilabel.baseline_cnn import CNN_MEAN, CNN_STD, SmallCNN
 from metallo_core.multilabel.config import MultilabelConfig
+from metallo_core.multilabel.feature_layers import CandidateScore, FeatureLayers, choose, widest
 from metallo_core.multilabel.features import (
     InputTable,
     ResolvedBackbone,
@@ -76,6 +79,10 @@ class MultilabelResult:
     kept_epoch: int = 0  # the epoch whose weights the model has (the best validation epoch)
     seconds_per_epoch: float = 0.0
     extract_seconds: float | None = None  # feature extraction of this run (None: features from the cache)
+    feature_layers: str = ""  # the feature set the model reads ("" for the small CNN)
+    feature_layers_chosen: bool = False  # chosen on the validation rows (auto), else named by the config
+    # auto: every candidate's validation figures, in candidate order (see CandidateScore)
+    feature_candidates: list[dict] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +95,11 @@ class PreparedInputs:
     test_rows: np.ndarray
     image_size: int
     backbone: ResolvedBackbone | None
+    # Pretrained encoder: the feature set the table's columns hold (under auto the widest candidate, laid
+    # out as [stage 1 | ... | stage K | final] with `stage_widths` = (C_1, ..., C_K)); None for images.
+    layers: FeatureLayers | None = None
+    stage_widths: tuple[int, ...] = ()
+    candidates: list[FeatureLayers] = dataclasses.field(default_factory=list)  # auto: the sets to try
 
 
 @dataclass
@@ -139,13 +151,22 @@ def prepare_inputs(config: MultilabelConfig, manifest: Manifest, properties: lis
     if config.encoder == "pretrained" and backbone is None:
         backbone = resolve_backbone(config.backbone, seed=config.seed, image_size=config.data.image_size)
     image_size = effective_image_size(config, backbone)
+    layers = config.feature_layers
+    widths: tuple[int, ...] = ()
+    candidates: list[FeatureLayers] = []
+    if config.chooses_feature_layers:
+        assert backbone is not None  # uses_feature_cache implies a pretrained encoder
+        candidates = usable_candidates(config.backbone.candidate_layers, backbone.module)
+        layers = widest(candidates)
+        widths = stage_widths(backbone.module, early_stage_names(backbone.module, layers.early_stages), image_size)
     splits = [config.data.split] + ([config.data.test_split] if config.data.test_split else [])
     tables = []
     for split in splits:
         if config.uses_feature_cache:
+            assert backbone is not None and layers is not None
             tables.append(load_feature_table(config.data.uri, split, backbone=backbone, image_size=image_size,
                                              manifest=manifest, settings=config.backbone,
-                                             max_images=config.data.max_images))
+                                             max_images=config.data.max_images, layers=layers))
         else:
             # Training the encoder (small CNN, or an unfrozen last stage) changes the features every step,
             # so there is nothing to cache: the model sees images.
@@ -161,7 +182,37 @@ def prepare_inputs(config: MultilabelConfig, manifest: Manifest, properties: lis
         test_rows = np.arange(len(tables[0]), len(table))
     if len(test_rows) == 0:
         raise DataError(f"the test set is empty (data.test_split={config.data.test_split!r})")
-    return PreparedInputs(table, properties, train_rows, test_rows, image_size, backbone)
+    return PreparedInputs(table, properties, train_rows, test_rows, image_size, backbone, layers, widths, candidates)
+
+
+def usable_candidates(candidates: list[FeatureLayers], backbone: nn.Module) -> list[FeatureLayers]:
+    """The candidates this backbone can compute: early<N> needs N stages before the last (none for a ViT).
+
+    The others are left out with a note on stderr, so auto works on any backbone; ConfigError if none is left.
+    """
+    try:
+        count = len(stage_names(backbone)) - 1  # the last stage already feeds the final features
+    except ConfigError:
+        count = 0
+    usable = [layers for layers in candidates if layers.early_stages <= count]
+    skipped = [layers.name for layers in candidates if layers.early_stages > count]
+    if skipped:
+        print(f"feature layers: {type(backbone).__name__} has {count} early stage(s) to average; "
+              f"leaving out candidate(s) {', '.join(skipped)}", file=sys.stderr, flush=True)
+    if not usable:
+        raise ConfigError(f"none of backbone.feature_candidates fits this {type(backbone).__name__} "
+                          f"({count} early stages); add final")
+    return usable
+
+
+def with_feature_layers(prepared: PreparedInputs, layers: FeatureLayers) -> PreparedInputs:
+    """`prepared` with only the columns of `layers` (a copy of them); the rows stay the same.
+
+    ConfigError when the table does not hold them (see `FeatureLayers.columns`).
+    """
+    columns = layers.columns(prepared.stage_widths, prepared.table.inputs.shape[1])
+    table = dataclasses.replace(prepared.table, inputs=np.ascontiguousarray(prepared.table.inputs[:, columns]))
+    return dataclasses.replace(prepared, table=table, layers=layers, stage_widths=(), candidates=[])
 
 
 def concat_tables(first: InputTable, second: InputTable) -> InputTable:
@@ -179,16 +230,21 @@ def concat_tables(first: InputTable, second: InputTable) -> InputTable:
     )
 
 
-def make_image_encoder(config: MultilabelConfig, backbone: ResolvedBackbone | None) -> tuple[ImageEncoder, int]:
-    """The image -> feature part of the model (frozen backbone, backbone with a trainable last stage, or CNN)."""
+def make_image_encoder(config: MultilabelConfig, backbone: ResolvedBackbone | None,
+                       layers: FeatureLayers | None = None) -> tuple[ImageEncoder, int]:
+    """The image -> feature part of the model (frozen backbone, backbone with a trainable last stage, or CNN),
+    reading `layers` (default: the config's fixed set; under auto pass the chosen one)."""
     if config.encoder == "small_cnn":
         cnn = SmallCNN(config.cnn.channels, config.cnn.pooled_size)
         return ImageEncoder(cnn, CNN_MEAN, CNN_STD), cnn.feature_dim
     if backbone is None:
         raise ValueError("a pretrained encoder needs a resolved backbone")
+    layers = layers or config.feature_layers
+    if layers is None:
+        raise ValueError("backbone.feature_layers is auto: pass the feature set chosen on the validation rows")
     freeze_backbone(backbone.module, train_last_stage=config.backbone.unfreeze_last_stage)
     encoder = backbone_image_encoder(backbone.module, backbone.spec.mean, backbone.spec.std,
-                                     config.backbone.pooled_early_stages, config.backbone.final_features)
+                                     layers.early_stages, layers.final)
     if not encoder.pooled_stages:
         return encoder, backbone.spec.feature_dim
     return encoder, encoder.output_dim(effective_image_size(config, backbone))
@@ -232,6 +288,64 @@ def train_model(
     return TrainedModel(network, head, properties, history,
                         saturation_epoch(history, properties, config.optim.saturation_tolerance),
                         num_validation=len(validation_rows))
+
+
+@dataclass
+class LayerChoice:
+    """The outcome of choosing the feature set on the validation rows."""
+
+    layers: FeatureLayers  # the chosen set
+    scores: list[CandidateScore]  # every candidate's validation figures, in candidate order
+    trained: TrainedModel  # the heads trained on the chosen set (kept, not retrained)
+    prepared: PreparedInputs  # the inputs with only the chosen set's columns
+
+
+def train_choosing_layers(config: MultilabelConfig, prepared: PreparedInputs, *,
+                          on_epoch_for=None) -> LayerChoice:
+    """Train the heads once per candidate (`prepared.candidates`: `backbone.feature_candidates` the backbone
+    can compute) on its columns of the widest table `prepared` holds, and keep the candidate with the lowest
+    validation score (`feature_layers.choose`).
+
+    Every candidate sees the same fit / validation / test rows and seed. Only the validation figures of the
+    kept weights enter the choice; the test curve each training records is not read. `on_epoch_for(layers)`
+    may return a per-epoch callback for that candidate's training.
+    """
+    has_classes = any(prop.is_class for prop in prepared.properties)
+    scores, trained_models, inputs = [], [], []
+    for layers in prepared.candidates:
+        candidate_inputs = with_feature_layers(prepared, layers)
+        trained = train_model(config, candidate_inputs, on_epoch=on_epoch_for(layers) if on_epoch_for else None)
+        kept = trained.history.final
+        scores.append(CandidateScore(
+            layers, kept.validation_error if has_classes else math.nan, kept.validation_loss,
+            epochs_trained=trained.history.epochs_trained, kept_epoch=kept.epoch,
+            train_seconds=round(trained.history.seconds, 2), feature_dim=candidate_inputs.table.inputs.shape[1]))
+        trained_models.append(trained)
+        inputs.append(candidate_inputs)
+    best = choose(scores)
+    return LayerChoice(scores[best].layers, scores, trained_models[best], inputs[best])
+
+
+def candidate_records(scores: list[CandidateScore]) -> list[dict]:
+    """One plain dict per candidate (JSON, the run's results.json; no error for regression-only: None)."""
+    return [{"layers": score.layers.name,
+             "validation_cumulative_error": None if math.isnan(score.validation_error) else score.validation_error,
+             "validation_loss": score.validation_loss, "epochs_trained": score.epochs_trained,
+             "kept_epoch": score.kept_epoch, "train_seconds": score.train_seconds, "feature_dim": score.feature_dim}
+            for score in scores]
+
+
+def candidate_metrics(scores: list[CandidateScore]) -> dict[str, float]:
+    """MLflow metrics `feature_choice/<set>/...` (MLflow keys allow no '+': early2+final is early2_final)."""
+    metrics = {}
+    for score in scores:
+        key = f"feature_choice/{score.layers.name.replace('+', '_')}"
+        if not math.isnan(score.validation_error):
+            metrics[f"{key}/validation_cumulative_error"] = score.validation_error
+        metrics[f"{key}/validation_loss"] = score.validation_loss
+        metrics[f"{key}/epochs_trained"] = score.epochs_trained
+        metrics[f"{key}/train_seconds"] = score.train_seconds
+    return metrics
 
 
 def history_metrics(history: TrainingHistory) -> list[tuple[int, dict[str, float]]]:
@@ -314,6 +428,7 @@ def model_spec(config: MultilabelConfig, trained: TrainedModel, prepared: Prepar
         cnn=dataclasses.asdict(config.cnn) if config.encoder == "small_cnn" else None,
         pooled_stages=list(image_encoder.pooled_stages) if image_encoder is not None else [],
         final_features=image_encoder.final_features if image_encoder is not None else True,
+        feature_layers=prepared.layers.name if prepared.layers is not None else "",
         lineage=lineage,
     )
 
@@ -325,27 +440,55 @@ def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
         torch.set_num_threads(config.torch_threads)
     manifest, properties = check_dataset(config)
     prepared = prepare_inputs(config, manifest, properties)
-    image_encoder, feature_dim = make_image_encoder(config, prepared.backbone)
     lineage = lineage_tags(config, prepared)
     if prepared.backbone is not None:
         print(f"backbone: {prepared.backbone.description}", file=sys.stderr, flush=True)
     with tracking.start_run(config.run.experiment, config.run.name, config=config, tags=lineage) as run:
-        progress = Progress("train heads", config.optim.max_epochs)
+        def progress_report(label: str):
+            progress = Progress(label, config.optim.max_epochs)
 
-        def report(record: EpochRecord) -> None:
-            errors = " ".join(f"{name}={value:.4f}" for name, value in record.errors.items())
-            progress.done = record.epoch - 1
-            progress.advance(1, f"loss={record.train_loss:.4f} test: {errors}")
+            def report(record: EpochRecord) -> None:
+                errors = " ".join(f"{name}={value:.4f}" for name, value in record.errors.items())
+                progress.done = record.epoch - 1
+                progress.advance(1, f"loss={record.train_loss:.4f} test: {errors}")
 
-        trained = train_model(config, prepared, image_encoder=image_encoder, feature_dim=feature_dim, on_epoch=report)
-        progress.finish()
+            return progress, report
+
+        scores: list[CandidateScore] = []
+        if config.chooses_feature_layers:
+            progresses = []
+
+            def on_epoch_for(layers: FeatureLayers):
+                if progresses:
+                    progresses[-1].finish()
+                progress, report = progress_report(f"train heads [{layers.name}]")
+                progresses.append(progress)
+                return report
+
+            choice = train_choosing_layers(config, prepared, on_epoch_for=on_epoch_for)
+            progresses[-1].finish()
+            trained, prepared, scores = choice.trained, choice.prepared, choice.scores
+            print(describe_choice(choice.layers, scores, trained.num_validation), file=sys.stderr, flush=True)
+            # The exported encoder reads the chosen set; predict rebuilds it from the saved spec.
+            image_encoder, feature_dim = make_image_encoder(config, prepared.backbone, choice.layers)
+        else:
+            progress, report = progress_report("train heads")
+            image_encoder, feature_dim = make_image_encoder(config, prepared.backbone)
+            trained = train_model(config, prepared, image_encoder=image_encoder, feature_dim=feature_dim,
+                                  on_epoch=report)
+            progress.finish()
+        layer_tags = feature_layer_tags(prepared, scores)
+        lineage = {**lineage, **layer_tags}
         log_history(run.run_id, trained.history)
-        run.log_metrics(summary_metrics(trained, prepared), step=trained.history.epochs_trained)
+        run.log_metrics({**summary_metrics(trained, prepared), **candidate_metrics(scores)},
+                        step=trained.history.epochs_trained)
         run.log_dict({"errors": trained.errors, CUMULATIVE: trained.cumulative_error,
                       "epochs_to_saturation": trained.saturation_epoch,
-                      "properties": [p.to_dict() for p in trained.properties]}, "results.json")
+                      "properties": [p.to_dict() for p in trained.properties],
+                      "feature_layers": prepared.layers.name if prepared.layers else "",
+                      "feature_candidates": candidate_records(scores)}, "results.json")
         run.set_tags({"metallo.feature_cache": prepared.table.cache_path or "",
-                      "metallo.feature_cache_hit": str(prepared.table.from_cache).lower()})
+                      "metallo.feature_cache_hit": str(prepared.table.from_cache).lower(), **layer_tags})
         logged_model = registered_uri = None
         if config.registry.register:
             from metallo_core.multilabel.model_store import log_multilabel_model
@@ -377,7 +520,35 @@ def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
             extract_seconds=prepared.table.extract_seconds,
             logged_model=logged_model,
             regression_properties=[p.name for p in trained.properties if not p.is_class],
+            feature_layers=prepared.layers.name if prepared.layers else "",
+            feature_layers_chosen=bool(scores),
+            feature_candidates=candidate_records(scores),
         )
+
+
+def feature_layer_tags(prepared: PreparedInputs, scores: list[CandidateScore]) -> dict[str, str]:
+    """The feature set the model reads, and how it was decided (run and model-version tags)."""
+    if prepared.layers is None:
+        return {}
+    tags = {"metallo.feature_layers": prepared.layers.name,
+            "metallo.feature_layers_chosen_by": "validation" if scores else "config"}
+    if scores:
+        tags["metallo.feature_candidates"] = ",".join(score.layers.name for score in scores)
+    return tags
+
+
+def describe_choice(chosen: FeatureLayers, scores: list[CandidateScore], num_validation: int) -> str:
+    """Lines for people: the chosen set, then every candidate's validation figures."""
+    measure = "loss" if all(math.isnan(score.validation_error) for score in scores) else "cumulative error"
+    lines = [f"  feature layers: {chosen.name} (lowest {measure} on the {num_validation} validation images; "
+             "the test images decide nothing)"]
+    for score in scores:
+        error = ("" if math.isnan(score.validation_error)
+                 else f"validation cumulative error {score.validation_error:.4%}, ")
+        lines.append(f"    {'*' if score.layers == chosen else ' '} {score.layers.name:<14} {error}"
+                     f"loss {score.validation_loss:.4f}, {score.feature_dim} features, kept epoch "
+                     f"{score.kept_epoch} of {score.epochs_trained}, {score.train_seconds:.1f} s")
+    return "\n".join(lines)
 
 
 def describe_result(result: MultilabelResult) -> str:
@@ -395,6 +566,17 @@ def describe_result(result: MultilabelResult) -> str:
                      f"  {name}: {value:.4%} test error")
     lines.append(f"  cumulative error: {result.cumulative_error:.4%} "
                  f"(epochs to saturation: {result.epochs_to_saturation})")
+    if result.feature_candidates:
+        chosen = FeatureLayers.parse(result.feature_layers)
+        lines.append(describe_choice(chosen, [
+            CandidateScore(FeatureLayers.parse(item["layers"]),
+                           math.nan if item["validation_cumulative_error"] is None
+                           else item["validation_cumulative_error"],
+                           item["validation_loss"], item["epochs_trained"], item["kept_epoch"],
+                           item["train_seconds"], item["feature_dim"]) for item in result.feature_candidates],
+            result.num_validation))
+    elif result.feature_layers:
+        lines.append(f"  feature layers: {result.feature_layers} (backbone settings of the config)")
     if result.model:
         lines.append(f"  registered model: {result.model}")
     lines.append(f"  see it in MLflow: {tracking.ui_command()}")

@@ -86,7 +86,7 @@ def offline_features(tmp_path_factory):
     config = load_config(MultilabelConfig, None, [
         f"data.uri={root / 'nfurcated'}", "data.image_size=32", "data.test_fraction=0.3",
         "properties=[{name: morphology}, {name: volume_fraction_class}]", f"backbone.cache_dir={root / 'cache'}",
-        "optim.max_epochs=300", "optim.patience=30", "torch_threads=1"])
+        "backbone.feature_layers=final", "optim.max_epochs=300", "optim.patience=30", "torch_threads=1"])
     torch.set_num_threads(1)
     manifest, properties = check_dataset(config)
     return config, prepare_inputs(config, manifest, properties)

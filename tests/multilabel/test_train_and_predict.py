@@ -17,17 +17,21 @@ from metallo_core.errors import ConfigError
 from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.multilabel import pipeline
 from metallo_core.multilabel.config import BackboneSettings, MultilabelConfig
-from metallo_core.multilabel.features import load_feature_table, resolve_backbone
+from metallo_core.multilabel.features import load_feature_table, load_image_table, resolve_backbone
 from metallo_core.multilabel.model import (
     MultilabelNet,
     NFurcatedHead,
     decode_outputs,
     images_to_unit_tensor,
 )
+from metallo_core.multilabel.model_store import load_model_directory, save_model_files
 from metallo_core.multilabel.pipeline import (
     check_dataset,
+    make_image_encoder,
+    model_spec,
     prepare_inputs,
     run_multilabel_training,
+    train_choosing_layers,
     train_model,
 )
 
@@ -35,6 +39,7 @@ from metallo_core.multilabel.pipeline import (
 # depend on the local registry. Random conv features still separate these textures well enough to learn.
 SMALL_BACKBONE = ["backbone.source=torchvision", "backbone.arch=resnet18", "backbone.small_input=true",
                   "data.image_size=32"]
+FINAL_FEATURES = ["backbone.feature_layers=final"]  # the set these tests were written for (auto has its own)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,8 @@ def in_process_predictions(network: MultilabelNet, properties, paths: list, size
 
 
 def test_heads_learn_model_is_registered_and_predict_writes_one_row_per_image(nfurcated, tmp_path, monkeypatch):
-    config = load_config(MultilabelConfig, None, [f"data.uri={nfurcated}", *SMALL_BACKBONE, "data.test_fraction=0.3",
+    config = load_config(MultilabelConfig, None, [f"data.uri={nfurcated}", *SMALL_BACKBONE, *FINAL_FEATURES,
+                                                  "data.test_fraction=0.3",
                                                   "optim.max_epochs=40", "torch_threads=2"])
     trained_in_process = {}
 
@@ -141,6 +147,43 @@ def test_train_json_ends_with_errors_cumulative_error_and_model(nfurcated, capsy
     assert set(last["errors"]) == {"morphology", "volume_fraction"}
     assert last["cumulative_error"] == pytest.approx(last["errors"]["morphology"])
     assert last["model"].startswith("models:/metallo-multilabel/")
+    # No feature setting: the set is chosen on the validation rows, and the run and model record it.
+    assert last["feature_layers_chosen"] and [c["layers"] for c in last["feature_candidates"]] == \
+        ["early1", "early2", "final", "early2+final"]
+    chosen = min(last["feature_candidates"], key=lambda c: c["validation_cumulative_error"])
+    assert last["feature_layers"] == chosen["layers"]
+    name, version = last["model"].removeprefix("models:/").split("/")
+    tags = tracking.client().get_model_version(name, version).tags
+    assert tags["metallo.feature_layers"] == last["feature_layers"]
+    assert tags["metallo.feature_layers_chosen_by"] == "validation"
+    run = tracking.client().get_run(last["run_id"])
+    assert run.data.tags["metallo.feature_layers"] == last["feature_layers"]
+    assert "feature_choice/early2_final/validation_cumulative_error" in run.data.metrics
+
+
+def test_predict_rebuilds_the_chosen_feature_set_and_computes_the_columns_the_heads_trained_on(nfurcated, tmp_path):
+    """Both candidates take columns out of the middle of the widest table; whichever wins, the saved model's
+    encoder must compute exactly those columns from the images."""
+    config = load_config(MultilabelConfig, None, [
+        f"data.uri={nfurcated}", *SMALL_BACKBONE, "data.max_images=140", "optim.max_epochs=3",
+        "backbone.feature_candidates=[early1+final, early2]", f"backbone.cache_dir={tmp_path / 'cache'}",
+        "head.fc_width=32", "properties=[{name: morphology}, {name: volume_fraction_class}]"])
+    manifest, properties = check_dataset(config)
+    prepared = prepare_inputs(config, manifest, properties)
+    assert prepared.table.inputs.shape == (140, 64 + 128 + 512) and prepared.stage_widths == (64, 128)
+    choice = train_choosing_layers(config, prepared)
+    encoder, dim = make_image_encoder(config, prepared.backbone, choice.layers)
+    spec = model_spec(config, choice.trained, choice.prepared, dim, {}, encoder)
+    save_model_files(tmp_path, spec, MultilabelNet(encoder, choice.trained.head))
+    loaded = load_model_directory(tmp_path, "chosen model")
+
+    assert loaded.spec.feature_layers == choice.layers.name
+    assert loaded.network.encoder.pooled_stages == ("layer1", "layer2")[:choice.layers.early_stages]
+    assert loaded.network.encoder.final_features == choice.layers.final
+    images = load_image_table(str(nfurcated), "train", image_size=32, manifest=manifest, max_images=140).inputs[:6]
+    with torch.inference_mode():
+        features = loaded.network.encoder.eval()(images_to_unit_tensor(torch.from_numpy(images)))
+    np.testing.assert_allclose(features.numpy(), choice.prepared.table.inputs[:6], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("override, message", [
