@@ -238,7 +238,7 @@ def classify(
         engine = _finetune(model, normalizer, support.tiles, support_labels, len(classes), chosen.settings,
                            settings.precision)
     else:
-        engine = FinetuneEngine(model, FinetuneSettings(), normalizer)
+        engine = feature_engine(model, normalizer)
 
     def embed(tiles: np.ndarray) -> torch.Tensor:
         """(N, D) float32 features with the model as it is now (adapted, with --finetune)."""
@@ -333,6 +333,16 @@ def describe_crop(crop: EdgeCrop, bottom_cropped: list[int]) -> str:
     bars = (f"bar of {min(found)}-{max(found)} rows cut from {len(found)} of {len(bottom_cropped)} images"
             if found else f"no bar found in {len(bottom_cropped)} images")
     return f"{crop.describe()} ({bars})"
+
+
+def feature_engine(model: ProtoNet, normalizer: ImageNormalizer) -> FinetuneEngine:
+    """The engine classify embeds with when it does not fine-tune: the evaluation's default form (cached trunk
+    maps) where the network splits into stages, else whole images through the network's own forward pass
+    (`pseudo_queries: pixels`, e.g. a ViT), which any network has."""
+    try:
+        return FinetuneEngine(model, FinetuneSettings(), normalizer)
+    except ConfigError:
+        return FinetuneEngine(model, FinetuneSettings(pseudo_queries="pixels", update="all"), normalizer)
 
 
 def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, labels: torch.Tensor, way: int,

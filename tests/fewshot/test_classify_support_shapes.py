@@ -79,3 +79,15 @@ def test_any_way_unequal_shots_and_absent_classes(tmp_path):
     for name, shot in zip(names, shots):
         if shot == 1:
             assert predicted[f"copy-{name}.png"] == name
+
+
+def test_a_network_without_stages_classifies_through_its_own_forward_pass(tmp_path):
+    """A ViT has no block groups to cache trunk maps of: plain classify embeds whole images instead."""
+    model_uri = register_untrained_protonet(BackboneSpec(arch="test_vit", library="timm", image_size=32))
+    support, query, names = write_task(tmp_path, [1, 2, 1], absent=0)
+    result = classify(model_uri, support, query, tmp_path / "p.csv", ClassifySettings(inference="plain"))
+    predicted = {prediction.file: prediction.predicted for prediction in result.predictions}
+    assert len(predicted) == 6
+    for name, shot in zip(names, [1, 2, 1]):
+        if shot == 1:  # a single-image prototype is that image's features: its copy is at cosine 1
+            assert predicted[f"copy-{name}.png"] == name
