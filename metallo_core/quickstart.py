@@ -433,10 +433,10 @@ def classify_command(result: QuickstartResult, alias_uri: str) -> str:
 
 def as_classify_runs_it(result: QuickstartResult) -> str:
     """The registered model as classify runs it, in words: the fine-tuning chosen and the inference settings."""
-    from metallo_core.fewshot.inference import InferenceSettings
+    from metallo_core.fewshot.inference import describe_recorded
 
     lr = result.test.get("finetune_lr")
-    inference = from_dict(InferenceSettings, result.inference or {}, "inference").describe()
+    inference = describe_recorded(result.inference, "")
     return f"{f'fine-tuning lr {lr:g}' if lr else 'no fine-tuning (lr 0 chosen)'}, {inference}"
 
 
@@ -490,13 +490,11 @@ def describe(result: QuickstartResult) -> str:
 
 
 def describe_inference(inference: dict[str, Any]) -> str:
-    from metallo_core.fewshot.inference import InferenceSettings
+    from metallo_core.fewshot.inference import describe_recorded
 
-    settings = from_dict(InferenceSettings, inference or {}, "inference")
-    if not settings.is_transductive:
-        return settings.describe()
-    return (f"{settings.describe()}: the test queries of a task shape its prototypes together, so each prediction "
-            "depends on the other queries (classify prints this; --inference plain turns it off)")
+    return describe_recorded(inference, ": the test queries of a task shape its prototypes together, so each "
+                             "prediction depends on the other queries (classify prints this; --inference plain "
+                             "turns it off)")
 
 
 def _step(number: int, title: str, detail: str) -> None:

@@ -75,13 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def describe_inference(settings: dict | None) -> str:
-    from metallo_core.config import from_dict
-    from metallo_core.fewshot.inference import InferenceSettings
+    from metallo_core.fewshot.inference import describe_recorded
 
-    inference = from_dict(InferenceSettings, settings or {}, "inference")
-    if not inference.is_transductive:
-        return inference.describe()
-    return f"{inference.describe()} (each prediction depends on the other images in --query)"
+    return describe_recorded(settings, " (each prediction depends on the other images in --query)")
 
 
 def _classify(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metallo_core.config import require
+from metallo_core.config import from_dict, require
 
 Transductive = Literal["none", "soft_kmeans", "bd_cspn"]
 TRANSDUCTIVE: tuple[str, ...] = get_args(Transductive)
@@ -58,6 +58,13 @@ class InferenceSettings:
         if self.power != 1:
             parts.append(f"power transform {self.power:g}")
         return ", ".join(parts)
+
+
+def describe_recorded(settings: dict | None, transductive_caveat: str) -> str:
+    """Inference settings as recorded (a dict, None or {} for plain) in words, followed by
+    `transductive_caveat` when the queries shape the prototypes, so no transductive figure stands unexplained."""
+    inference = from_dict(InferenceSettings, settings or {}, "inference")
+    return f"{inference.describe()}{transductive_caveat if inference.is_transductive else ''}"
 
 
 def power_transform(features: Tensor, power: float) -> Tensor:

@@ -91,13 +91,23 @@ class NullRun:
         pass
 
 
-def test_selection_scores_only_the_validation_split_and_every_candidate(tmp_path, monkeypatch):
+@pytest.fixture
+def recorded_selection_config(tmp_path, monkeypatch):
+    """An EvaluateConfig on tiny data whose selection is scored by RecordingScorer (cleared), with `extra`
+    selection settings; the split to report on is the test split, so the selection must not use it."""
     uri = write_tiny_fewshot(tmp_path)
     monkeypatch.setattr(evaluate, "ParallelScorer", RecordingScorer)
     RecordingScorer.splits, RecordingScorer.lrs, RecordingScorer.modes, RecordingScorer.inferences = [], [], [], []
-    config = from_dict(EvaluateConfig, {"model": "models:/m/1", "data": {"uri": uri}, "split": "test",
-                                        "episodes": {"way": 5, "shot": 1, "query": 5}, "select_tasks": 6,
-                                        "select_lrs": [0.0, 1e-3, 3e-3]})
+
+    def config(**extra) -> EvaluateConfig:
+        return from_dict(EvaluateConfig, {"model": "models:/m/1", "data": {"uri": uri}, "split": "test",
+                                          "episodes": {"way": 5, "shot": 1, "query": 5}, "select_tasks": 6,
+                                          **extra})
+    return config
+
+
+def test_selection_scores_only_the_validation_split_and_every_candidate(recorded_selection_config):
+    config = recorded_selection_config(select_lrs=[0.0, 1e-3, 3e-3])
     lr, steps, selection = select_finetune_on_val(config, NullRun())
     assert RecordingScorer.splits == ["val"]  # never the test split
     # lr 0 adapts nothing: it is scored as plain ProtoNet (one embedding per image), the others fine-tuned
@@ -107,14 +117,9 @@ def test_selection_scores_only_the_validation_split_and_every_candidate(tmp_path
     assert selection["on"] == "val" and selection["verdict"]["kept"]
 
 
-def test_inference_levers_are_candidates_on_every_lr_and_gated_against_plain_protonet(tmp_path, monkeypatch):
-    uri = write_tiny_fewshot(tmp_path)
-    monkeypatch.setattr(evaluate, "ParallelScorer", RecordingScorer)
-    RecordingScorer.splits, RecordingScorer.lrs, RecordingScorer.modes, RecordingScorer.inferences = [], [], [], []
-    config = from_dict(EvaluateConfig, {"model": "models:/m/1", "data": {"uri": uri}, "split": "test",
-                                        "episodes": {"way": 5, "shot": 1, "query": 5}, "select_tasks": 6,
-                                        "select_lrs": [0.0, 1e-3],
-                                        "select_inference": [{"power": 0.5}, {"transductive": "soft_kmeans"}]})
+def test_inference_levers_are_candidates_on_every_lr_and_gated_against_plain_protonet(recorded_selection_config):
+    config = recorded_selection_config(select_lrs=[0.0, 1e-3],
+                                       select_inference=[{"power": 0.5}, {"transductive": "soft_kmeans"}])
     lr, _, selection = select_finetune_on_val(config, NullRun())
     plain = to_dict(InferenceSettings())
     # Every lr's adaptation is scored under plain inference (the baseline, first) and each candidate.
