@@ -39,6 +39,9 @@ def pytest_collection_modifyitems(items):
         for marker in sorted({COMPONENT_MARKERS[name] for name in getattr(item, "fixturenames", ())
                               if name in COMPONENT_MARKERS}):
             item.add_marker(marker)
+    # Tests that start a Ray cluster of their own run first, before the session's cluster exists: two clusters
+    # on two cores slow each other's every step (the e2e pipeline took 583 s beside the session's, 328 s alone).
+    items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is None)  # stable: order kept otherwise
 
 
 @pytest.fixture

@@ -48,8 +48,6 @@ class SearchSettings:
     ray_address: str | None = None
     # Also write the best trial's config here (it always goes to storage and MLflow); never over --config.
     best_config_out: OutputPathSetting = ""
-    # Testing aid: behave like Ctrl-C after this many trials have finished (0: never).
-    interrupt_after_trials: int = 0
 
     def validate(self) -> None:
         require(bool(self.name) and "/" not in self.name,

@@ -38,7 +38,6 @@ RUN_SETTINGS = (
     "search.max_failures",
     "search.ray_address",
     "search.best_config_out",
-    "search.interrupt_after_trials",
     "search.storage",  # the search's location itself: the same state was found there
     "evaluate.parallelism",
     "evaluate.cpus_per_actor",

@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -219,7 +218,7 @@ def build_tuner(spec: SearchSpec):
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             callbacks=[TrialProgress(spec.expected_trials,
                                      spec.describe_result or functools.partial(_metric_at, spec.metric, spec.time_attr),
-                                     spec.trial_name or describe_params, settings.interrupt_after_trials)],
+                                     spec.trial_name or describe_params)],
             verbose=0,  # one line per finished trial instead of Tune's status tables
         ),
     ), False
@@ -259,12 +258,11 @@ def _progress_base():
 
 
 class TrialProgress(_progress_base()):
-    """One line per finished trial on stderr (what its last result says, and which trial it is);
-    optionally a Ctrl-C after N trials (tests of resuming)."""
+    """One line per finished trial on stderr (what its last result says, and which trial it is)."""
 
     def __init__(self, total: int, describe_result: Callable[[dict[str, Any]], str],
-                 describe_trial: Callable[[dict[str, Any]], str], interrupt_after: int = 0):
-        self.total, self.interrupt_after = total, interrupt_after
+                 describe_trial: Callable[[dict[str, Any]], str]):
+        self.total = total
         self.describe_result, self.describe_trial = describe_result, describe_trial
         self.finished = 0
 
@@ -273,8 +271,6 @@ class TrialProgress(_progress_base()):
         print(f"[tune] trial {trial.trial_id} done ({self.finished} this session, {self.total} in all): "
               f"{self.describe_result(trial.last_result or {})}; {self.describe_trial(trial.config)}",
               file=sys.stderr, flush=True)
-        if self.interrupt_after and self.finished >= self.interrupt_after:
-            os.kill(os.getpid(), signal.SIGINT)  # what a person's Ctrl-C does: Tune saves its state and stops
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[tune] trial {trial.trial_id} FAILED: {self.describe_trial(trial.config)}", file=sys.stderr,

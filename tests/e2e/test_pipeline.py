@@ -27,7 +27,7 @@ from metallo_core.train.checkpoint_commit import (
     wait_for_committed_checkpoint,
 )
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3]
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.own_ray_cluster]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

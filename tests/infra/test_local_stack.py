@@ -27,7 +27,7 @@ from metallo_core import tracking
 from metallo_core.storage import locate
 from tests.infra import JOB_FOLLOW, JOB_LIST, JOB_SUBMIT, LOCAL_STACK, REPO
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3]
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.own_ray_cluster]
 
 BIN = Path(sys.executable).parent
 

@@ -1,18 +1,11 @@
 """Few-shot stages on Ray: meta-training learns (the registered model beats the untrained backbone on
 fixed TEST tasks, which played no part in choosing the epoch, by more than the paired 95% interval);
 registry, per-task, confusion, JSON and report output of the evaluation; and whether fine-tuning beats
-plain ProtoNet on the same test tasks, which at this scale it does not (a known gap, reported as xfail).
+plain ProtoNet on the same test tasks, which at this scale it does not (a known gap of issue 16, reported
+as xfail; on real images the quickstart's selection tasks decide whether fine-tuning is used at all).
 
-Effect sizes, measured with the same data, model and settings in-process (40 test tasks, 5-way 5-shot):
-meta-trained - untrained ProtoNet +16.9 +- 2.2 points. The fine-tuning gains measured here before issue 16
-(+9.2 +- 2.1 at lr 5e-3 with precision auto, i.e. bf16 on this machine) were an artefact: autocast reused each weight's
-bf16 cast for the whole task, so only BatchNorm's affine parameters adapted. Fine-tuning the whole backbone
-as configured (15 Adam steps at lr 5e-3, BatchNorm train mode) loses 14.5 +- 3.3 points in fp32 and
-22.2 +- 3.4 in bf16 on an fp32-meta-trained model (Ray-free, 40 test tasks); on 20 meta-val tasks, lr 1e-3
-gave -4.6 +- 4.5 and lr 1e-4 -0.4 +- 3.3 (BatchNorm eval mode: -31.0 +- 3.5 and +0.5 +- 2.0). Updating only
-BatchNorm's scales and shifts (finetune.update "batchnorm", lr 5e-3, train mode) gained +11.0 +- 2.9 on the
-test tasks but -3.9 +- 2.2 on 20 meta-val tasks (eval mode, lr 1e-3 / 5e-3 / 2e-2: -0.6 / -1.0 / +1.6, each
-+- 2-2.5): no setting chosen on meta-val beats ProtoNet here, and choosing on the test tasks is not allowed."""
+The network is a full ResNet-18 at 20 px, so each episode costs real compute on two cores: the schedule is
+the smallest that still learns by a wide margin (the assertion's margin is a third of the gain seen)."""
 
 import json
 from pathlib import Path
@@ -39,6 +32,7 @@ from tests.fewshot_fixtures import TINY_SPEC, write_tiny_fewshot
 pytestmark = pytest.mark.ray
 
 SPEC = TINY_SPEC
+TASKS = 24
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +68,11 @@ def test_metatraining_learns_and_evaluation_reports_finetuning_against_protonet(
         "data": {"uri": fewshot_data},
         "backbone": {"source": "scratch", "spec": SPEC},
         "episodes": {"way": 5, "shot": 5, "query": 5},
-        "episodes_per_epoch": 40,
-        "val_episodes": 40,
+        "episodes_per_epoch": 30,
+        "val_episodes": 20,
         "val_shot": 1,
         "optim": {"name": "sgd", "lr": 0.05},
-        "epochs": 3,
+        "epochs": 2,
         "run": {"name": "protonet-test"},
     })
     trained = run_metatraining(config)
@@ -93,13 +87,13 @@ def test_metatraining_learns_and_evaluation_reports_finetuning_against_protonet(
         "model": "models:/metallo-protonet@current",
         "data": {"uri": fewshot_data},
         "episodes": {"way": 5, "shot": 5, "query": 10},
-        "tasks": 40,
+        "tasks": TASKS,
         "modes": ["protonet", "finetune"],
-        "finetune": {"steps": 15, "lr": 0.005, "bn_mode": "train"},
+        "finetune": {"steps": 5, "lr": 0.005, "bn_mode": "train"},
         "parallelism": 2,
     }))
     protonet, finetune = evaluation.modes["protonet"], evaluation.modes["finetune"]
-    assert protonet.n == finetune.n == 40
+    assert protonet.n == finetune.n == TASKS
     protonet_per_task = per_task_csv(client, evaluation.run_id, "protonet")
     finetune_per_task = per_task_csv(client, evaluation.run_id, "finetune")
     assert protonet.mean == pytest.approx(protonet_per_task.mean(), abs=1e-6)
@@ -107,7 +101,7 @@ def test_metatraining_learns_and_evaluation_reports_finetuning_against_protonet(
     assert evaluation.per_task["finetune"] == pytest.approx(list(finetune_per_task), abs=1e-6)
     assert summary_json(evaluation)["per_task"]["protonet"] == evaluation.per_task["protonet"]
 
-    # Learning happened, judged on the 40 test tasks (classes never seen in training, tasks not used to
+    # Learning happened, judged on the test tasks (classes never seen in training, tasks not used to
     # pick the epoch): the registered model against the untrained backbone on the very same tasks.
     test_episodes = Path(client.download_artifacts(evaluation.run_id, "episodes/test.json")).read_text()
     untrained = np.array(untrained_accuracies(config, "test", test_episodes))
@@ -119,15 +113,15 @@ def test_metatraining_learns_and_evaluation_reports_finetuning_against_protonet(
     assert (gain, gain_ci95) == pytest.approx(paired_interval(protonet_per_task, finetune_per_task), abs=1e-6)
     summary = summary_json(evaluation)
     assert json.loads(json.dumps(summary))["modes"]["finetune"]["ci95"] == pytest.approx(finetune.ci95)
-    assert (summary["way"], summary["shot"], summary["tasks"]) == (5, 5, 40)
+    assert (summary["way"], summary["shot"], summary["tasks"]) == (5, 5, TASKS)
     per_task = client.download_artifacts(evaluation.run_id, "per_task/finetune.csv")
-    assert len(Path(per_task).read_text().splitlines()) == 41
+    assert len(Path(per_task).read_text().splitlines()) == TASKS + 1
 
-    # Every query of the 40 tasks lands in the confusion matrix; with as many queries per task, its
+    # Every query of the tasks lands in the confusion matrix; with as many queries per task, its
     # diagonal share is the mean per-task accuracy.
     confusion_file = client.download_artifacts(evaluation.run_id, "confusion/finetune.json")
     confusion = Confusion.from_json(Path(confusion_file).read_text())
-    assert confusion.tasks == 40 and confusion.queries == 40 * 5 * 10 and len(confusion.classes) == 5
+    assert confusion.tasks == TASKS and confusion.queries == TASKS * 5 * 10 and len(confusion.classes) == 5
     assert np.trace(confusion.counts) / confusion.queries == pytest.approx(finetune.mean)
 
     # The report of the evaluation's experiment shows its numbers and follows the model into metallo-metatrain.

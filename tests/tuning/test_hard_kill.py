@@ -4,8 +4,10 @@ command run again finishes the search with its interrupted trials going on from 
 
 - ASHA over meta-training: the trial's Ray Train run resumes from its last committed epoch (the epochs
   before it are not trained again) and Tune's first result of the resumed trial is past epoch 1;
-- Optuna over fine-tuning: the trial resumes from its last reported task (the tasks before it are not
-  fine-tuned again) and Tune's first result of the resumed trial is past the first chunk.
+- Optuna over fine-tuning, killed in its second trial: the finished first trial is not run again, the second
+  resumes from its last reported task (the tasks before it are not fine-tuned again) and Tune's first result
+  of the resumed trial is past the first chunk; the final test runs once, and the finished search run yet
+  again runs no trial and no test.
 
 The kill comes only once Tune's stored experiment state (what a restore reads) lists the trial as running
 (and, for fine-tuning, with a checkpoint): before that, a restore could not know the trial, whatever the code.
@@ -28,10 +30,12 @@ import pytest
 
 from metallo_core import tracking
 from metallo_core.config import load_config, to_yaml
+from metallo_core.fewshot.config import EvaluateConfig
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.train.checkpoint_commit import committed_epoch
 from metallo_core.tuning.config import FinetuneSearchConfig, MetaTrainSearchConfig
-from metallo_core.tuning.runner import TRIAL_TAG
+from metallo_core.tuning.finetune_search import run_finetune_search
+from metallo_core.tuning.runner import FINAL_TEST_TAG, TRIAL_TAG
 from tests.fewshot_fixtures import TINY_SPEC, register_untrained_protonet, write_tiny_fewshot
 
 pytestmark = pytest.mark.ray
@@ -167,11 +171,12 @@ def test_both_searches_resume_from_trial_checkpoints_after_their_driver_is_kille
             return {trial: epoch for trial, epoch in committed.items() if epoch is not None}
         return None
 
-    # Optuna over fine-tuning: one trial at a time, 6 tasks reported 2 by 2. Its own MLflow experiment.
+    # Optuna over fine-tuning: one trial at a time, 6 tasks reported 2 by 2, then a final test on 4 test tasks.
+    # Its own MLflow experiment.
     register_untrained_protonet(BackboneSpec(**TINY_SPEC))
     finetune = load_config(FinetuneSearchConfig, REPO / "tuning/configs/finetune_tiny_cpu.yaml", [
         f"evaluate.data.uri={fewshot_data}", "evaluate.episodes.query=5", "evaluate.finetune.steps=1",
-        f"val_tasks={VAL_TASKS}", f"report_every_tasks={REPORT_EVERY}", "final_test=false",
+        "evaluate.tasks=4", f"val_tasks={VAL_TASKS}", f"report_every_tasks={REPORT_EVERY}",
         "search.name=ft-kill", f"search.storage={storage}", "search.num_samples=2", "search.max_concurrent_trials=1",
         "search.experiment=metallo-tune-ft",
     ])
@@ -179,19 +184,25 @@ def test_both_searches_resume_from_trial_checkpoints_after_their_driver_is_kille
     (tmp_path / "finetune.yaml").write_text(to_yaml(finetune))
     finetune_dir = storage / "ft-kill"
 
-    def a_trial_with_a_checkpoint() -> dict[str, int] | None:
-        """trial id -> tasks in its stored checkpoint, once Tune has stored an unfinished trial with a checkpoint."""
-        for trial in stored_trials(finetune_dir) or []:
-            if trial.status not in FINISHED and trial.checkpoint is not None:
+    def a_second_trial_with_a_checkpoint() -> dict[str, Any] | None:
+        """{"finished": trial id -> its MLflow run, "interrupted": trial id -> tasks in its stored checkpoint},
+        once Tune has stored one finished trial and an unfinished one with a checkpoint."""
+        trials = stored_trials(finetune_dir) or []
+        finished = [trial.trial_id for trial in trials if trial.status == "TERMINATED"]
+        for trial in trials:
+            if finished and trial.status not in FINISHED and trial.checkpoint is not None:
                 tasks = json.loads((Path(trial.checkpoint.path) / "accuracies.json").read_text())
                 if len(tasks) < VAL_TASKS:
-                    return {trial.trial_id: len(tasks)}
+                    runs = child_runs("metallo-tune-ft")
+                    return {"finished": {trial_id: runs[trial_id].info.run_id for trial_id in finished},
+                            "interrupted": {trial.trial_id: len(tasks)}}
         return None
 
     # Both searches side by side (they share nothing but the cluster): killed, then run again to the end.
     searches = [
         Search("metatrain", tmp_path / "metatrain.yaml", env, tmp_path / "metatrain.log", a_trial_between_epochs),
-        Search("finetune", tmp_path / "finetune.yaml", env, tmp_path / "finetune.log", a_trial_with_a_checkpoint),
+        Search("finetune", tmp_path / "finetune.yaml", env, tmp_path / "finetune.log",
+               a_second_trial_with_a_checkpoint),
     ]
     try:
         kill_each_when_ready(searches)
@@ -233,10 +244,14 @@ def test_both_searches_resume_from_trial_checkpoints_after_their_driver_is_kille
     assert {run.data.tags["metallo.tune.status"] for run in children.values()} == {"completed"}
     assert {run.info.status for run in children.values()} == {"FINISHED"}
 
-    at_kill = searches[1].at_kill
+    finished_at_kill, interrupted_at_kill = searches[1].at_kill["finished"], searches[1].at_kill["interrupted"]
     children = child_runs("metallo-tune-ft")
-    assert len(children) == 2 and set(at_kill) <= set(children)
-    for trial, tasks_at_kill in at_kill.items():
+    assert len(children) == 2 and set(finished_at_kill) | set(interrupted_at_kill) == set(children)
+    for trial, run_id in finished_at_kill.items():  # finished before the kill: not run again
+        assert children[trial].info.run_id == run_id
+        steps = [int(point.step) for point in client.get_metric_history(run_id, "val_accuracy")]
+        assert steps == list(range(REPORT_EVERY, VAL_TASKS + 1, REPORT_EVERY)), steps
+    for trial, tasks_at_kill in interrupted_at_kill.items():
         curve = client.get_metric_history(children[trial].info.run_id, "val_accuracy")
         logged = Counter(int(point.step) for point in curve)
         # The tasks in the checkpoint were fine-tuned once (a restart from the first task would log them twice),
@@ -246,3 +261,16 @@ def test_both_searches_resume_from_trial_checkpoints_after_their_driver_is_kille
         assert first_result_after_restart(finetune_dir, trial)["tasks_done"] > tasks_at_kill
     assert {run.data.tags["metallo.tune.status"] for run in children.values()} == {"completed"}
     assert {run.info.status for run in children.values()} == {"FINISHED"}
+
+    # The resumed search ran its final test once, on the parent run, and wrote a best config that loads.
+    (parent,) = {run.data.tags["mlflow.parentRunId"] for run in children.values()}
+    assert client.get_run(parent).data.tags[FINAL_TEST_TAG] == "done"
+    assert len(client.get_metric_history(parent, "test/finetune_best_accuracy")) == 1
+    best = load_config(EvaluateConfig, finetune_dir / "best_config.yaml")
+    # The finished search run again (here, in-process): no trial and no test run again, the same answer.
+    again = run_finetune_search(finetune)
+    assert again.resumed and again.parent_run_id == parent and len(child_runs("metallo-tune-ft")) == 2
+    assert best.finetune.lr == pytest.approx(again.best_settings["lr"])
+    assert again.final_test["gains"]["finetune_best_minus_finetune_default"]["mean"] == pytest.approx(
+        client.get_run(parent).data.metrics["test/finetune_best_minus_finetune_default"])
+    assert len(client.get_metric_history(parent, "test/finetune_best_accuracy")) == 1

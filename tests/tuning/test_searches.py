@@ -1,25 +1,26 @@
 """The two Ray Tune searches end to end on tiny synthetic data and CPU: ASHA over meta-training runs
-(each trial a Ray Train run), and an Optuna search over fine-tuning that is interrupted and resumed.
+(each trial a Ray Train run) with its state on the S3-compatible store, and an Optuna search over fine-tuning
+run again with changed settings.
 
 Checked: the best trial is the one with the best meta-val accuracy; MLflow holds one parent run and one
-child run per trial with params and metric curves; the best config is written and loads; the final test
-runs exactly once, on the parent run; a resumed search does not rerun finished trials."""
+child run per trial with params and metric curves; the best config is written (beside the search's state
+and where asked) and loads; the final test runs on the parent run. Resuming after a killed driver, and a
+finished search run again, are tests/tuning/test_hard_kill.py."""
 
 from pathlib import Path
 
 import pytest
-import yaml
 
 from metallo_core import tracking
-from metallo_core.config import from_dict, load_config
-from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
+from metallo_core.config import load_config
+from metallo_core.fewshot.config import MetaTrainConfig
 from metallo_core.models.backbones import BackboneSpec
 from metallo_core.models.registry import resolve_version
 from metallo_core.storage import locate
 from metallo_core.tuning.config import FinetuneSearchConfig, MetaTrainSearchConfig
 from metallo_core.tuning.finetune_search import run_finetune_search
 from metallo_core.tuning.metatrain_search import run_metatrain_search
-from metallo_core.tuning.runner import FINAL_TEST_TAG, TRIAL_TAG, SearchInterrupted
+from metallo_core.tuning.runner import FINAL_TEST_TAG, TRIAL_TAG
 from tests.fewshot_fixtures import TINY_SPEC, register_untrained_protonet, write_tiny_fewshot
 
 pytestmark = pytest.mark.ray
@@ -41,8 +42,10 @@ def search_runs(experiment: str):
     return parents, children
 
 
-def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewshot_data, ray_cluster, tmp_path):
+def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewshot_data, ray_cluster, s3_bucket,
+                                                                          tmp_path):
     config = load_config(MetaTrainSearchConfig, REPO / "tuning/configs/metatrain_tiny_cpu.yaml", [
+        f"search.storage=s3://{s3_bucket}/searches",  # Tune's state, trials' checkpoints, best config: on S3
         f"base.data.uri={fewshot_data}",
         "base.backbone.source=scratch",
         f"base.backbone.spec={SPEC}",
@@ -93,6 +96,8 @@ def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewsh
     assert result.best_params["optim.name"] == "sgd"
     assert result.best_val_accuracy == pytest.approx(finished[result.best_trial], abs=1e-6)
 
+    assert len(result.best_config) == 2 and result.best_config[0] == f"s3://{s3_bucket}/searches/mt-test/best_config.yaml"
+    assert locate(result.best_config[0]).read_bytes() == (tmp_path / "best.yaml").read_bytes()
     best = load_config(MetaTrainConfig, tmp_path / "best.yaml")
     assert best.optim.lr == pytest.approx(result.best_params["optim.lr"])
     assert best.episodes.shot == result.best_params["episodes.shot"]
@@ -113,66 +118,6 @@ def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewsh
 @pytest.fixture
 def registered_protonet() -> str:
     return register_untrained_protonet(BackboneSpec(**SPEC))
-
-
-def test_finetune_search_resumes_after_an_interruption_without_rerunning_trials(fewshot_data, registered_protonet,
-                                                                                ray_cluster, s3_bucket):
-    overrides = [
-        f"search.storage=s3://{s3_bucket}/searches",  # Tune's state, best config: on the S3-compatible store
-        f"evaluate.data.uri={fewshot_data}",
-        "evaluate.episodes.query=5",
-        "evaluate.tasks=8",
-        "evaluate.finetune.steps=2",
-        "val_tasks=8",
-        "report_every_tasks=4",
-        "search.name=ft-test",
-    ]
-    config = load_config(FinetuneSearchConfig, REPO / "tuning/configs/finetune_tiny_cpu.yaml",
-                         overrides + ["search.interrupt_after_trials=2"])
-    config.space["finetune.steps"] = {"choice": [1, 3]}  # the repository's space, with fewer steps
-    assert config.search.num_samples == 4
-    with pytest.raises(SearchInterrupted, match="run the same command again"):
-        run_finetune_search(config)
-    client = tracking.client()
-    parents, children = search_runs("metallo-tune")
-    assert len(parents) == 1
-    first_session = {child.data.tags[TRIAL_TAG]: child.info.run_id for child in children
-                     if child.data.tags.get("metallo.tune.status") == "completed"}
-    assert len(first_session) >= 2
-    assert FINAL_TEST_TAG not in client.get_run(parents[0].info.run_id).data.tags
-
-    resumed_config = load_config(FinetuneSearchConfig, REPO / "tuning/configs/finetune_tiny_cpu.yaml", overrides)
-    resumed_config.space["finetune.steps"] = {"choice": [1, 3]}
-    result = run_finetune_search(resumed_config)
-    assert result.resumed and result.parent_run_id == parents[0].info.run_id
-    parents, children = search_runs("metallo-tune")
-    assert len(parents) == 1 and len(children) == 4
-    objectives = {}
-    for child in children:
-        trial = child.data.tags[TRIAL_TAG]
-        curve = client.get_metric_history(child.info.run_id, "val_accuracy")
-        if trial in first_session:  # finished before the interruption: not run again (two chunks of 4 tasks, once)
-            assert child.info.run_id == first_session[trial]
-            assert [point.step for point in curve] == [4, 8]
-        assert child.data.tags["metallo.tune.status"] == "completed" and child.info.status == "FINISHED"
-        assert "finetune.lr" in child.data.params and "finetune.augmentations" in child.data.params
-        objectives[trial] = curve[-1].value
-    assert result.best_val_accuracy == pytest.approx(max(objectives.values()), abs=1e-6)
-    assert objectives[result.best_trial] == pytest.approx(max(objectives.values()), abs=1e-6)
-
-    final = client.get_run(result.parent_run_id).data
-    assert final.tags[FINAL_TEST_TAG] == "done"
-    gain = result.final_test["gains"]["finetune_best_minus_finetune_default"]["mean"]
-    assert final.metrics["test/finetune_best_minus_finetune_default"] == pytest.approx(gain)
-    assert result.best_config == [f"s3://{s3_bucket}/searches/ft-test/best_config.yaml"]
-    best_yaml = locate(result.best_config[0]).read_bytes().decode()
-    best = from_dict(EvaluateConfig, yaml.safe_load(best_yaml))
-    assert best.finetune.lr == pytest.approx(result.best_settings["lr"])
-
-    again = run_finetune_search(resumed_config)  # a finished search: no trial and no test runs again
-    assert again.best_trial == result.best_trial and again.final_test == result.final_test
-    assert len(client.get_metric_history(result.parent_run_id, "test/finetune_best_accuracy")) == 1
-    assert len(search_runs("metallo-tune")[1]) == 4
 
 
 def test_a_search_run_again_with_changed_settings_extends_or_is_refused(fewshot_data, registered_protonet,
