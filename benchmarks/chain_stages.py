@@ -85,7 +85,7 @@ def same_weights(first_uri: str, second_uri: str) -> bool:
     """Whether two registered models hold the same backbone weights, tensor for tensor."""
     import torch
 
-    from metallo_core.models.registry import load_backbone
+    from metallo_core.tracking.backbone_store import load_backbone
 
     first, second = load_backbone(first_uri)[0].state_dict(), load_backbone(second_uri)[0].state_dict()
     return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)

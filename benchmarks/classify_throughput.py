@@ -34,12 +34,12 @@ def main() -> None:
     import torch
 
     from metallo_core import tracking
-    from metallo_core.fewshot.classify import ClassifySettings, classify, load_tiles
+    from metallo_core.commands.classify_app import ClassifySettings, classify, load_tiles
     from metallo_core.fewshot.evaluation import embed_images
     from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
     from metallo_core.models.backbones import BackboneSpec, build_backbone
-    from metallo_core.models.protonet_store import load_protonet, protonet_metadata
-    from metallo_core.models.registry import log_backbone
+    from metallo_core.tracking.backbone_store import log_backbone
+    from metallo_core.tracking.protonet_store import load_protonet, protonet_metadata
 
     spec = BackboneSpec(arch=args.arch, image_size=args.size)
     model = ProtoNet(build_backbone(spec))

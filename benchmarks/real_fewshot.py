@@ -150,13 +150,14 @@ def load(args: argparse.Namespace, settings):
         split_pools,
     )
     from metallo_core.fewshot.protonet import ImageNormalizer
-    from metallo_core.models.sources import backbone_from_source, offline_imagenet_spec
+    from metallo_core.models.sources import offline_imagenet_spec
+    from metallo_core.tracking.backbone_store import backbone_from_any_source
 
     started = time.perf_counter()
     folder = read_labelled_folder(args.data, args.size)
     pools = split_pools(folder, pool_fractions(args), args.pool_seed)
     selection, test = pools["val"], pools["test"]
-    backbone, spec = backbone_from_source(args.backbone, offline_imagenet_spec(args.size))
+    backbone, spec = backbone_from_any_source(args.backbone, offline_imagenet_spec(args.size))
     if args.adapt:
         backbone = domain_adapted(args, folder, pools["train"])
     engine = FinetuneEngine(pretrained_protonet(backbone), settings, ImageNormalizer.for_backbone(spec))
@@ -417,8 +418,8 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
     and draws (task 0 of seed 0, as classify draws them); the two paired per task."""
     import tempfile
 
+    from metallo_core.commands.classify_app import ClassifySettings, classify
     from metallo_core.config import to_dict, to_yaml
-    from metallo_core.fewshot.classify import ClassifySettings, classify
     from metallo_core.fewshot.evaluation import PreparedImages, engine_predictions
     from metallo_core.fewshot.finetune import FinetuneEngine
     from metallo_core.fewshot.folder_benchmark import (
@@ -432,9 +433,9 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
     )
     from metallo_core.fewshot.metrics import paired_gain
     from metallo_core.fewshot.protonet import ImageNormalizer
-    from metallo_core.models.finetune_choice import choose, recorded_inference
-    from metallo_core.models.protonet_store import load_protonet
     from metallo_core.models.sources import offline_imagenet_backbone
+    from metallo_core.tracking.finetune_choice import choose, recorded_inference
+    from metallo_core.tracking.protonet_store import load_protonet
 
     chosen = choose(args.model)
     settings = finetune_settings(overrides, chosen.settings)

@@ -1,6 +1,6 @@
 """The `metallo` console script (also `python -m metallo_core`) and the Ray job entrypoints' `run_job`.
 
-Stages come from the one table in `metallo_core.stages`; the other subcommands (data, classify, quickstart,
+Stages come from the one table in `metallo_core.stage_table`; the other subcommands (data, classify, quickstart,
 report, and the non-stage parts of multilabel and tune) from `metallo_core.commands`.
 """
 
@@ -11,7 +11,7 @@ import importlib
 import sys
 import traceback
 
-from metallo_core import __version__, console, stages
+from metallo_core import __version__, console, stage_table
 from metallo_core.errors import user_error_in
 
 # Each module defines register(subparsers); stages are added from the table, after `data`.
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     importlib.import_module("metallo_core.commands.data").register(subparsers)
-    stages.add_stage_parsers(subparsers)
+    stage_table.add_stage_parsers(subparsers)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     _accept_verbose_after_the_command(parser)
@@ -51,7 +51,7 @@ def run_job(module: str, argv: list[str] | None = None) -> int:
     """`python -m <module>` of a Ray job entrypoint (jobs/, tuning/): the stage the table runs as `module`,
     with the same arguments, console and exit codes as `metallo <stage>`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    stage, rest = stages.job_stage(module, argv)
+    stage, rest = stage_table.job_stage(module, argv)
     parser = argparse.ArgumentParser(prog=" ".join(("python -m", module, *stage.job_args)),
                                      description=stage.description or stage.help)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)

@@ -1,6 +1,6 @@
 """The one shape every stage's entrypoint has: `--config FILE [key=value ...] [--json] [--print-config]`.
 
-Every stage of the table in `metallo_core.stages` takes these arguments, whether run as `metallo <stage>` or
+Every stage of the table in `metallo_core.stage_table` takes these arguments, whether run as `metallo <stage>` or
 as a Ray job (`python -m jobs.<module>`). The config is loaded and validated before any cluster resource is
 requested.
 """

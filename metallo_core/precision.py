@@ -1,10 +1,9 @@
 """Which floating-point precision a stage computes in, decided per device.
 
 Mixed precision is part of the recipe wherever the hardware computes it natively: bf16 autocast on
-GPUs and on CPUs with AVX512-BF16 or AMX (a ResNet-18 DINO step ran 2.6x faster than fp32 on such a
-CPU). On a CPU without them (AVX2-only: most AMD EPYC/Ryzen and older Intel parts) PyTorch emulates
-bf16 and the same work runs far *slower* than fp32: a 5-way 5-shot ResNet-18 episode at 20 px took
-30 s in bf16 against 2.3 s in fp32 on an AVX2 AMD EPYC core (`benchmarks/precision_cpu.py`). So the
+GPUs and on CPUs with AVX512-BF16 or AMX, where it is faster than fp32. On a CPU without them (AVX2-only:
+most AMD EPYC/Ryzen and older Intel parts) PyTorch emulates bf16 and the same work runs many times
+*slower* than fp32 (`benchmarks/precision_cpu.py` measures both; the README gives the figures). So the
 default, `auto`, asks the device; an explicit `bf16` on such a CPU runs as asked, with a warning.
 """
 

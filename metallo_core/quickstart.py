@@ -314,9 +314,9 @@ def register_start(run_id: str, size: int) -> str:
     """The offline ImageNet EfficientNet-Lite0 at `size`, registered as a ProtoNet (`@quickstart-start`), so the
     test pool scores the chain's starting point on the same tasks."""
     from metallo_core.fewshot.folder_benchmark import pretrained_protonet
-    from metallo_core.models.protonet_store import protonet_metadata
-    from metallo_core.models.registry import log_backbone
     from metallo_core.models.sources import offline_imagenet_backbone
+    from metallo_core.tracking.backbone_store import log_backbone
+    from metallo_core.tracking.protonet_store import protonet_metadata
 
     backbone, spec = offline_imagenet_backbone(size)
     protonet = pretrained_protonet(backbone)
@@ -335,11 +335,10 @@ def register_unchanged_protonet(run_id: str, backbone_source: str, size: int, pr
     ProtoNet that was not meta-trained), aliased `@quickstart`, with tags saying which stages it went through."""
     from metallo_core.fewshot.folder_benchmark import pretrained_protonet
     from metallo_core.models.backbones import BackboneSpec
-    from metallo_core.models.protonet_store import protonet_metadata
-    from metallo_core.models.registry import log_backbone
-    from metallo_core.models.sources import backbone_from_source
+    from metallo_core.tracking.backbone_store import backbone_from_any_source, log_backbone
+    from metallo_core.tracking.protonet_store import protonet_metadata
 
-    backbone, spec = backbone_from_source(backbone_source, from_dict(BackboneSpec, {**LITE0, "image_size": size}))
+    backbone, spec = backbone_from_any_source(backbone_source, from_dict(BackboneSpec, {**LITE0, "image_size": size}))
     protonet = pretrained_protonet(backbone)
     registered = log_backbone(run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=ALIAS,
                               artifact_name="protonet",

@@ -45,12 +45,11 @@ DEFAULTS: dict[str, Any] = {
         "epochs": 3,
         "run": {"log_every_steps": 10},
     },
-    # 5-way 5-shot, fine-tuning layer4 (the frozen trunk is embedded once per task: a 5-shot task ~2.5x
-    # cheaper than updating the whole backbone, 2.0 vs 4.9 s on 2 cores, which fits the 10-minute budget).
+    # 5-way 5-shot, fine-tuning layer4 (the frozen trunk is embedded once per task, far cheaper than
+    # updating the whole backbone, which keeps the run within its 10-minute budget).
     # The lr is chosen on meta-validation tasks, never on the test tasks, and lr 0 (plain ProtoNet) is a
-    # candidate: on these in-domain synthetic classes fine-tuning has not beaten ProtoNet (test tasks:
-    # -4.2 +- 1.7 points with lr 0.01, the best fine-tuning lr on meta-val); P>M>F sees its gains under
-    # domain shift, which the real-image quickstart (quickstart_pretrained) shows.
+    # candidate: on these in-domain synthetic classes fine-tuning need not beat ProtoNet; P>M>F sees its
+    # gains under domain shift, which the real-image quickstart shows.
     "evaluate": {
         "episodes": {"way": 5, "shot": 5, "query": 10},
         "tasks": 80,

@@ -16,8 +16,8 @@ class ComputeSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    # auto: bf16 wherever the device computes it natively (GPUs; CPUs with AVX512-BF16/AMX, where it ran
-    # 2.6x faster than fp32), fp32 on CPUs that would emulate it (13x slower there): see precision.py.
+    # auto: bf16 wherever the device computes it natively (GPUs; CPUs with AVX512-BF16/AMX), fp32 on CPUs
+    # that would emulate it (far slower there than fp32): see precision.py.
     # fp16 uses a gradient scaler (GPU only).
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True

@@ -8,17 +8,21 @@ pass them to pyarrow explicitly.
 
 from __future__ import annotations
 
+import copy
 import os
 import posixpath
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from metallo_core.errors import StorageError
 from metallo_core.user_paths import expand_path
+
+T = TypeVar("T")
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
@@ -204,3 +208,18 @@ def storage_for_ray(uri: str) -> tuple[str, pafs.FileSystem | None]:
     if location.is_s3:
         return location.path, location.fs
     return location.path, None
+
+
+def with_absolute_uris(config: T, fields: tuple[str, ...]) -> T:
+    """A copy of `config` whose location settings (dotted attribute paths such as `data.uri`, `run.storage`)
+    are absolute URIs: a relative path is resolved against this process's working directory now, because
+    Ray workers and later stages run in other directories. Empty settings stay empty."""
+    resolved = copy.deepcopy(config)
+    for dotted in fields:
+        *parents, name = dotted.split(".")
+        owner = resolved
+        for parent in parents:
+            owner = getattr(owner, parent)
+        if getattr(owner, name):
+            setattr(owner, name, locate(getattr(owner, name)).uri)
+    return resolved

@@ -11,8 +11,8 @@ from metallo_core import tracking
 from metallo_core.data.synth_dataset import write_fewshot
 from metallo_core.fewshot.protonet import ProtoNet
 from metallo_core.models.backbones import BackboneSpec, build_backbone
-from metallo_core.models.protonet_store import protonet_metadata
-from metallo_core.models.registry import log_backbone
+from metallo_core.tracking.backbone_store import log_backbone
+from metallo_core.tracking.protonet_store import protonet_metadata
 
 TINY_SPEC = {"arch": "resnet18", "small_input": True, "image_size": 20}
 

@@ -58,7 +58,7 @@ def test_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
 def test_every_stage_in_the_table_resolves_to_a_config_dataclass_and_functions():
     import dataclasses
 
-    from metallo_core.stages import STAGES
+    from metallo_core.stage_table import STAGES
 
     for stage in STAGES:
         assert dataclasses.is_dataclass(stage.config_type()), stage.name
@@ -70,7 +70,7 @@ def test_every_stage_in_the_table_resolves_to_a_config_dataclass_and_functions()
 def test_every_stage_is_a_metallo_subcommand_and_a_job_module_that_runs_it(repo_root):
     import re
 
-    from metallo_core.stages import STAGES, job_stage, stage_named
+    from metallo_core.stage_table import STAGES, job_stage, stage_named
 
     for stage in STAGES:
         args = build_parser().parse_args([*stage.name.split(), "a.b=1"])
@@ -106,20 +106,20 @@ def test_job_entrypoint_user_error_is_one_line_and_exit_code_2(tmp_path, capsys)
 
 def test_multilabel_shortcut_and_to_json_go_through_the_table(monkeypatch, capsys):
     """`--data` is `data.uri=`; `--json` on experiments prints the summary the table names, not the whole result."""
-    from metallo_core import stages
+    from metallo_core import stage_table
 
     seen = {}
-    stage = stages.stage_named("multilabel experiments")
-    monkeypatch.setattr(stages.Stage, "config_type", lambda self: dict)
-    monkeypatch.setattr(stages.Stage, "runner_function", lambda self: lambda config: {"raw": True})
-    monkeypatch.setattr(stages.Stage, "_resolve_to_json", lambda self: lambda result: {"summary": result["raw"]})
+    stage = stage_table.stage_named("multilabel experiments")
+    monkeypatch.setattr(stage_table.Stage, "config_type", lambda self: dict)
+    monkeypatch.setattr(stage_table.Stage, "runner_function", lambda self: lambda config: {"raw": True})
+    monkeypatch.setattr(stage_table.Stage, "_resolve_to_json", lambda self: lambda result: {"summary": result["raw"]})
 
     def fake_run_stage(args, config_type, runner, describe):
         seen["overrides"] = args.overrides
         seen["printed"] = runner({})
         return 0
 
-    monkeypatch.setattr(stages, "run_stage", fake_run_stage)
+    monkeypatch.setattr(stage_table, "run_stage", fake_run_stage)
     assert main(["multilabel", "experiments", "--data", "/d", "x.y=2", "--json"]) == 0
     assert seen == {"overrides": ["x.y=2", "data.uri=/d"], "printed": {"summary": True}}
     assert stage.job_args == ("experiments",)

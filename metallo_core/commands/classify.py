@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="classify micrographs against 1-5 labelled images per class (one support sub-folder per class)",
         description="Prototypes from the support images (optionally fine-tuning the backbone on them first), "
                     "then one CSV row per query image: predicted class, a probability per class, nearest "
-                    "support image. See metallo_core/fewshot/classify.py for the tiling and scale policy. "
+                    "support image. See metallo_core/fewshot/tiles.py for the tiling and scale policy. "
                     + LISTING_HELP + " " + DECODE_HELP,
     )
     parser.add_argument("--model", required=True,
@@ -81,9 +81,9 @@ def describe_inference(settings: dict | None) -> str:
 
 
 def _classify(args: argparse.Namespace) -> int:
+    from metallo_core.commands.classify_app import ClassifySettings, classify
     from metallo_core.csv_output import escape_name
     from metallo_core.data.crop import EdgeCrop
-    from metallo_core.fewshot.classify import ClassifySettings, classify
     from metallo_core.output_guard import refuse_output_over_inputs
 
     refuse_output_over_inputs({"--out": args.out}, {"--support": args.support, "--query": args.query,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from metallo_core.stages import STAGES, Stage
+from metallo_core.stage_table import STAGES, Stage
 
 
 def stages_by_word() -> dict[str, Stage]:

@@ -150,6 +150,10 @@ def _ingest(args: argparse.Namespace) -> int:
             format_args["chunk_size"] = args.chunk_size
     elif args.format == "cifar-fs":
         format_args["splits_dir"] = args.splits_dir
+    if args.format == "imagenet":  # its chunks are Ray tasks: join $RAY_ADDRESS or start a local cluster
+        from metallo_core.train import ray_setup
+
+        ray_setup.connect()
     manifest = ingest(args.format, args.src, args.out, options, **format_args)
     if manifest.skipped:
         print(f"skipped {len(manifest.skipped)} bad image(s):", file=sys.stderr)

@@ -1,5 +1,6 @@
 """`metallo multilabel train|predict|experiments`: seed 002's n-furcated multi-label model on a frozen backbone
-(train and experiments are stages in metallo_core.stages; predict is here).
+(train and experiments are stages in metallo_core.stage_table; predict's parser is here, its work in
+commands/multilabel_predict.py).
 
     metallo multilabel train --data URI [--config FILE] [key=value ...] [--json]
     metallo multilabel predict --model URI --images DIR --out preds.csv
@@ -14,7 +15,7 @@ import json
 
 from metallo_core.data.decode import DECODE_HELP
 from metallo_core.data.listing import LISTING_HELP
-from metallo_core.stages import add_stage_parsers
+from metallo_core.stage_table import add_stage_parsers
 from metallo_core.user_paths import cli_path
 
 
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from metallo_core.multilabel.predict import predict_folder
+    from metallo_core.commands.multilabel_predict import predict_folder
     from metallo_core.output_guard import refuse_output_over_inputs
 
     refuse_output_over_inputs({"--out": args.out}, {"--images": args.images})

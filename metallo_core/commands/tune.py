@@ -1,11 +1,11 @@
-"""`metallo tune metatrain|finetune`: the Ray Tune searches (stages in metallo_core.stages; as Ray jobs,
+"""`metallo tune metatrain|finetune`: the Ray Tune searches (stages in metallo_core.stage_table; as Ray jobs,
 `python -m tuning.search_<kind>`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from metallo_core.stages import TUNE_RESUME_HELP, add_stage_parsers
+from metallo_core.stage_table import TUNE_RESUME_HELP, add_stage_parsers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

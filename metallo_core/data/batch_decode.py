@@ -8,9 +8,8 @@ bilinear filter computes (within one grey level of rounding). Everything else (1
 alpha, EXIF orientation, TIFF, BMP, a JPEG large enough for PIL's DCT-domain draft, a truncated file)
 goes through `images.decode_resized` image by image, so the pixels never depend on which path ran.
 
-Measured on the project's 2-core machine (benchmarks/read_throughput.py, 256 px JPEG -> 224): the
-fast path decodes + resizes about 2-3x faster per core than PIL (most of PIL's cost there is its
-resize, not libjpeg).
+Why a second path at all: most of PIL's cost per image is its resize, not libjpeg; how much the fast
+path saves per core is `benchmarks/read_throughput.py`'s output (README, Benchmarks).
 """
 
 from __future__ import annotations

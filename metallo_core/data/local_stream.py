@@ -11,8 +11,8 @@ ranks that share it, each keeping its part: at most two extra row-group reads pe
 Rows are shuffled within a window of a few row groups, decoded in batches by `batch_decode` in a
 thread pool (torchvision releases the GIL) a few batches ahead of the consumer, optionally on the GPU.
 For one worker's training input this does without Ray Data's object-store copies and task scheduling
-(benchmarks/read_throughput.py times both against ImageFolder + DataLoader: this stream 2.3-2.9x the
-DataLoader on 2 cores, Ray Data 0.37x in the earlier measurement); Ray Data stays the path for
+(benchmarks/read_throughput.py times both against ImageFolder + DataLoader; the README gives the
+figures); Ray Data stays the path for
 ingestion and for anything that needs the cluster's CPUs rather than the worker's own.
 """
 

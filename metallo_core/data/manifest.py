@@ -15,6 +15,7 @@ from typing import Any, Literal
 from metallo_core.csv_output import escape_name, escape_names
 from metallo_core.errors import DataError
 from metallo_core.storage import Location, locate
+from metallo_core.versioned_json import load_versioned_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "metallo-shards"
@@ -96,17 +97,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where} is not valid JSON ({exc}); the dataset must be written again") from exc
-        if data.get("format") != FORMAT_NAME:
-            raise DataError(f"{where} is not a metallo dataset manifest (format={data.get('format')!r})")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(
-                f"{where} has schema version {data.get('schema_version')}, this metallo reads {SCHEMA_VERSION}; "
-                "re-ingest the dataset with this version"
-            )
+        data = load_versioned_json(text, where, key="schema_version", version=SCHEMA_VERSION, error=DataError,
+                                   remedy="re-ingest the dataset with this version",
+                                   kind=("format", FORMAT_NAME, "a metallo dataset manifest"))
         try:
             return cls(
                 name=data["name"],

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metallo_core.csv_output import escape_name
+from metallo_core.data.images import ImageInfo
 from metallo_core.data.manifest import (
     MANIFEST_NAME,
     ColumnInfo,
@@ -287,6 +288,11 @@ class DatasetWriter:
         writer.write(
             ImageRow(image, self.class_ids[class_name], class_name, source, height, width, encoding, extras)
         )
+
+    def write_encoded(self, split: str, data: bytes, info: ImageInfo, *, class_name: str, source: str) -> None:
+        """`write` for encoded bytes with their shape and encoding (as `prepare_image` returns them)."""
+        self.write(split, image=data, class_name=class_name, source=source, height=info.height, width=info.width,
+                   encoding=info.encoding)
 
     def skip(self, source: str, reason: str) -> None:
         self.skipped.append({"source": source, "reason": reason})

@@ -38,7 +38,7 @@ class CosineClassifier(nn.Module):
     left), so it never moves from its initial value. A per-class bias would not help either: episode
     labels 0..way-1 are a fresh random order of classes every task. Checkpoints and registered models
     from before this change carry a `bias` entry; it is dropped on load (see `_load_from_state_dict`
-    and `models.protonet_store.load_protonet`), which changes no prediction."""
+    and `tracking.protonet_store.load_protonet`), which changes no prediction."""
 
     def __init__(self, scale: float = 10.0) -> None:
         super().__init__()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -97,18 +96,6 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
         nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
         backbone.maxpool = nn.Identity()
     return backbone
-
-
-def load_torchvision_weights(backbone: nn.Module, path: str | Path, spec: BackboneSpec) -> None:
-    """Initialise from a local weights file (e.g. resnet50-11ad3fa6.pth, a DINO checkpoint, a timm file).
-
-    Nothing is downloaded: the file must be there. Classifier and projection-head keys are dropped;
-    with the small stem, `conv1` keeps its fresh initialisation because its shape differs. Any other
-    mismatch is a ConfigError naming the file and the missing/unexpected keys.
-    """
-    from metallo_core.models.sources import load_file_weights
-
-    load_file_weights(backbone, str(path), spec)
 
 
 def convert_sync_batchnorm(network: nn.Module, spec: BackboneSpec) -> nn.Module:

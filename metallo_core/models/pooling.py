@@ -1,13 +1,11 @@
 """Global averages of a backbone's early stages, to sit beside its final pooled features.
 
 Why: a frozen ImageNet network's last stage is built to ignore first-order image statistics (how much of
-the image is bright), and those are exactly what a volume fraction is. Measured on seed 002's synthetic
-set (840 images at 224 px, logistic regression, 30% held out), the white-phase fraction class (10 classes,
-5-point steps) is read from EfficientNet-Lite0's pooled features with 65% error, from the average of its
-first block group with 6%; the morphology goes the other way (1% vs 17%). The first two block groups
-together read both (vf 2.4%, morphology 0.4% with a small MLP), better than with the final features
-beside them (vf 62%: the 1,280 final dimensions drown the 40 early ones, even block-normalised: 39%),
-which is why the final features can be left out (`backbone.final_features: false`).
+the image is bright), and those are exactly what a volume fraction is, while the morphology is read best
+from the later stages. The averages of the first block groups carry both; beside them the much wider final
+features can drown the early ones, which is why the final features can be left out. Which layers a
+multi-label model uses is chosen on validation rows (`multilabel.feature_layers`); the README's
+multi-label section gives the error of each choice on seed 002's synthetic set.
 """
 
 from __future__ import annotations

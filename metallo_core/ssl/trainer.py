@@ -17,7 +17,7 @@ from torch import nn
 
 from metallo_core.errors import TrainingDiverged
 from metallo_core.models.backbones import build_backbone, convert_sync_batchnorm
-from metallo_core.models.sources import backbone_from_source
+from metallo_core.models.sources import RegisteredBackboneLoader, backbone_from_source
 from metallo_core.precision import autocast, resolve_precision
 from metallo_core.seeding import reseed
 from metallo_core.ssl.config import DinoConfig
@@ -78,7 +78,7 @@ def steps_per_epoch(num_images: int, batch_size_per_worker: int, world_size: int
 
 class DinoTrainer:
     def __init__(self, config: DinoConfig, *, steps_per_epoch: int, world_size: int, rank: int,
-                 device: torch.device):
+                 device: torch.device, load_registered: RegisteredBackboneLoader | None = None):
         self.config = config
         self.device = device
         self.steps_per_epoch = steps_per_epoch
@@ -90,7 +90,8 @@ class DinoTrainer:
         student = build_network(config)
         if config.pretrained_start:
             # The teacher copies the student below: both start from the same pretrained weights.
-            pretrained, _ = backbone_from_source(config.init_weights, config.backbone)
+            # A registry source (models:/...) needs the caller's registry loader: this package knows no MLflow.
+            pretrained, _ = backbone_from_source(config.init_weights, config.backbone, load_registered)
             student.backbone.load_state_dict(pretrained.state_dict())
         teacher = build_network(config)
         if self.distributed and device.type == "cuda":

@@ -1,7 +1,7 @@
 """The MLflow model registry: model URIs read in one place, an alias pinned to the version it points at or
 pointed at a new one, torch models logged (safe `pt2` format, no active run needed) and registered with
 tags and an alias, and a model's files downloaded for rebuilding. What a model holds is for its owner
-(models.registry for backbones, models.protonet_store for ProtoNets, multilabel.model_store for multi-label
+(tracking.backbone_store for backbones, tracking.protonet_store for ProtoNets, tracking.multilabel_store for multi-label
 networks)."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from metallo_core.errors import MetalloError
 from metallo_core.fewshot.stage_gate import StageVerdict
 from metallo_core.progress import EpochProgress
 from metallo_core.ssl.config import DinoConfig
-from metallo_core.storage import locate
+from metallo_core.storage import locate, with_absolute_uris
 from metallo_core.train import gate as stage_gate
 from metallo_core.train import ray_setup, skeleton
 from metallo_core.train.checkpoint_commit import wait_for_committed_checkpoint
@@ -52,12 +52,14 @@ def dino_train_worker(loop_config: dict) -> None:
     from metallo_core.ssl.health import collapse_warning
     from metallo_core.ssl.knn import knn_accuracy, split_bank_and_queries
     from metallo_core.ssl.trainer import DinoTrainer, steps_per_epoch
+    from metallo_core.tracking.backbone_store import load_backbone
 
     worker = skeleton.start_worker(loop_config, DinoConfig)
     config: DinoConfig = worker.config
     rank, world_size, run_log = worker.rank, worker.world_size, worker.run_log
     steps = steps_per_epoch(loop_config["num_images"], config.optim.batch_size_per_worker, world_size)
-    trainer = DinoTrainer(config, steps_per_epoch=steps, world_size=world_size, rank=rank, device=worker.device)
+    trainer = DinoTrainer(config, steps_per_epoch=steps, world_size=world_size, rank=rank, device=worker.device,
+                          load_registered=load_backbone)
 
     start_epoch = 0
     restored = skeleton.restore(worker, steps)
@@ -214,11 +216,11 @@ def validate_inputs(config: DinoConfig) -> int:
 def check_init_weights(config: DinoConfig) -> None:
     """Build the starting backbone once on the driver: a weights file that does not fit `config.backbone`
     (or a registry backbone of another architecture) fails here, named, before any cluster time is spent."""
-    from metallo_core.models.sources import backbone_from_source
+    from metallo_core.tracking.backbone_store import backbone_from_any_source
 
     if not config.pretrained_start:
         return
-    _, spec = backbone_from_source(config.init_weights, config.backbone)
+    _, spec = backbone_from_any_source(config.init_weights, config.backbone)
     mine, theirs = config.backbone, spec
     if (mine.library, mine.arch, mine.small_input) != (theirs.library, theirs.arch, theirs.small_input):
         raise MetalloError(
@@ -234,7 +236,7 @@ def check_init_weights(config: DinoConfig) -> None:
 def pinned_init_weights(config: DinoConfig) -> str:
     """The exact starting point for lineage: a registry alias resolved to its version, a file made absolute."""
     from metallo_core.fewshot.config import BackboneInit
-    from metallo_core.models.protonet_store import pin_backbone_source
+    from metallo_core.tracking.protonet_store import pin_backbone_source
 
     if not config.init_weights:
         return "scratch"
@@ -246,25 +248,13 @@ def describe_result(result: PretrainResult) -> str:
     for key in ("epoch_loss", "knn_accuracy", "epoch_images_per_s"):
         if key in result.final_metrics:
             lines.append(f"  {key}: {result.final_metrics[key]:.4f}")
-    if result.model_uri:
-        lines.append(f"  registered backbone: {result.model_uri}")
-    if result.gate is not None:
-        lines.append(f"  {result.gate.line()}")
-    if result.model_uri:
-        lines.append(f"  alias moved to it: {'yes' if result.alias_moved else 'no'}")
-    lines.append(f"  see it in MLflow: {tracking.ui_command()}")
+    lines += skeleton.registration_lines(result.model_uri, result.gate, result.alias_moved, "registered backbone")
     return "\n".join(lines)
 
 
-def with_absolute_uris(config: DinoConfig) -> DinoConfig:
-    """Resolve local dataset paths now: Ray workers run in other working directories."""
-    config.data.uri = locate(config.data.uri).uri
-    if config.knn.uri:
-        config.knn.uri = locate(config.knn.uri).uri
-    if config.gate.uri:
-        config.gate.uri = locate(config.gate.uri).uri
-    if config.run.storage:
-        config.run.storage = locate(config.run.storage).uri
+def pinned_inputs(config: DinoConfig) -> DinoConfig:
+    """Resolve local paths now (Ray workers run in other working directories) and pin the start weights."""
+    config = with_absolute_uris(config, ("data.uri", "knn.uri", "gate.uri", "run.storage"))
     if config.init_weights:
         # Workers start from exactly what the driver checked: an alias cannot move under a running job.
         config.init_weights = pinned_init_weights(config)
@@ -272,7 +262,7 @@ def with_absolute_uris(config: DinoConfig) -> DinoConfig:
 
 
 def run_dino_pretraining(config: DinoConfig) -> PretrainResult:
-    config = with_absolute_uris(config)
+    config = pinned_inputs(config)
     num_images = validate_inputs(config)
     lineage = {
         "metallo.stage": "pretrain",
@@ -329,7 +319,7 @@ def register_teacher_backbone(config: DinoConfig, state: dict, record: dict, run
     registered_spec = replace(config.backbone, weights=origin)
 
     def register(identity: dict[str, str]) -> str:
-        from metallo_core.models.registry import log_backbone
+        from metallo_core.tracking.backbone_store import log_backbone
 
         registered = log_backbone(
             run_id,

@@ -81,7 +81,7 @@ class TaskScorer:
 
         from metallo_core.data.class_index import ClassIndexedImages
         from metallo_core.fewshot.protonet import ImageNormalizer
-        from metallo_core.models.protonet_store import load_protonet
+        from metallo_core.tracking.protonet_store import load_protonet
 
         os.environ[tracking.ENV_TRACKING_URI] = tracking_uri
         torch.set_num_threads(threads)
@@ -385,14 +385,14 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         if "finetune" in config.modes:  # what classify --finetune uses for this model (finetune_choice)
             import dataclasses
 
-            from metallo_core.models.finetune_choice import record_chosen_settings
+            from metallo_core.tracking.finetune_choice import record_chosen_settings
 
             chosen_by = (f"evaluation {run_name!r}, lr and steps chosen on {config.select_tasks} meta-validation tasks"
                          if result.selection else f"evaluation {run_name!r} (settings as configured, not selected)")
             record_chosen_settings(run.run_id, model_uri, dataclasses.replace(config.finetune, lr=lr, steps=steps),
                                    chosen_by, tag_model=bool(result.selection))
         if result.selection:  # what classify scores this model's queries with (finetune_choice)
-            from metallo_core.models.finetune_choice import record_chosen_inference
+            from metallo_core.tracking.finetune_choice import record_chosen_inference
 
             record_chosen_inference(run.run_id, model_uri, from_dict(InferenceSettings, inference, "inference"),
                                     f"evaluation {run_name!r}, chosen on {config.select_tasks} meta-validation tasks")

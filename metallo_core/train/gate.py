@@ -130,11 +130,11 @@ def judge_stage(*, stage: str, gate: GateSettings, registry: RegistrySettings, r
         log_verdict(run_id, verdict)
         logger.info("%s", verdict.line())
         return verdict
-    from metallo_core.models.sources import backbone_from_source
+    from metallo_core.tracking.backbone_store import backbone_from_any_source
 
     tasks = SelectionTasks(gate.uri, gate.split, gate.way, gate.shot, gate.query, gate.tasks, gate.seed)
     device = _probe_device()
-    baseline_backbone, baseline_spec = backbone_from_source(baseline.source, input_spec)
+    baseline_backbone, baseline_spec = backbone_from_any_source(baseline.source, input_spec)
     before = tasks.score(baseline_backbone, baseline_spec, device)
     del baseline_backbone
     after = tasks.score(candidate, candidate_spec, device)

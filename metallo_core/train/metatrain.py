@@ -9,7 +9,6 @@ its baseline on the gate's selection tasks.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from metallo_core import tracking
@@ -26,7 +25,7 @@ from metallo_core.fewshot.episodes import (
 )
 from metallo_core.fewshot.stage_gate import StageVerdict
 from metallo_core.progress import EpochProgress
-from metallo_core.storage import locate
+from metallo_core.storage import locate, with_absolute_uris
 from metallo_core.train import gate as stage_gate
 from metallo_core.train import ray_setup, skeleton
 
@@ -52,7 +51,7 @@ def metatrain_worker(loop_config: dict) -> None:
 
     from metallo_core.data.class_index import ClassIndexedImages
     from metallo_core.fewshot.trainer import ProtoNetTrainer
-    from metallo_core.models.protonet_store import initial_backbone
+    from metallo_core.tracking.protonet_store import initial_backbone
 
     worker = skeleton.start_worker(loop_config, MetaTrainConfig)
     config: MetaTrainConfig = worker.config
@@ -139,17 +138,13 @@ def check_training_split(config: MetaTrainConfig) -> None:
                    config.episodes.query, seed=config.seed, cap_query=config.episodes.cap_query).sample()
 
 
-def with_absolute_uris(config: MetaTrainConfig) -> MetaTrainConfig:
-    config = copy.deepcopy(config)
-    config.data.uri = locate(config.data.uri).uri
+def pinned_inputs(config: MetaTrainConfig) -> MetaTrainConfig:
+    """Resolve local paths now (Ray workers run in other working directories); a weights file's path too."""
+    config = with_absolute_uris(config, ("data.uri", "run.storage", "gate.uri"))
     if config.backbone.kind == "file":
-        from metallo_core.models.protonet_store import pin_backbone_source
+        from metallo_core.tracking.protonet_store import pin_backbone_source
 
         config.backbone.source = pin_backbone_source(config.backbone)
-    if config.run.storage:
-        config.run.storage = locate(config.run.storage).uri
-    if config.gate.uri:
-        config.gate.uri = locate(config.gate.uri).uri
     return config
 
 
@@ -159,9 +154,9 @@ def run_metatraining(config: MetaTrainConfig, *, parent_run_id: str | None = Non
 
     `parent_run_id`, `extra_tags` and `train_callbacks` are for searches (tuning/): the run becomes a
     child of the search's MLflow run, and Ray Train callbacks (Tune's report bridge) join the trainer."""
-    from metallo_core.models.protonet_store import check_backbone_source, pin_backbone_source
+    from metallo_core.tracking.protonet_store import check_backbone_source, pin_backbone_source
 
-    config = with_absolute_uris(config)
+    config = pinned_inputs(config)
     tracking.configure()
     manifest = read_manifest(config.data.uri)
     for split in (config.data.train_split, config.data.val_split):
@@ -224,8 +219,8 @@ def gate_and_register_protonet(config: MetaTrainConfig, state: dict, record: dic
                                lineage: dict[str, str]) -> stage_gate.GatedRegistration:
     """Register the best meta-trained ProtoNet once per (run, epochs done) and point registry.alias at it
     unless the gate (gate.uri) found its backbone no better than its baseline."""
-    from metallo_core.models.protonet_store import pin_backbone_source, protonet_metadata
-    from metallo_core.models.registry import log_backbone
+    from metallo_core.tracking.backbone_store import log_backbone
+    from metallo_core.tracking.protonet_store import pin_backbone_source, protonet_metadata
 
     model, spec = best_protonet(config, state, record)
     input_source = lineage.get("metallo.backbone_source") or pin_backbone_source(config.backbone)
@@ -258,11 +253,5 @@ def describe_result(result: MetaTrainResult) -> str:
         f"  started from: {result.backbone_source}",
         f"  best meta-val accuracy: {result.best_val_accuracy:.4f} (epoch {result.best_epoch})",
     ]
-    if result.model_uri:
-        lines.append(f"  registered: {result.model_uri}")
-    if result.gate is not None:
-        lines.append(f"  {result.gate.line()}")
-    if result.model_uri:
-        lines.append(f"  alias moved to it: {'yes' if result.alias_moved else 'no'}")
-    lines.append(f"  see it in MLflow: {tracking.ui_command()}")
+    lines += skeleton.registration_lines(result.model_uri, result.gate, result.alias_moved)
     return "\n".join(lines)

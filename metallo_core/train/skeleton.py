@@ -31,6 +31,7 @@ from typing import Any
 from metallo_core import tracking
 from metallo_core.config import from_dict, to_dict
 from metallo_core.errors import MetalloError
+from metallo_core.fewshot.stage_gate import StageVerdict
 from metallo_core.settings import ComputeSettings, RegistrySettings, RunSettings
 from metallo_core.storage import Location, locate
 from metallo_core.train import ray_setup
@@ -175,7 +176,7 @@ def register_once(registry: RegistrySettings, run_id: str, epochs_done: int,
     """The model URI of the version of `registry.name` registered for (run, epochs done), and whether it is
     new: `register(identity_tags)` (which must tag the new version with them) is called only when there is
     none yet. Registering moves no alias (`train/gate.py` decides that)."""
-    from metallo_core.models.registry import find_versions
+    from metallo_core.tracking.backbone_store import find_versions
 
     identity = {"metallo.run_id": run_id, "metallo.epochs_done": str(epochs_done)}
     existing = find_versions(registry.name, identity)
@@ -205,3 +206,15 @@ def log_training_curves(run_id: str, metrics: list[str], *, title: str,
         figure = training_curves_figure({k: v for k, v in history.items() if v}, title=title, metrics=shown,
                                         intervals={k: w for k, w in (intervals or {}).items() if history.get(w)})
         log_figures(run_id, {CURVES_ARTIFACT: figure})
+
+
+def registration_lines(model_uri: str | None, gate: StageVerdict | None, alias_moved: bool,
+                       registered: str = "registered") -> list[str]:
+    """The end of a training stage's summary: what it registered, its gate's verdict, whether the alias
+    moved, and how to open MLflow."""
+    lines = [f"  {registered}: {model_uri}"] if model_uri else []
+    if gate is not None:
+        lines.append(f"  {gate.line()}")
+    if model_uri:
+        lines.append(f"  alias moved to it: {'yes' if alias_moved else 'no'}")
+    return lines + [f"  see it in MLflow: {tracking.ui_command()}"]

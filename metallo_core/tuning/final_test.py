@@ -14,7 +14,7 @@ from typing import Any
 from metallo_core import tracking
 from metallo_core.fewshot.config import EvaluateConfig
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
-from metallo_core.tuning.runner import FINAL_TEST_TAG
+from metallo_core.tuning.search_runs import FINAL_TEST_TAG
 
 
 @dataclass

@@ -20,9 +20,9 @@ from typing import Any
 from metallo_core import tracking
 from metallo_core.config import config_hash, from_dict, to_dict, to_yaml
 from metallo_core.data.manifest import read_manifest
-from metallo_core.models.finetune_choice import record_chosen_settings
 from metallo_core.storage import locate
-from metallo_core.tuning import runner
+from metallo_core.tracking.finetune_choice import record_chosen_settings
+from metallo_core.tuning import runner, search_runs, trials
 from metallo_core.tuning.config import FinetuneSearchConfig
 from metallo_core.tuning.final_test import Variant, logged_final_test, score_variants_on_test
 from metallo_core.tuning.resume import search_spec
@@ -58,7 +58,7 @@ def finetune_trial(params: dict, *, context: dict) -> None:
     from metallo_core.fewshot.evaluation import PreparedImages, engine_accuracies
     from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings
     from metallo_core.fewshot.protonet import ImageNormalizer
-    from metallo_core.models.protonet_store import load_protonet
+    from metallo_core.tracking.protonet_store import load_protonet
 
     os.environ[tracking.ENV_TRACKING_URI] = context["tracking_uri"]
     torch.set_num_threads(context["threads"])
@@ -75,8 +75,8 @@ def finetune_trial(params: dict, *, context: dict) -> None:
     normalizer = ImageNormalizer(spec.mean, spec.std, device=device)
     engine = FinetuneEngine(model, settings, normalizer)
     prepared = PreparedImages(engine, images.images, context["precision"])  # once for every task of the trial
-    tags = {runner.TRIAL_TAG: trial_id, runner.SEARCH_TAG: context["search"], "metallo.stage": "tune-finetune-trial",
-            "metallo.model_uri": context["model"]}
+    tags = {search_runs.TRIAL_TAG: trial_id, search_runs.SEARCH_TAG: context["search"],
+            "metallo.stage": "tune-finetune-trial", "metallo.model_uri": context["model"]}
     accuracies = _restored_accuracies(tune.get_checkpoint())
     with tracking.open_run(context["experiment"], f"{context['search']}-{trial_id}", config={"finetune": plain},
                            tags=tags, parent_run_id=context["parent_run_id"]) as run:
@@ -140,7 +140,7 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
         **tracking.dataset_tags(evaluate.data.uri),
         "metallo.task": f"{evaluate.episodes.way}-way {evaluate.episodes.shot}-shot",
         "metallo.config_hash": config_hash(config),
-        runner.SEARCH_TAG: settings.name,
+        search_runs.SEARCH_TAG: settings.name,
     }
     with tracking.open_run(settings.experiment, f"search-{settings.name}", config=config, tags=lineage) as parent:
         parent.log_text(val_json, "episodes/meta_val_search.json")
@@ -166,13 +166,13 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
                                        config.space, metric=METRIC, time_attr=TIME_ATTR, budget=config.val_tasks,
                                        stored_spec=stored_spec)
         rows, resumed = runner.run_trials(spec, parent.run_id)
-        best = runner.best_trial(rows)
-        table = runner.log_search_summary(parent, rows, best, spec)
+        best = trials.best_trial(rows)
+        table = search_runs.log_search_summary(parent, rows, best, spec.metric, spec.time_attr)
         best_settings = from_dict(type(evaluate.finetune), apply_params(
             {"finetune": to_dict(evaluate.finetune)}, best.params)["finetune"], "finetune")
         best_config = copy.deepcopy(config.evaluate)
         best_config.finetune = best_settings
-        written = runner.write_best_config(settings, _best_yaml(best_config, best, settings.name), parent)
+        written = search_runs.write_best_config(settings, _best_yaml(best_config, best, settings.name), parent)
         # Whole, on the parent run and the model version: what classify --finetune uses for this model.
         record_chosen_settings(parent.run_id, model_uri, best_settings,
                                f"search {settings.name!r}, best of {len(rows)} trials on {config.val_tasks} "
@@ -182,7 +182,7 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
 
         if not config.final_test:
             final = {}
-        elif runner.final_test_done(parent.run_id, best.trial_id):
+        elif search_runs.final_test_done(parent.run_id, best.trial_id):
             final = logged_final_test(parent.run_id)
             print("the final test of this search already ran; its logged result:", flush=True)
         else:
@@ -194,13 +194,13 @@ def run_finetune_search(config: FinetuneSearchConfig) -> FinetuneSearchResult:
             final = score_variants_on_test(evaluate, variants, parent, gains=[
                 ("finetune_best", "finetune_default"), ("finetune_best", "protonet"),
                 ("finetune_default", "protonet")])
-            parent.set_tags({runner.FINAL_TEST_TRIAL_TAG: best.trial_id})
+            parent.set_tags({search_runs.FINAL_TEST_TRIAL_TAG: best.trial_id})
     return FinetuneSearchResult(parent_run_id=parent.run_id, resumed=resumed, best_trial=best.trial_id,
                                 best_settings=to_dict(best_settings), best_val_accuracy=best.objective,
                                 best_config=written, trials=table, final_test=final)
 
 
-def _best_yaml(best: Any, row: runner.TrialRow, search: str) -> str:
+def _best_yaml(best: Any, row: trials.TrialRow, search: str) -> str:
     header = (f"# The best fine-tuning settings of search {search!r}: trial {row.trial_id}, meta-val accuracy "
               f"{100 * row.objective:.2f}%.\n# Use it as an evaluation config: metallo evaluate --config <this file>\n")
     return header + to_yaml(best)

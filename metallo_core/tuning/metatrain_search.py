@@ -21,7 +21,7 @@ from metallo_core.data.manifest import read_manifest
 from metallo_core.errors import MetalloError
 from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
 from metallo_core.storage import locate
-from metallo_core.tuning import runner
+from metallo_core.tuning import runner, search_runs, trials
 from metallo_core.tuning.config import MetaTrainSearchConfig
 from metallo_core.tuning.final_test import Variant, logged_final_test, score_variants_on_test
 from metallo_core.tuning.resume import search_spec
@@ -67,7 +67,8 @@ def metatrain_trial(params: dict, *, context: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(context["base"], params, trial_id, context)
     config.validate()
-    tags = {runner.TRIAL_TAG: trial_id, runner.SEARCH_TAG: context["search"], "metallo.stage": "tune-metatrain-trial"}
+    tags = {search_runs.TRIAL_TAG: trial_id, search_runs.SEARCH_TAG: context["search"],
+            "metallo.stage": "tune-metatrain-trial"}
     result = run_metatraining(config, parent_run_id=context["parent_run_id"], extra_tags=tags,
                               train_callbacks=(TuneReportCallback(),))
     if result.epochs_done >= config.epochs:
@@ -76,10 +77,10 @@ def metatrain_trial(params: dict, *, context: dict) -> None:
 
 
 def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult:
-    from metallo_core.train.metatrain import plan_validation_episodes, with_absolute_uris
+    from metallo_core.train.metatrain import pinned_inputs, plan_validation_episodes
 
     config = copy.deepcopy(config)
-    base = with_absolute_uris(config.base)
+    base = pinned_inputs(config.base)
     # Every trial is scored on the same tasks: pin the meta-val way and shot before the space moves the
     # training way and shot.
     base.val_way = base.val_way or base.episodes.way
@@ -90,7 +91,7 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
         manifest.split(split)
     plan_validation_episodes(base)  # too few classes fail here, before any trial starts
     settings = config.search
-    location = runner.search_location(settings)
+    location = search_runs.search_location(settings)
     # Compared with the stored search before anything runs or its MLflow run is reopened (absolute URIs,
     # pinned meta-val task shape: what the trials actually use).
     stored_spec = search_spec(dataclasses.replace(config, base=base))
@@ -100,7 +101,7 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
         "metallo.backbone_source": base.backbone.source,
         **tracking.dataset_tags(base.data.uri),
         "metallo.config_hash": config_hash(config),
-        runner.SEARCH_TAG: settings.name,
+        search_runs.SEARCH_TAG: settings.name,
     }
     from metallo_core.train import ray_setup
 
@@ -123,28 +124,28 @@ def run_metatrain_search(config: MetaTrainSearchConfig) -> MetaTrainSearchResult
                                        trial_budget=lambda params: int(params.get("epochs", base.epochs)),
                                        stored_spec=stored_spec)
         rows, resumed = runner.run_trials(spec, parent.run_id)
-        best = runner.best_trial(rows)
-        table = runner.log_search_summary(parent, rows, best, spec)
+        best = trials.best_trial(rows)
+        table = search_runs.log_search_summary(parent, rows, best, spec.metric, spec.time_attr)
         best_config = trial_config(context["base"], best.params, best.trial_id, context)
         model_uri = _register_best(best_config, best, config, parent.run_id)
         # The winner's config as a plain meta-training config: run it as is for a full-length model.
         final_config = copy.deepcopy(best_config)
         final_config.run = copy.deepcopy(base.run)
         final_config.registry = copy.deepcopy(base.registry)
-        written = runner.write_best_config(settings, _best_yaml(final_config, best, settings.name), parent)
+        written = search_runs.write_best_config(settings, _best_yaml(final_config, best, settings.name), parent)
         print(f"search {settings.name!r}: best trial {best.trial_id}, meta-val accuracy {100 * best.objective:.2f}% "
               f"({describe_params(best.params)}); registered {model_uri}", flush=True)
 
         final: dict[str, Any] = {}
         if config.final_test.enabled and model_uri:
-            if runner.final_test_done(parent.run_id, best.trial_id):
+            if search_runs.final_test_done(parent.run_id, best.trial_id):
                 final = logged_final_test(parent.run_id)
                 print("the final test of this search already ran; its logged result is kept", flush=True)
             else:
                 final = score_variants_on_test(_final_test_config(config, base, model_uri, settings),
                                                {mode: Variant(mode, {}) for mode in config.final_test.modes},
                                                parent, gains=[("finetune", "protonet")])
-                parent.set_tags({runner.FINAL_TEST_TRIAL_TAG: best.trial_id})
+                parent.set_tags({search_runs.FINAL_TEST_TRIAL_TAG: best.trial_id})
     return MetaTrainSearchResult(parent_run_id=parent.run_id, resumed=resumed, best_trial=best.trial_id,
                                  best_params=best.params, best_val_accuracy=best.objective, model_uri=model_uri,
                                  best_config=written, trials=table, final_test=final)
@@ -159,7 +160,7 @@ def _epoch_budget(config: MetaTrainSearchConfig) -> int:
     return int(spec) if spec is not None else config.base.epochs
 
 
-def _register_best(best_config: MetaTrainConfig, best: runner.TrialRow, config: MetaTrainSearchConfig,
+def _register_best(best_config: MetaTrainConfig, best: trials.TrialRow, config: MetaTrainSearchConfig,
                    parent_run_id: str) -> str | None:
     """Register the best trial's best epoch (from its last checkpoint) under the base config's registry
     name and alias, with lineage tags pointing at the trial's run and at the search."""
@@ -175,7 +176,7 @@ def _register_best(best_config: MetaTrainConfig, best: runner.TrialRow, config: 
     state, record = load_checkpoint_from(found[0])
     client = tracking.client()
     children = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
-                                  filter_string=f"tags.`{runner.TRIAL_TAG}` = '{best.trial_id}'", max_results=1)
+                                  filter_string=f"tags.`{search_runs.TRIAL_TAG}` = '{best.trial_id}'", max_results=1)
     if not children:
         raise MetalloError(f"no MLflow run of the best trial {best.trial_id}")
     child = children[0]
@@ -207,7 +208,7 @@ def _final_test_config(config: MetaTrainSearchConfig, base: MetaTrainConfig, mod
     })
 
 
-def _best_yaml(best: MetaTrainConfig, row: runner.TrialRow, search: str) -> str:
+def _best_yaml(best: MetaTrainConfig, row: trials.TrialRow, search: str) -> str:
     header = (f"# The best meta-training config of search {search!r}: trial {row.trial_id}, best meta-val accuracy "
               f"{100 * row.objective:.2f}% after {row.budget_used:g} epoch(s).\n"
               "# Train it at full length: metallo metatrain --config <this file>\n")

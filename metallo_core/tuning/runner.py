@@ -1,10 +1,11 @@
-"""The part every Tune run of metallo shares: a resumable Tuner, one line per finished trial, one MLflow
-parent run with a child run per trial (each closed with how its trial really ended), the trial table, the
-best configuration written and logged, and a final test that runs exactly once.
+"""The Ray Tune part every search of metallo shares: a resumable Tuner (restored under the search's name,
+extended when `num_samples` grows), one line per finished trial, and the trial rows made from Tune's results.
+The rows and their table are `trials.py` (pure); the MLflow books (child runs closed with how their trial
+really ended, best configuration, summary, final-test marker) are `search_runs.py`.
 
 The per-search modules (`metatrain_search`, `finetune_search`) supply the trainable, the metric and what
 "the best trial's config" and "the final test" mean for them; seed 002's experiment grid
-(`multilabel.experiments`) runs a grid of unranked trials through the same Tuner. A search run again under
+(`tuning.multilabel_grid`) runs a grid of unranked trials through the same Tuner. A search run again under
 its name is first checked against its stored spec (`resume.py`): more samples extend it, other changes are
 refused.
 """
@@ -17,47 +18,20 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from metallo_core import tracking
 from metallo_core.errors import MetalloError
-from metallo_core.storage import Location, locate, storage_for_ray
+from metallo_core.storage import storage_for_ray
 from metallo_core.tuning.config import SearchSettings
 from metallo_core.tuning.resume import SPEC_FILE, ResumePlan, check_resume, describe_plan
+from metallo_core.tuning.search_runs import close_trial_runs, search_location
 from metallo_core.tuning.space import decode_params, describe_params, encode_point, to_tune_space
-
-TRIAL_TAG = "metallo.tune.trial_id"
-SEARCH_TAG = "metallo.tune.search"
-FINAL_TEST_TAG = "metallo.tune.final_test"
-FINAL_TEST_TRIAL_TAG = "metallo.tune.final_test_trial"  # the best trial the final test scored
-BEST_CONFIG_ARTIFACT = "best_config.yaml"
+from metallo_core.tuning.trials import TrialRow
 
 
 class SearchInterrupted(MetalloError):
     """The search stopped before every trial finished; the same command resumes it."""
-
-
-@dataclass
-class TrialRow:
-    """One trial as the search saw it: its parameters, its objective, and how it ended."""
-
-    trial_id: str
-    params: dict[str, Any]
-    objective: float | None  # None: the trial failed before reporting
-    budget_used: float  # epochs or meta-val tasks done (the scheduler's time axis)
-    completed: bool  # ran its whole budget (not stopped early by the scheduler, not failed)
-    error: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    interrupted: bool = False  # the search stopped while this trial was pending or running
-
-    @property
-    def status(self) -> str:
-        if self.error:
-            return "failed"
-        if self.completed:
-            return "completed"
-        return "interrupted" if self.interrupted else "stopped early"
 
 
 @dataclass
@@ -104,13 +78,6 @@ class SearchSpec:
             if isinstance(value, Mapping) and "grid" in value:
                 count *= len(value["grid"])
         return count
-
-
-def search_location(settings: SearchSettings) -> Location:
-    """Where the Tune experiment lives: <storage>/<name> (local directory or s3://)."""
-    root = locate(settings.storage or str(tracking.local_home() / "tune"))
-    root.check_access()
-    return root.join(settings.name)
 
 
 def _experiment_path(settings: SearchSettings) -> tuple[str, Any]:
@@ -332,101 +299,3 @@ def _trial_id(result) -> str:
     return os.path.basename(result.path.rstrip("/")).removeprefix("trial-")
 
 
-def best_trial(rows: list[TrialRow]) -> TrialRow:
-    """The trial with the highest objective among those that ran their whole budget; trials stopped early
-    are judged on less (fewer epochs, fewer tasks) and only count when none finished."""
-    scored = [row for row in rows if row.objective is not None and not row.error]
-    if not scored:
-        raise MetalloError("no trial of the search reported its objective; see the trial errors above")
-    complete = [row for row in scored if row.completed] or scored
-    return max(complete, key=lambda row: (row.objective, -len(row.trial_id), row.trial_id))
-
-
-def close_trial_runs(parent_run_id: str, rows: list[TrialRow]) -> dict[str, str]:
-    """Give each trial's child run its final status: trials stopped early by the scheduler (or by an
-    interruption) were killed mid-run and could not close their own runs. Returns trial id -> run id."""
-    client = tracking.client()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                  max_results=5000)
-    by_trial = {run.data.tags.get(TRIAL_TAG): run for run in children if run.data.tags.get(TRIAL_TAG)}
-    known = {row.trial_id for row in rows}
-    for run in children:
-        if run.info.status == "RUNNING" and run.data.tags.get(TRIAL_TAG) not in known:
-            client.set_terminated(run.info.run_id, status="KILLED")
-    for row in rows:
-        run = by_trial.get(row.trial_id)
-        if run is None:
-            continue
-        client.set_tag(run.info.run_id, "metallo.tune.status", row.status)
-        if row.objective is not None:
-            client.set_tag(run.info.run_id, "metallo.tune.objective", f"{row.objective:.6f}")
-        # A trial without an error whose run reads FAILED was stopped by Tune, not broken: the scheduler
-        # kills early-stopped trials mid-epoch, and also stops a trial right after it reports its last
-        # epoch (max_t), before its run could close itself.
-        if run.info.status == "RUNNING" or (not row.error and run.info.status == "FAILED"):
-            client.set_terminated(run.info.run_id, status="FINISHED" if row.status == "completed" else "KILLED")
-    return {trial: run.info.run_id for trial, run in by_trial.items()}
-
-
-def trials_table(rows: list[TrialRow], metric: str, time_attr: str, best: TrialRow | None = None) -> str:
-    """The trials as a markdown table, best first."""
-    keys = sorted({key for row in rows for key in row.params})
-    header = ["trial", metric, time_attr, "status", *keys]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    ordered = sorted(rows, key=lambda row: (row.objective is None, -(row.objective or 0.0)))
-    for row in ordered:
-        mark = " (best)" if best is not None and row.trial_id == best.trial_id else ""
-        values = [describe_params({key: row.params[key]}).split("=", 1)[1] if key in row.params else ""
-                  for key in keys]
-        objective = f"{100 * row.objective:.2f}%" if row.objective is not None else "-"
-        lines.append(f"| {row.trial_id}{mark} | {objective} | {row.budget_used:g} | {row.status} | "
-                     + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def write_best_config(settings: SearchSettings, text: str, parent) -> list[str]:
-    """The best configuration as YAML: next to the search's state, where the user asked, and on the parent
-    run. Returns where it was written."""
-    targets = [search_location(settings).join(BEST_CONFIG_ARTIFACT)]
-    if settings.best_config_out:
-        targets.append(locate(settings.best_config_out))
-    for target in targets:
-        target.write_bytes(text.encode())
-    parent.log_text(text, BEST_CONFIG_ARTIFACT)
-    return [target.uri for target in targets]
-
-
-def final_test_done(parent_run_id: str, best_trial_id: str | None = None) -> bool:
-    """Whether the final test ran (for `best_trial_id`: an extended search whose best trial changed tests
-    its new winner; a run without the trial tag predates it and counts as tested)."""
-    tags = tracking.client().get_run(parent_run_id).data.tags
-    if tags.get(FINAL_TEST_TAG) != "done":
-        return False
-    return best_trial_id is None or tags.get(FINAL_TEST_TRIAL_TAG, best_trial_id) == best_trial_id
-
-
-def logged_metrics(run_id: str, prefix: str) -> dict[str, float]:
-    return {key: value for key, value in tracking.client().get_run(run_id).data.metrics.items()
-            if key.startswith(prefix)}
-
-
-def log_search_summary(parent, rows: list[TrialRow], best: TrialRow, spec: SearchSpec) -> str:
-    table = trials_table(rows, spec.metric, spec.time_attr, best)
-    parent.log_text(table + "\n", "trials.md")
-    parent.log_dict([vars(row) | {"status": row.status} for row in rows], "trials.json")
-    parent.log_metrics({
-        f"best_trial/{spec.metric}": best.objective,
-        "trials_completed": sum(row.status == "completed" for row in rows),
-        "trials_stopped_early": sum(row.status == "stopped early" for row in rows),
-        "trials_failed": sum(row.status == "failed" for row in rows),
-    })
-    # Tags, not params: a search extended with more samples may find a new best, and MLflow params cannot change.
-    parent.set_tags({"metallo.tune.best_trial": best.trial_id, **best_setting_tags(best.params)})
-    return table
-
-
-def best_setting_tags(params: Mapping[str, Any]) -> dict[str, str]:
-    """The best trial's settings as parent-run tags, `metallo.tune.best.<setting>` (lists as JSON)."""
-    return {f"metallo.tune.best.{key}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            for key, value in decode_params(params).items()}

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from metallo_core import cli
+from metallo_core.commands.classify_app import ClassifySettings, classify
 from metallo_core.data.crop import EdgeCrop, detect_data_bar
 from metallo_core.data.ingest import IngestOptions, ingest
 from metallo_core.data.shards import read_split_table
 from metallo_core.errors import ConfigError, DataError
-from metallo_core.fewshot.classify import ClassifySettings, classify
 from metallo_core.models.backbones import BackboneSpec
 from tests.fewshot_fixtures import register_untrained_protonet
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from metallo_core.commands.classify_app import list_queries, read_support
+from metallo_core.commands.multilabel_predict import list_images
 from metallo_core.data.ingest import IngestOptions, ingest
 from metallo_core.data.listing import filter_keys, list_folder
 from metallo_core.data.shards import read_split_table
 from metallo_core.errors import DataError
-from metallo_core.fewshot.classify import list_queries, read_support
-from metallo_core.multilabel.predict import list_images
 from tests.image_fixtures import image_bytes
 
 APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 4000  # 4 KB, not an image

@@ -139,7 +139,7 @@ def untrained_accuracies(model_uri: str, evaluation_run_id: str, client, env: di
     from metallo_core.fewshot.evaluation import embed_images, protonet_accuracies
     from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
     from metallo_core.models.backbones import build_backbone
-    from metallo_core.models.protonet_store import load_protonet
+    from metallo_core.tracking.protonet_store import load_protonet
 
     tasks_json = Path(client.download_artifacts(evaluation_run_id, "episodes/test.json")).read_text()
     with stack_credentials(env), tracking_uri(env):

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from metallo_core import cli, tracking
+from metallo_core.commands.classify_app import ClassifySettings, classify
 from metallo_core.errors import DataError, TrackingError
-from metallo_core.fewshot.classify import ClassifySettings, _tile_starts, classify, image_tiles
+from metallo_core.fewshot.tiles import _tile_starts, image_tiles
 from metallo_core.models.backbones import BackboneSpec
 from tests.fewshot_fixtures import register_untrained_protonet
 

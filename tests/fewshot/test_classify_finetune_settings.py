@@ -11,10 +11,9 @@ import yaml
 
 from metallo_core import cli, tracking
 from metallo_core.errors import ConfigError
-from metallo_core.fewshot import classify as classify_module
-from metallo_core.fewshot.finetune import FinetuneSettings
+from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings
 from metallo_core.fewshot.inference import InferenceSettings
-from metallo_core.models.finetune_choice import (
+from metallo_core.tracking.finetune_choice import (
     CHOSEN_BY_TAG,
     SETTINGS_TAG,
     choose,
@@ -41,8 +40,8 @@ def test_classify_fine_tunes_with_the_settings_recorded_on_the_model(folders, tm
     assert run.run_id in version.tags[CHOSEN_BY_TAG]
 
     used = []
-    real_adapt = classify_module.FinetuneEngine.adapt
-    monkeypatch.setattr(classify_module.FinetuneEngine, "adapt",
+    real_adapt = FinetuneEngine.adapt
+    monkeypatch.setattr(FinetuneEngine, "adapt",
                         lambda engine, *args, **kwargs: used.append(engine.settings) or real_adapt(engine, *args,
                                                                                                    **kwargs))
     support, query = folders

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from metallo_core import cli, csv_output, tracking
+from metallo_core.commands import classify_app
+from metallo_core.commands.classify_app import classify
 from metallo_core.errors import StorageError, TrackingError
-from metallo_core.fewshot import classify as classify_module
-from metallo_core.fewshot.classify import classify
 from tests.fewshot.test_classify import SPEC, texture
 from tests.fewshot_fixtures import register_untrained_protonet
 
@@ -87,8 +87,8 @@ def failing_writer(fail_at_row: int, error: BaseException):
 
 
 def some_predictions() -> list:
-    return [classify_module.Prediction(file=f"q{index}.png", predicted="a", probabilities={"a": 0.7, "b": 0.3},
-                                       nearest_support="a/s.png", tiles=1, tile_votes={"a": 1}) for index in range(3)]
+    return [classify_app.Prediction(file=f"q{index}.png", predicted="a", probabilities={"a": 0.7, "b": 0.3},
+                                    nearest_support="a/s.png", tiles=1, tile_votes={"a": 1}) for index in range(3)]
 
 
 @pytest.mark.parametrize("error, expected", [
@@ -100,7 +100,7 @@ def test_a_write_that_fails_midway_leaves_no_temporary_file(error, expected, tmp
     out = tmp_path / "out" / "predictions.csv"
     monkeypatch.setattr(csv_output.csv, "writer", failing_writer(3, error))
     with pytest.raises(expected):
-        classify_module.write_predictions(some_predictions(), ["a", "b"], out)
+        classify_app.write_predictions(some_predictions(), ["a", "b"], out)
     assert list(out.parent.iterdir()) == []  # neither the CSV nor a .predictions.csv.* file
 
 
@@ -109,7 +109,7 @@ def test_an_earlier_csv_survives_a_failed_rewrite(tmp_path, monkeypatch):
     out.write_text("earlier results\n")
     monkeypatch.setattr(csv_output.csv, "writer", failing_writer(2, Boom("fails after the header")))
     with pytest.raises(Boom):
-        classify_module.write_predictions(some_predictions(), ["a", "b"], out)
+        classify_app.write_predictions(some_predictions(), ["a", "b"], out)
     assert out.read_text() == "earlier results\n" and [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metallo_core.fewshot.classify import ClassifySettings, classify
+from metallo_core.commands.classify_app import ClassifySettings, classify
 from metallo_core.models.backbones import BackboneSpec
 from tests.fewshot_fixtures import register_untrained_protonet
 

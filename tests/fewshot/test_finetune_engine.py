@@ -237,7 +237,7 @@ def test_defaults_are_the_ones_chosen_on_xsdd_selection_tasks():
 
 
 def test_settings_recorded_before_trunk_maps_existed_load_as_pixels(monkeypatch):
-    from metallo_core.models import finetune_choice
+    from metallo_core.tracking import finetune_choice
 
     # A version tag exactly as evaluations and searches wrote it before this change: no pseudo_queries key.
     old = {"steps": 10, "lr": 0.003, "lr_candidates": [0.0, 0.0001, 0.0005, 0.001], "augmentations": ["crop", "flip"],

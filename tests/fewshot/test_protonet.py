@@ -120,7 +120,7 @@ def test_pre_change_heads_with_a_bias_still_load(monkeypatch):
     with pytest.raises(RuntimeError, match="classifier.offset"):
         ProtoNet(flat_backbone()).load_state_dict({**source.state_dict(), "classifier.offset": torch.tensor(1.0)})
 
-    from metallo_core.models import protonet_store
+    from metallo_core.tracking import protonet_store
 
     old_metadata = {"kind": "protonet", "distance": "cosine", "classifier": {"scale": 6.0, "bias": 0.4}}
     monkeypatch.setattr(protonet_store, "load_backbone_and_metadata",

@@ -563,7 +563,7 @@ def test_guide_references_only_files_and_jobs_that_exist():
         assert (REPO / path).is_file(), path
     for module in sorted(set(re.findall(r"python -m ((?:jobs|infra)\.\w+)", text))):
         assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
-    from metallo_core.stages import stage_named
+    from metallo_core.stage_table import stage_named
 
     stages = set(re.findall(r"-- metallo (\w+)", text))
     assert stages, "the guide shows `ray job submit ... -- metallo <stage>` too"

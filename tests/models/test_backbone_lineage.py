@@ -14,14 +14,14 @@ from metallo_core.config import from_dict
 from metallo_core.errors import ConfigError, MetalloError
 from metallo_core.fewshot.config import MetaTrainConfig
 from metallo_core.models.backbones import BackboneSpec, build_backbone
-from metallo_core.models.registry import (
+from metallo_core.ssl.config import DinoConfig
+from metallo_core.ssl.trainer import DinoTrainer
+from metallo_core.tracking.backbone_store import (
     SPEC_FILE,
     download_model,
     load_backbone,
     log_backbone,
 )
-from metallo_core.ssl.config import DinoConfig
-from metallo_core.ssl.trainer import DinoTrainer
 from metallo_core.train.dino import check_init_weights
 from tests.fewshot_fixtures import write_tiny_fewshot
 

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 from metallo_core.errors import ConfigError
-from metallo_core.models.backbones import BackboneSpec, build_backbone, load_torchvision_weights
-from metallo_core.models.sources import backbone_from_source, source_kind
+from metallo_core.models.backbones import BackboneSpec, build_backbone
+from metallo_core.models.sources import backbone_from_source, load_file_weights, source_kind
 
 RESNET = BackboneSpec(arch="resnet18", image_size=32)
 VIT = BackboneSpec(arch="test_vit", library="timm", image_size=32)  # timm's smallest ViT, DINO ViT key names
@@ -131,13 +131,13 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
         backbone_from_source(f"{checkpoint}#student", RESNET)
 
 
-def test_small_input_stem_keeps_its_fresh_conv1_and_the_old_entry_point_still_works(tmp_path):
+def test_a_small_input_stem_keeps_its_fresh_conv1_when_loading_a_weights_file(tmp_path):
     source = fabricated(RESNET, seed=9)
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
     small = BackboneSpec(arch="resnet18", small_input=True, image_size=32)
     backbone = build_backbone(small)
-    load_torchvision_weights(backbone, path, small)
+    load_file_weights(backbone, str(path), small)
     assert torch.equal(backbone.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     assert backbone.conv1.weight.shape == (64, 3, 3, 3)
 

@@ -19,8 +19,8 @@ from metallo_core.multilabel.feature_layers import (
 )
 from metallo_core.multilabel.features import InputTable
 from metallo_core.multilabel.grid import trial_specs
-from metallo_core.multilabel.pipeline import PreparedInputs, train_choosing_layers, with_feature_layers
 from metallo_core.multilabel.properties import PropertyInfo
+from metallo_core.train.multilabel import PreparedInputs, train_choosing_layers, with_feature_layers
 
 
 @pytest.mark.parametrize("name, early, final", [("final", 0, True), ("early1", 1, False), ("early2+final", 2, True),
@@ -175,7 +175,7 @@ def test_candidates_a_backbone_cannot_compute_are_left_out():
     from torch import nn
 
     from metallo_core.models.backbones import BackboneSpec, build_backbone
-    from metallo_core.multilabel.pipeline import usable_candidates
+    from metallo_core.train.multilabel import usable_candidates
 
     resnet = torchvision.models.resnet18()
     resnet.fc = nn.Identity()

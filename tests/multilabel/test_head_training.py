@@ -22,17 +22,17 @@ from metallo_core.multilabel.config import (
 )
 from metallo_core.multilabel.features import resolve_backbone
 from metallo_core.multilabel.model import MultilabelNet, NFurcatedHead, freeze_backbone
-from metallo_core.multilabel.model_store import load_model_directory, save_model_files
-from metallo_core.multilabel.pipeline import (
+from metallo_core.multilabel.properties import PropertyInfo
+from metallo_core.multilabel.split import validation_split
+from metallo_core.multilabel.train import evaluate, fit
+from metallo_core.tracking.multilabel_store import load_model_directory, save_model_files
+from metallo_core.train.multilabel import (
     check_dataset,
     make_image_encoder,
     model_spec,
     prepare_inputs,
     train_model,
 )
-from metallo_core.multilabel.properties import PropertyInfo
-from metallo_core.multilabel.split import validation_split
-from metallo_core.multilabel.train import evaluate, fit
 
 
 def test_validation_split_takes_its_fraction_of_the_training_rows_stratified():

@@ -120,7 +120,7 @@ def test_exported_network_maps_images_to_probabilities_then_values():
 
 
 def test_model_files_rebuild_the_same_network_without_pickle(tmp_path):
-    from metallo_core.multilabel.model_store import (
+    from metallo_core.tracking.multilabel_store import (
         MultilabelModelSpec,
         load_model_directory,
         save_model_files,

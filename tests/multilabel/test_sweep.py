@@ -8,7 +8,7 @@ from metallo_core import tracking
 from metallo_core.config import from_dict
 from metallo_core.data.synth_dataset import write_nfurcated
 from metallo_core.multilabel.config import ExperimentsConfig
-from metallo_core.multilabel.experiments import run_experiments
+from metallo_core.tuning.multilabel_grid import run_experiments
 
 pytestmark = pytest.mark.ray
 

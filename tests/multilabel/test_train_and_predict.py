@@ -15,7 +15,6 @@ from metallo_core.data.manifest import read_manifest
 from metallo_core.data.synth_dataset import write_nfurcated
 from metallo_core.errors import ConfigError
 from metallo_core.models.backbones import BackboneSpec, build_backbone
-from metallo_core.multilabel import pipeline
 from metallo_core.multilabel.config import BackboneSettings, MultilabelConfig
 from metallo_core.multilabel.features import load_feature_table, load_image_table, resolve_backbone
 from metallo_core.multilabel.model import (
@@ -24,8 +23,9 @@ from metallo_core.multilabel.model import (
     decode_outputs,
     images_to_unit_tensor,
 )
-from metallo_core.multilabel.model_store import load_model_directory, save_model_files
-from metallo_core.multilabel.pipeline import (
+from metallo_core.tracking.multilabel_store import load_model_directory, save_model_files
+from metallo_core.train import multilabel as stage
+from metallo_core.train.multilabel import (
     check_dataset,
     make_image_encoder,
     model_spec,
@@ -69,7 +69,7 @@ def test_heads_learn_model_is_registered_and_predict_writes_one_row_per_image(nf
         trained_in_process.update(trained=trained, encoder=kwargs["image_encoder"])
         return trained
 
-    monkeypatch.setattr(pipeline, "train_model", keep_trained_network)
+    monkeypatch.setattr(stage, "train_model", keep_trained_network)
     result = run_multilabel_training(config)
 
     # Default properties: every label column of the dataset (two classification heads, one regression head).
@@ -217,16 +217,33 @@ def test_torchvision_weights_come_from_a_local_file_and_name_the_cache_key(tmp_p
         resolve_backbone(BackboneSettings(source="torchvision", arch="resnet50", weights_path=str(weights)))
 
 
+def test_registry_sources_go_to_the_look_up_the_caller_hands_over():
+    settings = BackboneSettings(source="models:/some-backbone@current")
+    with pytest.raises(ConfigError, match="'models:/some-backbone@current' is a registry model"):
+        resolve_backbone(settings)
+    found = resolve_backbone(BackboneSettings(source="torchvision", arch="resnet18"))
+    asked = []
+
+    def registered(uri):
+        asked.append(uri)
+        return found
+
+    assert resolve_backbone(settings, registered=registered) is found and asked == ["models:/some-backbone@current"]
+
+
 def test_features_are_cached_and_an_unfrozen_last_stage_trains_on_images(nfurcated, tmp_path):
     config = load_config(MultilabelConfig, None, [f"data.uri={nfurcated}", *SMALL_BACKBONE, "data.image_size=16",
                                                   "data.max_images=70", f"backbone.cache_dir={tmp_path / 'cache'}"])
     manifest, properties = check_dataset(config)
     backbone = resolve_backbone(config.backbone)
+    cache_dir = stage.feature_cache_dir(config.backbone)
+    assert cache_dir == (tmp_path / "cache").resolve()
     first = load_feature_table(str(nfurcated), "train", backbone=backbone, image_size=16, manifest=manifest,
-                               settings=config.backbone, max_images=70)
+                               cache_dir=cache_dir, max_images=70)
     again = load_feature_table(str(nfurcated), "train", backbone=backbone, image_size=16, manifest=manifest,
-                               settings=config.backbone, max_images=70)
+                               cache_dir=cache_dir, max_images=70)
     assert not first.from_cache and again.from_cache and again.cache_path == first.cache_path
+    assert first.cache_path.startswith(str(cache_dir))
     assert np.array_equal(first.inputs, again.inputs) and first.inputs.shape == (70, 512)
     assert np.array_equal(first.extras["volume_fraction"], again.extras["volume_fraction"])
 
@@ -234,7 +251,7 @@ def test_features_are_cached_and_an_unfrozen_last_stage_trains_on_images(nfurcat
     config.optim.max_epochs = 1
     prepared = prepare_inputs(config, manifest, properties, backbone=backbone)
     assert prepared.table.kind == "images" and prepared.table.cache_path is None  # no cache with a trained stage
-    from metallo_core.multilabel.pipeline import make_image_encoder
+    from metallo_core.train.multilabel import make_image_encoder
 
     encoder, dim = make_image_encoder(config, backbone)
     layer1 = backbone.module.layer1[0].conv1.weight.clone()

@@ -7,8 +7,8 @@ import torch
 from metallo_core import tracking
 from metallo_core.config import from_dict
 from metallo_core.data.synth_dataset import write_fewshot
-from metallo_core.models.registry import load_backbone, resolve_version
 from metallo_core.ssl.config import DinoConfig
+from metallo_core.tracking.backbone_store import load_backbone, resolve_version
 from metallo_core.train import ray_setup, skeleton
 from metallo_core.train.dino import run_dino_pretraining
 

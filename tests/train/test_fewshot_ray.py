@@ -23,8 +23,8 @@ from metallo_core.fewshot.episodes import episodes_from_json
 from metallo_core.fewshot.evaluation import embed_images, protonet_accuracies
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.models.backbones import build_backbone
-from metallo_core.models.registry import resolve_version
 from metallo_core.report.build import write_report
+from metallo_core.tracking.backbone_store import resolve_version
 from metallo_core.train.evaluate import run_evaluation, summary_json
 from metallo_core.train.metatrain import VAL_EPISODES_ARTIFACT, run_metatraining
 from tests.fewshot_fixtures import TINY_SPEC, write_tiny_fewshot

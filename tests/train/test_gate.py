@@ -15,9 +15,9 @@ from metallo_core import tracking
 from metallo_core.cli import main
 from metallo_core.fewshot.selection_probe import SelectionTasks
 from metallo_core.models.backbones import build_backbone
-from metallo_core.models.registry import log_backbone
 from metallo_core.models.sources import OFFLINE_IMAGENET, backbone_from_source, offline_imagenet_spec
 from metallo_core.settings import GateSettings, RegistrySettings
+from metallo_core.tracking.backbone_store import log_backbone
 from metallo_core.tracking.registry import alias_version
 from metallo_core.train.gate import VERDICT_ARTIFACT, gate_and_register
 from tests.fewshot_fixtures import write_tiny_fewshot

@@ -42,8 +42,8 @@ def toy_xsdd(tmp_path_factory):
 def test_quickstart_runs_the_gated_chain_and_registers_what_classify_uses(ray_cluster, toy_xsdd):
     from metallo_core.config import to_dict
     from metallo_core.fewshot.inference import InferenceSettings
-    from metallo_core.models.finetune_choice import recorded_for_model
     from metallo_core.quickstart import describe, run_quickstart
+    from metallo_core.tracking.finetune_choice import recorded_for_model
     from metallo_core.tracking.registry import resolve_version
 
     result = run_quickstart(TOY, images=str(toy_xsdd), tag="toy")

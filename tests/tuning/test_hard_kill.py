@@ -35,7 +35,7 @@ from metallo_core.models.backbones import BackboneSpec
 from metallo_core.train.checkpoint_commit import committed_epoch
 from metallo_core.tuning.config import FinetuneSearchConfig, MetaTrainSearchConfig
 from metallo_core.tuning.finetune_search import run_finetune_search
-from metallo_core.tuning.runner import FINAL_TEST_TAG, TRIAL_TAG
+from metallo_core.tuning.search_runs import FINAL_TEST_TAG, TRIAL_TAG
 from tests.fewshot_fixtures import TINY_SPEC, register_untrained_protonet, write_tiny_fewshot
 
 pytestmark = pytest.mark.ray

@@ -15,12 +15,12 @@ from metallo_core import tracking
 from metallo_core.config import load_config
 from metallo_core.fewshot.config import MetaTrainConfig
 from metallo_core.models.backbones import BackboneSpec
-from metallo_core.models.registry import resolve_version
 from metallo_core.storage import locate
+from metallo_core.tracking.backbone_store import resolve_version
 from metallo_core.tuning.config import FinetuneSearchConfig, MetaTrainSearchConfig
 from metallo_core.tuning.finetune_search import run_finetune_search
 from metallo_core.tuning.metatrain_search import run_metatrain_search
-from metallo_core.tuning.runner import FINAL_TEST_TAG, TRIAL_TAG
+from metallo_core.tuning.search_runs import FINAL_TEST_TAG, TRIAL_TAG
 from tests.fewshot_fixtures import TINY_SPEC, register_untrained_protonet, write_tiny_fewshot
 
 pytestmark = pytest.mark.ray

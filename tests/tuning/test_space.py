@@ -9,7 +9,6 @@ from metallo_core.fewshot.config import MetaTrainConfig
 from metallo_core.fewshot.finetune import FinetuneSettings
 from metallo_core.tuning.config import FinetuneSearchConfig, MetaTrainSearchConfig
 from metallo_core.tuning.metatrain_search import _epoch_budget
-from metallo_core.tuning.runner import TrialRow, best_trial, trials_table
 from metallo_core.tuning.space import (
     apply_params,
     decode_params,
@@ -18,6 +17,7 @@ from metallo_core.tuning.space import (
     to_tune_space,
     validate_space,
 )
+from metallo_core.tuning.trials import TrialRow, best_trial, trials_table
 
 SPACE = {
     "optim.lr": {"loguniform": [1.0e-3, 1.0e-1]},

@@ -2,7 +2,8 @@
 runs close, so the search gives each the status of how the trial really ended."""
 
 from metallo_core import tracking
-from metallo_core.tuning.runner import TRIAL_TAG, TrialRow, close_trial_runs
+from metallo_core.tuning.search_runs import TRIAL_TAG, close_trial_runs
+from metallo_core.tuning.trials import TrialRow
 
 
 def test_each_trial_run_ends_with_the_trials_own_outcome():

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from metallo_core.data.images import ImageInfo, encode_png, resize_encoded
-from metallo_core.data.ingest.common import IngestOptions
+from metallo_core.data.ingest.common import IngestOptions, class_split_writer
 from metallo_core.data.manifest import Manifest
-from metallo_core.data.shards import DatasetWriter
 from metallo_core.errors import DataError
 from metallo_core.progress import Progress
 from metallo_core.storage import Location, locate
@@ -205,21 +204,9 @@ def ingest_cifar_fs(src: str, out: str, options: IngestOptions, *, splits_dir: s
     class_names = [name for split in SPLITS for name in split_classes[split]]
     used = set(class_names)
     progress = Progress("ingest cifar-fs")
-    writer = DatasetWriter(
-        out,
-        options.name or "cifar-fs",
-        class_names,
-        split_kind="classes",
-        split_classes=split_classes,
-        overwrite=options.overwrite,
-        source={
-            "ingester": "cifar-fs",
-            "src": root.uri,
-            "split": split_source,
-            "size": options.size,
-            "unused_classes": [name for name in all_class_names if name not in used],
-        },
-    )
+    writer = class_split_writer(out, options, "cifar-fs", {split: split_classes[split] for split in SPLITS},
+                                src=root.uri, split=split_source, size=options.size,
+                                unused_classes=[name for name in all_class_names if name not in used])
     with writer:
         for split in SPLITS:
             for class_name in split_classes[split]:
@@ -231,15 +218,7 @@ def ingest_cifar_fs(src: str, out: str, options: IngestOptions, *, splits_dir: s
                         info = ImageInfo(height=IMAGE_SIDE, width=IMAGE_SIDE, encoding="png")
                         if options.size is not None:
                             image, info = resize_encoded(image, options.size, source)
-                        writer.write(
-                            split,
-                            image=image,
-                            class_name=class_name,
-                            source=source,
-                            height=info.height,
-                            width=info.width,
-                            encoding=info.encoding,
-                        )
+                        writer.write_encoded(split, image, info, class_name=class_name, source=source)
                         progress.advance()
     progress.finish()
     return writer.manifest

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.images import IMAGE_SUFFIXES, PreparedBytes, prepare_bytes
+from metallo_core.data.shards import DatasetWriter
 from metallo_core.errors import DataError
 
 OnError = Literal["fail", "skip"]
@@ -79,3 +80,13 @@ def parse_split_sizes(text: str | None, kind: type, option: str) -> tuple | None
 
 def split_names(count: int) -> list[str]:
     return ["train", "test"] if count == 2 else ["train", "val", "test"]
+
+
+def class_split_writer(out: str, options: IngestOptions, ingester: str, split_classes: dict[str, list[str]],
+                       **source: Any) -> DatasetWriter:
+    """The writer of a dataset split by classes (each class in one split, in `split_classes`' order), named
+    after the ingester unless `options.name` says otherwise; `source` is recorded in the manifest."""
+    class_names = [name for names in split_classes.values() for name in names]
+    return DatasetWriter(out, options.name or ingester, class_names, split_kind="classes",
+                         split_classes=split_classes, overwrite=options.overwrite,
+                         source={"ingester": ingester, **source})

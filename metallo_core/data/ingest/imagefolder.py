@@ -199,15 +199,8 @@ def ingest_imagefolder(
                 if image.notes:
                     decode_notes[relative] = "; ".join(image.notes)
                 bar_rows.append(image.bottom_cropped)
-                writer.write(
-                    split_of_image[relative],
-                    image=image.data,
-                    class_name=class_name,
-                    source=relative,
-                    height=image.info.height,
-                    width=image.info.width,
-                    encoding=image.info.encoding,
-                )
+                writer.write_encoded(split_of_image[relative], image.data, image.info, class_name=class_name,
+                                     source=relative)
         writer.skipped = skipped.entries
         # What the decoder changed or guessed, per file (also warned as it happened), kept with the data.
         source["decode_notes_count"] = len(decode_notes)

@@ -147,7 +147,9 @@ def ingest_imagenet(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     synset_names: str | None = None,
 ) -> Manifest:
-    """Ingest on the Ray cluster already initialised, or on a local one started (and stopped) here."""
+    """Ingest in Ray tasks on the cluster this process has joined (`metallo data ingest` joins or starts one
+    through `train.ray_setup.connect`, which names a bad address and where it came from). Raises DataError
+    when no cluster is joined."""
     if chunk_size < 1:
         raise DataError(f"--chunk-size must be at least 1, got {chunk_size}")
     if workers is not None and workers < 1:
@@ -158,16 +160,12 @@ def ingest_imagenet(
 
     import ray  # here, not at the top: miniimagenet shares this module's helpers and needs no Ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init()
-    try:
-        destination = prepare_destination(out, options.overwrite)
-        max_in_flight = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        results = run_chunk_tasks(root, destination, iter_chunks(root, synsets, chunk_size), options, max_in_flight)
-    finally:
-        if started_here:
-            ray.shutdown()
+    if not ray.is_initialized():
+        raise DataError("imagenet ingestion runs as Ray tasks and this process has joined no Ray cluster "
+                        "(`metallo data ingest` joins $RAY_ADDRESS or starts a local one)")
+    destination = prepare_destination(out, options.overwrite)
+    max_in_flight = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    results = run_chunk_tasks(root, destination, iter_chunks(root, synsets, chunk_size), options, max_in_flight)
 
     manifest = build_manifest(
         options.name or "imagenet",

@@ -10,10 +10,16 @@ import csv
 import io
 from dataclasses import dataclass
 
-from metallo_core.data.ingest.common import IngestOptions, SkipLog, check_suffix, handle_bad_image, prepare_image
+from metallo_core.data.ingest.common import (
+    IngestOptions,
+    SkipLog,
+    check_suffix,
+    class_split_writer,
+    handle_bad_image,
+    prepare_image,
+)
 from metallo_core.data.ingest.imagenet import find_synset_names
 from metallo_core.data.manifest import Manifest
-from metallo_core.data.shards import DatasetWriter
 from metallo_core.errors import DataError, StorageError
 from metallo_core.progress import Progress
 from metallo_core.storage import Location, locate
@@ -110,21 +116,9 @@ def ingest_miniimagenet(src: str, out: str, options: IngestOptions, *, synset_na
     class_names = [wnid for split in SPLITS for wnid in split_classes[split]]
     skipped = SkipLog()
     progress = Progress("ingest miniimagenet", sum(len(rows) for rows in rows_by_split.values()))
-    writer = DatasetWriter(
-        out,
-        options.name or "miniimagenet",
-        class_names,
-        split_kind="classes",
-        split_classes=split_classes,
-        overwrite=options.overwrite,
-        source={
-            "ingester": "miniimagenet",
-            "src": root.uri,
-            "size": options.size,
-            "synset_names": names_uri,
-            "class_descriptions": {wnid: names[wnid] for wnid in class_names if wnid in names},
-        },
-    )
+    writer = class_split_writer(out, options, "miniimagenet", {split: split_classes[split] for split in SPLITS},
+                                src=root.uri, size=options.size, synset_names=names_uri,
+                                class_descriptions={wnid: names[wnid] for wnid in class_names if wnid in names})
     with writer:
         for split, classes in classes_by_split.items():
             for wnid, rows in classes.items():
@@ -138,15 +132,7 @@ def ingest_miniimagenet(src: str, out: str, options: IngestOptions, *, synset_na
                         error = exc if isinstance(exc, DataError) else DataError(str(exc))
                         handle_bad_image(error, relative, options, skipped)
                         continue
-                    writer.write(
-                        split,
-                        image=image.data,
-                        class_name=wnid,
-                        source=relative,
-                        height=image.info.height,
-                        width=image.info.width,
-                        encoding=image.info.encoding,
-                    )
+                    writer.write_encoded(split, image.data, image.info, class_name=wnid, source=relative)
         writer.skipped = skipped.entries
     progress.finish()
     return writer.manifest

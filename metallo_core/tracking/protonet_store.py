@@ -14,8 +14,8 @@ from torch import nn
 from metallo_core.fewshot.config import BackboneInit
 from metallo_core.fewshot.protonet import ProtoNet
 from metallo_core.models.backbones import BackboneSpec
-from metallo_core.models.registry import load_backbone_and_metadata
-from metallo_core.models.sources import FILE_PREFIX, backbone_from_source, split_file_source
+from metallo_core.models.sources import FILE_PREFIX, split_file_source
+from metallo_core.tracking.backbone_store import backbone_from_any_source, load_backbone_and_metadata
 from metallo_core.tracking.registry import pin_model_uri
 
 PROTONET_KIND = "protonet"
@@ -42,7 +42,7 @@ def check_backbone_source(init: BackboneInit, pinned_source: str) -> BackboneSpe
 
 def initial_backbone(init: BackboneInit, pinned_source: str) -> tuple[nn.Module, BackboneSpec]:
     """The starting backbone of meta-training (in train mode) and the spec it really has."""
-    backbone, spec = backbone_from_source(pinned_source, init.spec)
+    backbone, spec = backbone_from_any_source(pinned_source, init.spec)
     return backbone.train(), spec
 
 

@@ -33,6 +33,7 @@ from metallo_core.tracking.registry import (
     download_model,
     log_torch_model,
 )
+from metallo_core.versioned_json import load_versioned_json
 
 SPEC_FILE = "multilabel_spec.json"
 ENCODER_WEIGHTS_FILE = "encoder_weights.pt"
@@ -70,14 +71,8 @@ class MultilabelModelSpec:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> MultilabelModelSpec:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TrackingError(f"{where} is not valid JSON ({exc})") from exc
-        if data.get("format_version") != FORMAT_VERSION:
-            raise TrackingError(f"{where} has format version {data.get('format_version')}; this metallo reads "
-                                f"{FORMAT_VERSION}: retrain the model with this version")
-        return cls(**data)
+        return cls(**load_versioned_json(text, where, key="format_version", version=FORMAT_VERSION,
+                                         error=TrackingError, remedy="retrain the model with this version"))
 
 
 def build_network(spec: MultilabelModelSpec) -> tuple[MultilabelNet, list[PropertyInfo]]:

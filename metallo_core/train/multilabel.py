@@ -11,6 +11,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from metallo_core.errors import ConfigError, DataError
 from metallo_core.models.pooling import early_stage_names, stage_widths
 from metallo_core.models.stages import stage_names
 from metallo_core.multilabel.baseline_cnn import CNN_MEAN, CNN_STD, SmallCNN
-from metallo_core.multilabel.config import MultilabelConfig
+from metallo_core.multilabel.config import BackboneSettings, MultilabelConfig
 from metallo_core.multilabel.feature_layers import CandidateScore, FeatureLayers, choose, widest
 from metallo_core.multilabel.features import (
     InputTable,
@@ -55,7 +56,8 @@ from metallo_core.multilabel.train import (
     to_tensors,
 )
 from metallo_core.progress import Progress
-from metallo_core.storage import locate
+from metallo_core.storage import with_absolute_uris
+from metallo_core.tracking.multilabel_backbone import registered_backbone
 
 SMALL_CNN_IMAGE_SIZE = 64
 
@@ -120,20 +122,21 @@ class TrainedModel:
         return self.history.final.cumulative_error
 
 
-def with_absolute_uris(config: MultilabelConfig) -> MultilabelConfig:
-    """Resolve local paths now: Ray workers run in other working directories."""
-    config.data.uri = locate(config.data.uri).uri
-    if config.backbone.weights_path:
-        config.backbone.weights_path = locate(config.backbone.weights_path).uri
-    if config.backbone.cache_dir:
-        config.backbone.cache_dir = locate(config.backbone.cache_dir).uri
-    return config
+LOCATION_SETTINGS = ("data.uri", "backbone.weights_path", "backbone.cache_dir")  # resolved before Ray workers
 
 
 def effective_image_size(config: MultilabelConfig, backbone: ResolvedBackbone | None) -> int:
     if config.data.image_size:
         return config.data.image_size
     return backbone.spec.image_size if backbone is not None else SMALL_CNN_IMAGE_SIZE
+
+
+def feature_cache_dir(settings: BackboneSettings) -> Path | None:
+    """The absolute folder of feature-cache entries: `backbone.cache_dir`, else `$METALLO_HOME/cache/features`;
+    None when `backbone.cache` is off."""
+    if not settings.cache:
+        return None
+    return Path(settings.cache_dir or tracking.local_home() / "cache" / "features").expanduser().resolve()
 
 
 def check_dataset(config: MultilabelConfig) -> tuple[Manifest, list[PropertyInfo]]:
@@ -149,7 +152,8 @@ def prepare_inputs(config: MultilabelConfig, manifest: Manifest, properties: lis
                    backbone: ResolvedBackbone | None = None) -> PreparedInputs:
     """Features (cached) or images for the training and test rows."""
     if config.encoder == "pretrained" and backbone is None:
-        backbone = resolve_backbone(config.backbone, seed=config.seed, image_size=config.data.image_size)
+        backbone = resolve_backbone(config.backbone, seed=config.seed, image_size=config.data.image_size,
+                                    registered=registered_backbone)
     image_size = effective_image_size(config, backbone)
     layers = config.feature_layers
     widths: tuple[int, ...] = ()
@@ -165,7 +169,8 @@ def prepare_inputs(config: MultilabelConfig, manifest: Manifest, properties: lis
         if config.uses_feature_cache:
             assert backbone is not None and layers is not None
             tables.append(load_feature_table(config.data.uri, split, backbone=backbone, image_size=image_size,
-                                             manifest=manifest, settings=config.backbone,
+                                             manifest=manifest, cache_dir=feature_cache_dir(config.backbone),
+                                             extract_batch_size=config.backbone.extract_batch_size,
                                              max_images=config.data.max_images, layers=layers))
         else:
             # Training the encoder (small CNN, or an unfrozen last stage) changes the features every step,
@@ -409,7 +414,7 @@ def lineage_tags(config: MultilabelConfig, prepared: PreparedInputs) -> dict[str
 
 def model_spec(config: MultilabelConfig, trained: TrainedModel, prepared: PreparedInputs, feature_dim: int,
                lineage: dict[str, str], image_encoder: ImageEncoder | None = None):
-    from metallo_core.multilabel.model_store import MultilabelModelSpec
+    from metallo_core.tracking.multilabel_store import MultilabelModelSpec
 
     backbone = prepared.backbone
     return MultilabelModelSpec(
@@ -434,7 +439,7 @@ def model_spec(config: MultilabelConfig, trained: TrainedModel, prepared: Prepar
 
 
 def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
-    config = with_absolute_uris(config)
+    config = with_absolute_uris(config, LOCATION_SETTINGS)
     tracking.configure()  # fails fast on an unreachable tracking server
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -491,7 +496,7 @@ def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
                       "metallo.feature_cache_hit": str(prepared.table.from_cache).lower(), **layer_tags})
         logged_model = registered_uri = None
         if config.registry.register:
-            from metallo_core.multilabel.model_store import log_multilabel_model
+            from metallo_core.tracking.multilabel_store import log_multilabel_model
 
             export_network = MultilabelNet(image_encoder, trained.head)
             spec = model_spec(config, trained, prepared, feature_dim, lineage, image_encoder)

@@ -1,9 +1,11 @@
-"""Seed 002's experiment grid as one command: every (model variant, test fraction) is a Ray Tune trial.
+"""The `multilabel experiments` stage: seed 002's experiment grid as one command, every (model variant, test
+fraction) of `multilabel.grid.trial_specs` a Ray Tune trial.
 
-The driver resolves the backbone and computes (or loads from the cache) the features once; Tune ships
-them to every trial through the object store, so a trial only trains heads (seconds to minutes). The
-trials run through the searches' runner (`tuning.runner`): each logs a child MLflow run under one parent
-run, closed with how its trial ended; the parent gets the tables (`tables`) as markdown and JSON.
+The driver resolves the backbone and computes (or loads from the cache) the features once
+(`train.multilabel.prepare_inputs`); Tune ships them to every trial through the object store, so a trial
+only trains heads (seconds to minutes). The trials run through the searches' runner (`tuning.runner`) as a
+Tune grid over the trial specs' indices: each logs a child MLflow run under one parent run, closed with how
+its trial ended; the parent gets the tables (`multilabel.tables`) as markdown and JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from metallo_core.multilabel.grid import trial_name, trial_specs
 from metallo_core.multilabel.properties import PropertyInfo
 from metallo_core.multilabel.tables import render_tables
 from metallo_core.multilabel.train import CUMULATIVE
-from metallo_core.tuning import runner
+from metallo_core.tuning import runner, search_runs
 from metallo_core.tuning.config import SearchSettings
 
 # What a trial reports that goes into the tables (besides its `error/<property>` values).
@@ -47,14 +49,14 @@ def run_trial(spec: dict[str, Any], tables: dict[str, InputTable], properties: l
     """Train one model of the grid on the shared table and log it as a child run; returns its table row."""
     import torch
 
-    from metallo_core.multilabel.pipeline import (
+    from metallo_core.multilabel.split import stratified_split
+    from metallo_core.train.multilabel import (
         PreparedInputs,
         log_history,
         make_image_encoder,
         summary_metrics,
         train_model,
     )
-    from metallo_core.multilabel.split import stratified_split
 
     os.environ[tracking.ENV_TRACKING_URI] = tracking_uri
     torch.set_num_threads(torch_threads)
@@ -93,7 +95,7 @@ def grid_trial(params: dict, *, specs: list[dict[str, Any]], tables: dict[str, I
     """One Tune trial: the grid's trial `params["index"]`, its child run tagged as the runner expects."""
     from ray import tune
 
-    tags = {runner.TRIAL_TAG: tune.get_context().get_trial_id(), runner.SEARCH_TAG: context["search"]}
+    tags = {search_runs.TRIAL_TAG: tune.get_context().get_trial_id(), search_runs.SEARCH_TAG: context["search"]}
     row = run_trial(specs[params["index"]], tables, properties, parent_run_id=context["parent_run_id"],
                     tracking_uri=context["tracking_uri"], torch_threads=context["torch_threads"], extra_tags=tags)
     tune.report(row)
@@ -149,14 +151,15 @@ def _describe_row(result: dict[str, Any]) -> str:
 
 
 def run_experiments(config: ExperimentsConfig) -> ExperimentsResult:
-    from metallo_core.multilabel.pipeline import (
+    from metallo_core.storage import with_absolute_uris
+    from metallo_core.train.multilabel import (
+        LOCATION_SETTINGS,
         check_dataset,
         lineage_tags,
         prepare_inputs,
-        with_absolute_uris,
     )
 
-    config = with_absolute_uris(config)
+    config = with_absolute_uris(config, LOCATION_SETTINGS)
     tracking.configure()
     if config.torch_threads:
         import torch

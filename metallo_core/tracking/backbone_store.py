@@ -22,6 +22,7 @@ from torch import nn
 
 from metallo_core.errors import TrackingError
 from metallo_core.models.backbones import BackboneSpec, build_backbone
+from metallo_core.models.sources import backbone_from_source
 
 # Re-exported: stages look registered backbones up here (the registry mechanics live in tracking.registry).
 from metallo_core.tracking.registry import (
@@ -36,8 +37,8 @@ SPEC_FILE = "backbone_spec.json"
 WEIGHTS_FILE = "backbone_weights.pt"
 METADATA_FILE = "metallo_model.json"  # what kind of model this is and its non-backbone parameters
 
-__all__ = ["METADATA_FILE", "SPEC_FILE", "WEIGHTS_FILE", "download_model", "find_versions",
-           "load_backbone", "load_backbone_and_metadata", "log_backbone", "resolve_version"]
+__all__ = ["METADATA_FILE", "SPEC_FILE", "WEIGHTS_FILE", "backbone_from_any_source", "download_model",
+           "find_versions", "load_backbone", "load_backbone_and_metadata", "log_backbone", "resolve_version"]
 
 
 def _pip_requirements(spec: BackboneSpec | None = None) -> list[str]:
@@ -96,3 +97,10 @@ def load_backbone_and_metadata(model_uri: str) -> tuple[nn.Module, BackboneSpec,
     metadata_files = list(directory.rglob(METADATA_FILE))
     metadata = json.loads(metadata_files[0].read_text()) if metadata_files else {"kind": "backbone"}
     return backbone, spec, metadata
+
+
+def backbone_from_any_source(source: str, spec: BackboneSpec) -> tuple[nn.Module, BackboneSpec]:
+    """`models.sources.backbone_from_source` with registry sources (`models:/...`, `runs:/...`) loaded from
+    this registry: what every stage that reads a user's `backbone.source` calls. Raises ConfigError naming
+    the source, TrackingError for registry look-ups."""
+    return backbone_from_source(source, spec, load_registered=load_backbone)

@@ -1,0 +1,173 @@
+"""Few-shot prediction of new images with a ProtoNet: support tiles with labels in, per-query-image class
+probabilities, tile votes and nearest support image out (what `metallo classify` reports).
+
+Pure: no files, no registry, no printing. The caller loads the model, chooses the fine-tuning and inference
+settings and cuts the images into tiles (`fewshot.tiles`); progress is reported through `PredictListener`.
+The feature path is the evaluation's (`fewshot.evaluation.PreparedImages` and `engine_predictions`): the
+fine-tuning engine's cache and features under autocast at the resolved precision, so the features of an
+image here are the ones `metallo evaluate` scored.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from metallo_core.errors import ConfigError
+from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, task_generator
+from metallo_core.fewshot.inference import InferenceSettings, query_logits
+from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.fewshot.tiles import TiledImages
+from metallo_core.precision import autocast
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How to predict, every choice already made by the caller."""
+
+    inference: InferenceSettings  # how features become logits (fewshot.inference)
+    finetune: FinetuneSettings | None = None  # adapt the model to the support first; None: as it is
+    batch_size: int = 64  # tiles embedded at once
+    precision: str = "auto"  # features and fine-tuning computed in this precision (metallo_core.precision)
+
+
+@dataclass
+class QueryPredictions:
+    """One entry per query image, in the order the query chunks gave them; classes are label indices."""
+
+    probabilities: torch.Tensor  # (Q, way) float32: the mean over the image's tiles of each tile's softmax
+    predicted: list[int]  # argmax of the image's probabilities
+    tiles: list[int]  # how many tiles the image has
+    tile_votes: list[dict[int, int]]  # class -> tiles whose argmax it is; most votes first (ties: first voted)
+    nearest_support: list[int]  # index of the support image nearest to the image's mean feature
+
+
+class PredictListener:
+    """Progress callbacks of `predict`, called as the work happens; every one does nothing by default."""
+
+    def finetune_started(self, steps: int, tiles: int) -> None:
+        """Before the engine is built and adapted with `steps` steps on `tiles` support tiles."""
+
+    def finetune_step(self, step: int, loss: float) -> None:
+        """After fine-tuning step `step` (from 0), with its loss."""
+
+    def finetune_finished(self) -> None:
+        """After the last fine-tuning step (also when the settings make no step)."""
+
+    def queries_started(self) -> None:
+        """Once the support is embedded, before the first query chunk is read."""
+
+    def queries_embedded(self, images: int) -> None:
+        """After each query chunk is embedded, with its number of images."""
+
+
+def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, labels: np.ndarray,
+            queries: Iterable[TiledImages], settings: PredictSettings,
+            listener: PredictListener | None = None) -> QueryPredictions:
+    """Predict the query images against the labelled support images.
+
+    `model` is on `normalizer.device` in eval mode; with `settings.finetune` it is adapted in place to the
+    support tiles (task 0 of seed 0 of `finetune.task_generator`, as the evaluation draws a task) and stays
+    adapted. `labels` is the (support.images,) class index of each support image, classes 0..way-1 each with
+    at least one image; every tile of an image is a sample of the image's class. `queries` are chunks of
+    query images, consumed one at a time (a caller may decode the next chunk while this one is embedded);
+    their owners count from 0 within each chunk. Every query tile is scored at once, so transductive
+    inference sees all of them.
+
+    ValueError when the labels do not match the support images or leave a class without an image; ConfigError
+    from the fine-tuning engine for settings the model cannot run."""
+    listener = listener or PredictListener()
+    labels = np.asarray(labels)
+    if labels.shape != (support.images,):
+        raise ValueError(f"expected one label per support image, {support.images}, got shape {labels.shape}")
+    way = int(labels.max()) + 1 if len(labels) else 0
+    if way == 0 or labels.min() < 0 or np.bincount(labels, minlength=way).min() == 0:
+        raise ValueError(f"support labels must give each class 0..{way - 1} an image, "
+                         f"got {sorted(set(labels.tolist()))}")
+    device = normalizer.device
+    support_labels = torch.as_tensor(labels[support.owner], device=device)
+    if settings.finetune is not None:
+        engine = _finetune(model, normalizer, support.tiles, support_labels, way, settings.finetune,
+                           settings.precision, listener)
+    else:
+        engine = feature_engine(model, normalizer)
+
+    def embed(tiles: np.ndarray) -> torch.Tensor:
+        """(N, D) float32 features with the model as it is now (adapted, with fine-tuning)."""
+        with autocast(device, settings.precision):
+            return torch.cat([
+                engine.embed(engine.prepare(normalizer.to_unit(tiles[start:start + settings.batch_size])))
+                for start in range(0, len(tiles), settings.batch_size)]).float()
+
+    support_features = embed(support.tiles)
+    support_image_features = _mean_by_owner(support_features, support.owner, support.images)
+
+    listener.queries_started()
+    features, owners, count = [], [], 0
+    for chunk in queries:
+        features.append(embed(chunk.tiles))
+        owners.append(chunk.owner + count)
+        count += chunk.images
+        listener.queries_embedded(chunk.images)
+    query_features = torch.cat(features) if features else support_features[:0]
+    owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+    # Every query tile is scored at once: transductive inference uses all of them (plain inference gives
+    # each tile the same logits whether scored alone or with the others).
+    logits = query_logits(model.classifier, support_features, support_labels, query_features, way, settings.inference)
+    probabilities = logits.float().softmax(dim=1)
+    nearest = _nearest(model, _mean_by_owner(query_features, owner, count), support_image_features)
+    means, predicted, tiles, votes = [], [], [], []
+    for index in range(count):
+        rows = torch.as_tensor(owner == index, device=probabilities.device)
+        mean = probabilities[rows].mean(dim=0)
+        means.append(mean)
+        predicted.append(int(mean.argmax()))
+        tiles.append(int(rows.sum()))
+        votes.append(dict(Counter(probabilities[rows].argmax(dim=1).tolist()).most_common()))
+    return QueryPredictions(torch.stack(means) if means else probabilities.new_zeros(0, way), predicted, tiles,
+                            votes, nearest.tolist())
+
+
+def feature_engine(model: ProtoNet, normalizer: ImageNormalizer) -> FinetuneEngine:
+    """The engine `predict` embeds with when it does not fine-tune: the evaluation's default form (cached trunk
+    maps) where the network splits into stages, else whole images through the network's own forward pass
+    (`pseudo_queries: pixels`, e.g. a ViT), which any network has."""
+    try:
+        return FinetuneEngine(model, FinetuneSettings(), normalizer)
+    except ConfigError:
+        return FinetuneEngine(model, FinetuneSettings(pseudo_queries="pixels", update="all"), normalizer)
+
+
+def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, labels: torch.Tensor, way: int,
+              settings: FinetuneSettings, precision: str, listener: PredictListener) -> FinetuneEngine:
+    """Adapt `model` in place to the support tiles (task 0 of seed 0 of `finetune.task_generator`), under
+    autocast at `precision` as the evaluation adapts each task; the engine then embeds support and queries
+    with the adapted weights."""
+    listener.finetune_started(settings.steps, len(tiles))
+    engine = FinetuneEngine(model, settings, normalizer)
+    with autocast(normalizer.device, precision):
+        engine.adapt(engine.prepare(normalizer.to_unit(tiles)), labels, way,
+                     task_generator(0, 0, device=normalizer.device), on_step=listener.finetune_step)
+    listener.finetune_finished()
+    model.eval()
+    return engine
+
+
+def _mean_by_owner(features: torch.Tensor, owner: np.ndarray, count: int) -> torch.Tensor:
+    """(count, D) mean feature of each image from its tiles' (T, D) features (zeros for an image without one)."""
+    index = torch.as_tensor(owner, device=features.device)
+    sums = torch.zeros(count, features.shape[1], device=features.device).index_add_(0, index, features)
+    return sums / torch.bincount(index, minlength=count).clamp(min=1)[:, None]
+
+
+def _nearest(model: ProtoNet, queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """(Q,) index of the support image nearest to each of the (Q, D) query features, in the model's own
+    distance, among the (S, D) support features."""
+    if model.distance == "cosine":
+        similarity = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(support, dim=1).T
+        return similarity.argmax(dim=1)
+    return torch.cdist(queries, support).argmin(dim=1)
