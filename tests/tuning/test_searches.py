@@ -1,6 +1,6 @@
 """The two Ray Tune searches end to end on tiny synthetic data and CPU: ASHA over meta-training runs
-(each trial a Ray Train run) with its state on the S3-compatible store, and an Optuna search over fine-tuning
-run again with changed settings.
+(each trial a Ray Train run), and an Optuna search over fine-tuning
+run again with changed settings, its state on the S3-compatible store.
 
 Checked: the best trial is the one with the best meta-val accuracy; MLflow holds one parent run and one
 child run per trial with params and metric curves; the best config is written (beside the search's state
@@ -42,10 +42,8 @@ def search_runs(experiment: str):
     return parents, children
 
 
-def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewshot_data, ray_cluster, s3_bucket,
-                                                                          tmp_path):
+def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewshot_data, ray_cluster, tmp_path):
     config = load_config(MetaTrainSearchConfig, REPO / "tuning/configs/metatrain_tiny_cpu.yaml", [
-        f"search.storage=s3://{s3_bucket}/searches",  # Tune's state, trials' checkpoints, best config: on S3
         f"base.data.uri={fewshot_data}",
         "base.backbone.source=scratch",
         f"base.backbone.spec={SPEC}",
@@ -96,7 +94,7 @@ def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewsh
     assert result.best_params["optim.name"] == "sgd"
     assert result.best_val_accuracy == pytest.approx(finished[result.best_trial], abs=1e-6)
 
-    assert len(result.best_config) == 2 and result.best_config[0] == f"s3://{s3_bucket}/searches/mt-test/best_config.yaml"
+    assert len(result.best_config) == 2  # beside the search's state, and where asked
     assert locate(result.best_config[0]).read_bytes() == (tmp_path / "best.yaml").read_bytes()
     best = load_config(MetaTrainConfig, tmp_path / "best.yaml")
     assert best.optim.lr == pytest.approx(result.best_params["optim.lr"])
@@ -121,16 +119,19 @@ def registered_protonet() -> str:
 
 
 def test_a_search_run_again_with_changed_settings_extends_or_is_refused(fewshot_data, registered_protonet,
-                                                                       ray_cluster):
+                                                                       ray_cluster, s3_bucket):
     """(a) more samples extend a finished search to the new count; (b) a new lr range and (c) a new key in
-    space are refused before any trial runs, naming the setting, and the finished parent run stays FINISHED."""
+    space are refused before any trial runs, naming the setting, and the finished parent run stays FINISHED.
+    The search's state (Tune's experiment, its stored spec, the best config) lives on the S3-compatible store,
+    so the extension restores Tune from there."""
     import copy
 
     from metallo_core.tuning.resume import SearchChanged
 
     config = load_config(FinetuneSearchConfig, REPO / "tuning/configs/finetune_tiny_cpu.yaml", [
         f"evaluate.data.uri={fewshot_data}", "evaluate.episodes.query=5", "evaluate.finetune.steps=1",
-        "val_tasks=4", "report_every_tasks=4", "search.name=ft-change", "search.num_samples=2", "final_test=false"])
+        "val_tasks=4", "report_every_tasks=4", "search.name=ft-change", "search.num_samples=2", "final_test=false",
+        f"search.storage=s3://{s3_bucket}/searches"])
     config.space["finetune.steps"] = {"choice": [1, 2]}
     first = run_finetune_search(config)
     client = tracking.client()
@@ -162,3 +163,5 @@ def test_a_search_run_again_with_changed_settings_extends_or_is_refused(fewshot_
     assert parent_tags["metallo.tune.best_trial"] == extended.best_trial
     best_lr = float(best_child.data.params["finetune.lr"])
     assert float(parent_tags["metallo.tune.best.finetune.lr"]) == pytest.approx(best_lr)
+    assert extended.best_config == [f"s3://{s3_bucket}/searches/ft-change/best_config.yaml"]
+    assert locate(extended.best_config[0]).exists()
