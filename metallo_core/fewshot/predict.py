@@ -120,16 +120,13 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
     logits = query_logits(model.classifier, support_features, support_labels, query_features, way, settings.inference)
     probabilities = logits.float().softmax(dim=1)
     nearest = _nearest(model, _mean_by_owner(query_features, owner, count), support_image_features)
-    means, predicted, tiles, votes = [], [], [], []
-    for index in range(count):
-        rows = torch.as_tensor(owner == index, device=probabilities.device)
-        mean = probabilities[rows].mean(dim=0)
-        means.append(mean)
-        predicted.append(int(mean.argmax()))
-        tiles.append(int(rows.sum()))
-        votes.append(dict(Counter(probabilities[rows].argmax(dim=1).tolist()).most_common()))
-    return QueryPredictions(torch.stack(means) if means else probabilities.new_zeros(0, way), predicted, tiles,
-                            votes, nearest.tolist())
+    means = _mean_by_owner(probabilities, owner, count)
+    # One pass over the tiles, not one per image: each image's tile classes in tile order (ties: first voted).
+    order = np.argsort(owner, kind="stable")
+    tiles = np.bincount(owner, minlength=count)
+    per_image = np.split(probabilities.argmax(dim=1).cpu().numpy()[order], np.cumsum(tiles)[:-1]) if count else []
+    votes = [dict(Counter(classes.tolist()).most_common()) for classes in per_image]
+    return QueryPredictions(means, means.argmax(dim=1).tolist(), tiles.tolist(), votes, nearest.tolist())
 
 
 def feature_engine(model: ProtoNet, normalizer: ImageNormalizer) -> FinetuneEngine:
