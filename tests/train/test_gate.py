@@ -3,9 +3,14 @@ tasks is registered (lineage) but does not get the alias unless forced; one that
 nothing to compare with, the alias moves as it always did.
 
 The two backbones are the offline ImageNet EfficientNet-Lite0 run at 32 px (pretrained) and the same network
-with random weights, whose features barely separate the synthetic classes (the first test checks the gap)."""
+with random weights, whose features barely separate the synthetic classes (the first test checks the gap).
+
+Each backbone is logged once per module (`logged`) and registered as new versions of that logged model:
+what is judged is the gate's choice of alias, and logging (exporting) an EfficientNet again for every
+version would take most of this file's time. The last two tests register through the stages' own code."""
 
 import json
+import shutil
 
 import mlflow
 import pytest
@@ -18,7 +23,7 @@ from metallo_core.models.backbones import build_backbone
 from metallo_core.models.sources import OFFLINE_IMAGENET, backbone_from_source, offline_imagenet_spec
 from metallo_core.settings import GateSettings, RegistrySettings
 from metallo_core.tracking.backbone_store import log_backbone
-from metallo_core.tracking.registry import alias_version
+from metallo_core.tracking.registry import alias_version, point_alias
 from metallo_core.train.gate import VERDICT_ARTIFACT, gate_and_register
 from tests.fewshot_fixtures import write_tiny_fewshot
 
@@ -47,6 +52,10 @@ def pretrained_backbone():
     return backbone
 
 
+BACKBONES = {"pretrained": pretrained_backbone, "random": random_backbone,
+             "random, seed 1": lambda: random_backbone(seed=1)}
+
+
 def new_run() -> str:
     tracking.configure()
     mlflow.set_experiment(experiment_id=tracking.ensure_experiment("test-gate"))
@@ -55,10 +64,40 @@ def new_run() -> str:
     return run.info.run_id
 
 
-def register_at_alias(backbone) -> str:
-    registered = log_backbone(new_run(), backbone, SPEC, registered_name=REGISTRY.name, tags={},
-                              alias=REGISTRY.alias)
-    return registered.version
+@pytest.fixture(scope="module")
+def logged_store(tmp_path_factory):
+    """A tracking store (METALLO_HOME) holding each backbone of BACKBONES logged once, and kind -> (the
+    backbone, its logged model's models:/m-... URI)."""
+    home = tmp_path_factory.mktemp("gate-home")
+    backbones = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(tracking.ENV_HOME, str(home))
+        patch.delenv(tracking.ENV_TRACKING_URI, raising=False)
+        for kind, build in BACKBONES.items():
+            backbone = build()
+            registered = log_backbone(new_run(), backbone, SPEC, registered_name="test-gate-logged", tags={})
+            backbones[kind] = backbone, f"models:/{registered.model_id}"
+    return home, backbones
+
+
+@pytest.fixture
+def logged(logged_store, isolated_tracking):
+    """This test's own store starts as a copy of `logged_store`; kind -> (backbone, logged model URI)."""
+    home, backbones = logged_store
+    shutil.copytree(home, isolated_tracking, dirs_exist_ok=True)
+    return backbones.__getitem__
+
+
+def register_version(logged_uri: str, tags: dict[str, str]) -> str:
+    """A new version of REGISTRY.name holding the logged model `logged_uri` (as log_backbone registers)."""
+    tracking.configure()
+    return str(mlflow.register_model(logged_uri, REGISTRY.name, tags=tags).version)
+
+
+def register_at_alias(logged, kind: str) -> str:
+    version = register_version(logged(kind)[1], {})
+    point_alias(f"models:/{REGISTRY.name}/{version}", REGISTRY.alias)
+    return version
 
 
 def gate_settings(data, **changes) -> GateSettings:
@@ -66,11 +105,13 @@ def gate_settings(data, **changes) -> GateSettings:
     return GateSettings(**{**settings, **changes})
 
 
-def gated(candidate, gate: GateSettings, input_source: str = "scratch", run_id: str | None = None):
+def gated(logged, kind: str, gate: GateSettings, input_source: str = "scratch", run_id: str | None = None):
+    """Gate the backbone of `kind` as the output of a pretraining run (`run_id` or a new one)."""
     run_id = run_id or new_run()
+    candidate, logged_uri = logged(kind)
 
     def register(identity):
-        return log_backbone(run_id, candidate, SPEC, registered_name=REGISTRY.name, tags=identity).uri
+        return f"models:/{REGISTRY.name}/{register_version(logged_uri, identity)}"
 
     outcome = gate_and_register(stage="pretrain", gate=gate, registry=REGISTRY, run_id=run_id, epochs_done=1,
                                 candidate=candidate, candidate_spec=SPEC, input_source=input_source,
@@ -92,9 +133,9 @@ def test_the_probe_scores_the_same_tasks_and_separates_the_two_backbones(data):
     assert again.task_accuracies == random.task_accuracies  # same tasks, same order
 
 
-def test_an_output_worse_than_the_alias_is_registered_but_does_not_get_the_alias(data):
-    previous = register_at_alias(pretrained_backbone())
-    run_id, outcome = gated(random_backbone(), gate_settings(data))
+def test_an_output_worse_than_the_alias_is_registered_but_does_not_get_the_alias(data, logged):
+    previous = register_at_alias(logged, "pretrained")
+    run_id, outcome = gated(logged, "random", gate_settings(data))
     assert not outcome.verdict.kept and not outcome.alias_moved
     assert outcome.verdict.gain.mean + outcome.verdict.gain.ci95 < 0
     assert outcome.verdict.baseline == f"metallo-backbone@current (v{previous})"
@@ -111,56 +152,56 @@ def test_an_output_worse_than_the_alias_is_registered_but_does_not_get_the_alias
     assert verdict["kept"] is False and verdict["tasks"] == 30 and "the baseline stays" in verdict["reason"]
 
 
-def test_force_moves_the_alias_to_an_output_that_did_not_help(data):
-    register_at_alias(pretrained_backbone())
-    _, outcome = gated(random_backbone(), gate_settings(data, force=True))
+def test_force_moves_the_alias_to_an_output_that_did_not_help(data, logged):
+    register_at_alias(logged, "pretrained")
+    _, outcome = gated(logged, "random", gate_settings(data, force=True))
     assert not outcome.verdict.kept and outcome.alias_moved
     new_version = outcome.model_uri.rsplit("/", 1)[1]
     assert alias_version(REGISTRY.name, REGISTRY.alias) == new_version
     assert version_tags(new_version)["metallo.gate.forced"] == "true"
 
 
-def test_a_finished_run_submitted_again_with_force_moves_the_alias_to_the_version_it_registered(data):
-    previous = register_at_alias(pretrained_backbone())
-    run_id, first = gated(random_backbone(), gate_settings(data))
+def test_a_finished_run_submitted_again_with_force_moves_the_alias_to_the_version_it_registered(data, logged):
+    previous = register_at_alias(logged, "pretrained")
+    run_id, first = gated(logged, "random", gate_settings(data))
     assert not first.alias_moved and alias_version(REGISTRY.name, REGISTRY.alias) == previous
-    _, again = gated(random_backbone(), gate_settings(data, force=True), run_id=run_id)
+    _, again = gated(logged, "random", gate_settings(data, force=True), run_id=run_id)
     assert again.model_uri == first.model_uri  # registered once per (run, epochs done)
     assert again.alias_moved and alias_version(REGISTRY.name, REGISTRY.alias) == first.model_uri.rsplit("/", 1)[1]
 
 
-def test_an_output_better_than_the_alias_gets_the_alias(data):
-    register_at_alias(random_backbone())
-    _, outcome = gated(pretrained_backbone(), gate_settings(data))
+def test_an_output_better_than_the_alias_gets_the_alias(data, logged):
+    register_at_alias(logged, "random")
+    _, outcome = gated(logged, "pretrained", gate_settings(data))
     assert outcome.verdict.kept and outcome.alias_moved and outcome.verdict.gain.mean > 0.1
     assert alias_version(REGISTRY.name, REGISTRY.alias) == outcome.model_uri.rsplit("/", 1)[1]
     assert version_tags(outcome.model_uri.rsplit("/", 1)[1])["metallo.gate.kept"] == "true"
 
 
-def test_baseline_input_compares_with_the_starting_weights_not_the_alias(data):
-    register_at_alias(random_backbone(seed=1))  # as bad as the candidate: the gain would include 0
-    _, outcome = gated(random_backbone(), gate_settings(data, baseline="input"), input_source=OFFLINE_IMAGENET)
+def test_baseline_input_compares_with_the_starting_weights_not_the_alias(data, logged):
+    register_at_alias(logged, "random, seed 1")  # as bad as the candidate: the gain would include 0
+    _, outcome = gated(logged, "random", gate_settings(data, baseline="input"), input_source=OFFLINE_IMAGENET)
     assert not outcome.verdict.kept and not outcome.alias_moved
     assert outcome.verdict.baseline == f"the starting weights {OFFLINE_IMAGENET}"
     assert outcome.verdict.gain.mean + outcome.verdict.gain.ci95 < 0
 
 
-def test_a_scratch_start_with_no_alias_yet_has_nothing_to_compare_and_moves_the_alias(data):
-    _, outcome = gated(random_backbone(), gate_settings(data))
+def test_a_scratch_start_with_no_alias_yet_has_nothing_to_compare_and_moves_the_alias(data, logged):
+    _, outcome = gated(logged, "random", gate_settings(data))
     assert outcome.verdict.kept and not outcome.verdict.compared and outcome.alias_moved
     assert "no baseline to compare with" in outcome.verdict.reason
     assert "no model at metallo-backbone@current" in outcome.verdict.reason
     assert alias_version(REGISTRY.name, REGISTRY.alias) == outcome.model_uri.rsplit("/", 1)[1]
 
 
-def test_without_a_gate_the_alias_moves_to_a_new_version_as_before(data):
-    previous = register_at_alias(pretrained_backbone())
-    run_id, outcome = gated(random_backbone(), GateSettings())
+def test_without_a_gate_the_alias_moves_to_a_new_version_as_before(data, logged):
+    previous = register_at_alias(logged, "pretrained")
+    run_id, outcome = gated(logged, "random", GateSettings())
     assert outcome.verdict is None and outcome.alias_moved
     assert alias_version(REGISTRY.name, REGISTRY.alias) == outcome.model_uri.rsplit("/", 1)[1] != previous
     # A finished run submitted again registers nothing new and leaves the alias where it is now.
-    newer = register_at_alias(pretrained_backbone())
-    _, again = gated(random_backbone(), GateSettings(), run_id=run_id)
+    newer = register_at_alias(logged, "pretrained")
+    _, again = gated(logged, "random", GateSettings(), run_id=run_id)
     assert again.model_uri == outcome.model_uri and not again.alias_moved
     assert alias_version(REGISTRY.name, REGISTRY.alias) == newer
 
