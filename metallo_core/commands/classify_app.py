@@ -43,7 +43,12 @@ from metallo_core.csv_output import escaped_names, write_csv_atomically
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.image_files import is_image_file, list_image_files, list_image_listing, read_file_bytes
 from metallo_core.data.images import decode_rgb
-from metallo_core.data.microscope import MicroscopeMetadata, crop_with_data_bar, read_microscope_metadata
+from metallo_core.data.microscope import (
+    MicroscopeMetadata,
+    crop_with_data_bar,
+    read_microscope_metadata,
+    read_microscope_metadata_of,
+)
 from metallo_core.errors import ConfigError, DataError
 from metallo_core.fewshot.inference import TRANSDUCTIVE, InferenceSettings
 from metallo_core.fewshot.physical_scale import ScalePlan, plan_physical_scale
@@ -213,8 +218,8 @@ def classify(
 
     classes = list(support_files)
     flat_support = [path for name in classes for path in support_files[name]]
-    support_metadata = [read_microscope_metadata(read_file_bytes(path), str(path)) for path in flat_support]
-    query_metadata = [read_microscope_metadata(read_file_bytes(path), str(path)) for path in query_files]
+    support_metadata = [read_microscope_metadata_of(path) for path in flat_support]
+    query_metadata = [read_microscope_metadata_of(path) for path in query_files]
     plan = _physical_scale(flat_support, support_metadata, query_files, query_metadata, settings)
     support = load_tiles(flat_support, size, settings.tile, crop=settings.crop, metadata=support_metadata,
                          factors=plan.support_factors)

@@ -29,6 +29,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import tifffile
 
@@ -50,6 +51,7 @@ UNIT_METRES = {
     "nm": 1e-9, "pm": 1e-12, "å": 1e-10, "angstrom": 1e-10, "a": 1e-10,
 }
 _ANISOTROPY_TOLERANCE = 0.01
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,26 @@ class MicroscopeMetadata:
     data_bar_rows: int | None = None
 
 
+def read_microscope_metadata_of(path: Path) -> MicroscopeMetadata:
+    """`read_microscope_metadata` of a local file, reading only its first bytes when it is no TIFF (so a
+    folder of PNGs is not read twice); DataError naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            if stream.read(4) not in TIFF_MAGIC:
+                return MicroscopeMetadata()
+            stream.seek(0)
+            data = stream.read()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from exc
+    return read_microscope_metadata(data, str(path))
+
+
 def read_microscope_metadata(data: bytes, source: str) -> MicroscopeMetadata:
     """The scale metadata of one file's bytes (see the module docstring); `source` names it in errors.
 
     Raises DataError when the file carries microscope tags without a readable length calibration.
     Files that are not TIFF, or TIFF without microscope tags, give an empty MicroscopeMetadata."""
-    if data[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if data[:4] not in TIFF_MAGIC:
         return MicroscopeMetadata()
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:

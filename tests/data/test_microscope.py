@@ -13,7 +13,12 @@ from PIL import Image
 
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.decode import decode_to_rgb8
-from metallo_core.data.microscope import crop_with_data_bar, read_microscope_metadata
+from metallo_core.data.microscope import (
+    MicroscopeMetadata,
+    crop_with_data_bar,
+    read_microscope_metadata,
+    read_microscope_metadata_of,
+)
 from metallo_core.errors import DataError
 from tests.microscope_files import fei_tiff, imagej_tiff, zeiss_tiff
 
@@ -92,3 +97,14 @@ def test_the_data_bar_is_cut_exactly_and_an_explicit_bottom_crop_wins():
     explicit, cut = crop_with_data_bar(EdgeCrop.parse("bottom=20"), found).apply(rgb, "a.tif")
     assert cut == 20 and explicit.shape[0] == 52
     assert crop_with_data_bar(EdgeCrop(), read_microscope_metadata(zeiss_tiff(PIXELS, 1e-8), "z")) == EdgeCrop()
+
+
+def test_a_local_file_is_read_whole_only_when_it_is_a_tiff(tmp_path):
+    (tmp_path / "a.tif").write_bytes(fei_tiff(PIXELS, 3e-9, data_bar_rows=5))
+    Image.fromarray(PIXELS).save(tmp_path / "b.png")
+    found = read_microscope_metadata_of(tmp_path / "a.tif")
+    assert found.pixel_size is not None and found.pixel_size.nanometres == pytest.approx(3.0)
+    assert found.data_bar_rows == 5
+    assert read_microscope_metadata_of(tmp_path / "b.png") == MicroscopeMetadata()
+    with pytest.raises(DataError, match=r"missing\.tif: cannot be read"):
+        read_microscope_metadata_of(tmp_path / "missing.tif")
