@@ -64,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="cut large images into PX x PX tiles at the training scale (0: whole image resized)")
     parser.add_argument("--query-scale", type=float, default=1.0,
                         help="resample queries by this factor first, when imaged at another pixel size "
-                             "than the support")
+                             "than the support. Not needed when every file carries its pixel size (SEM/TEM TIFF "
+                             "metadata): then all images are brought to one physical scale, and a data bar the "
+                             "metadata measures is cut exactly")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -102,12 +104,14 @@ def _classify(args: argparse.Namespace) -> int:
                           "finetuned": result.finetuned, "finetune": {"settings": result.finetune_settings,
                                                                        "source": result.finetune_source},
                           "inference": {"settings": result.inference, "source": result.inference_source},
-                          "crop": result.crop, "query_images_per_s": result.query_images_per_s}))
+                          "crop": result.crop, "physical_scale": result.physical_scale,
+                          "query_images_per_s": result.query_images_per_s}))
     else:
         print(f"{len(result.predictions)} image(s) classified into {len(result.classes)} classes "
               f"({', '.join(f'{escape_name(name)}: {count}' for name, count in counts.items())}); "
               f"{result.query_images_per_s:.1f} images/s")
         print(f"crop: {result.crop}")
+        print(f"physical scale: {result.physical_scale}")
         print(f"inference: {describe_inference(result.inference)}, from {result.inference_source}")
         if result.finetuned:
             print(f"fine-tuned with {result.finetune_settings}, from {result.finetune_source}")

@@ -16,9 +16,12 @@ support and query images alike. Then each image is resized whole (`tile = 0`) or
 (`tile = PX`) as `metallo_core/fewshot/tiles.py` describes. Support tiles all become samples of their
 class; a query's class probabilities are the mean over its tiles, and the CSV reports how many tiles
 voted for each class.
-Magnification: support and query images are assumed to be taken at the same magnification (the
-support defines what each class looks like). When the queries were imaged at another pixel size,
-`query_scale` resamples them first (e.g. 0.5 for queries at twice the support's magnification).
+Magnification: when every support and query file carries its pixel size (SEM/TEM TIFF metadata, read by
+`metallo_core/data/microscope.py`), all are resampled to one common pixel size first
+(`metallo_core/fewshot/physical_scale.py`), and a data bar the metadata measures is cut exactly. Otherwise
+support and query images are assumed to be taken at the same magnification (the support defines what each
+class looks like); when the queries were imaged at another pixel size, `query_scale` resamples them first
+(e.g. 0.5 for queries at twice the support's magnification).
 """
 
 from __future__ import annotations
@@ -40,8 +43,15 @@ from metallo_core.csv_output import escaped_names, write_csv_atomically
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.image_files import is_image_file, list_image_files, list_image_listing, read_file_bytes
 from metallo_core.data.images import decode_rgb
+from metallo_core.data.microscope import (
+    MicroscopeMetadata,
+    crop_with_data_bar,
+    read_microscope_metadata,
+    read_microscope_metadata_of,
+)
 from metallo_core.errors import ConfigError, DataError
 from metallo_core.fewshot.inference import TRANSDUCTIVE, InferenceSettings
+from metallo_core.fewshot.physical_scale import ScalePlan, plan_physical_scale
 from metallo_core.fewshot.predict import PredictListener, PredictSettings, predict
 from metallo_core.fewshot.protonet import ImageNormalizer
 from metallo_core.fewshot.tiles import TiledImages, image_tiles
@@ -99,6 +109,7 @@ class Prediction:
     nearest_support: str
     tiles: int
     tile_votes: dict[str, int] = field(default_factory=dict)
+    pixel_size_nm: float | None = None  # nm per pixel of the image after the scale step (None: unknown)
 
 
 @dataclass
@@ -115,6 +126,7 @@ class ClassifyResult:
     finetune_source: str = ""  # where they came from, in words
     inference: dict | None = None  # the inference settings used (fewshot.inference)
     inference_source: str = ""  # where they came from, in words
+    physical_scale: str = ""  # the physical-scale step's outcome, in words (fewshot.physical_scale)
 
 
 @dataclass
@@ -156,14 +168,18 @@ def list_queries(query: str | os.PathLike) -> tuple[Path, list[Path]]:
     return path, list_image_files(path, "--query")
 
 
-def load_tiles(files: list[Path], size: int, tile: int, scale: float = 1.0,
-               crop: EdgeCrop | None = None) -> CroppedTiles:
+def load_tiles(files: list[Path], size: int, tile: int, scale: float = 1.0, crop: EdgeCrop | None = None,
+               metadata: list[MicroscopeMetadata] | None = None, factors: list[float] | None = None) -> CroppedTiles:
     """The files decoded, cropped and tiled (`fewshot.tiles.image_tiles`) into (T, size, size, 3) uint8 tiles;
-    DataError naming the file for one that cannot be decoded or cropped."""
+    DataError naming the file for one that cannot be decoded or cropped. A data bar the file's metadata
+    measures is cut exactly (`data.microscope.crop_with_data_bar`; `metadata` per file, read here when not
+    given); `factors`, when given, are per-file resampling factors used instead of `scale`."""
     tiles, owner, bottom_cropped = [], [], []
     for index, path in enumerate(files):
-        pixels, cut = (crop or EdgeCrop()).apply(decode_rgb(read_file_bytes(path), str(path)), str(path))
-        pieces = image_tiles(pixels, size, tile, scale)
+        data = read_file_bytes(path)
+        found = metadata[index] if metadata is not None else read_microscope_metadata(data, str(path))
+        pixels, cut = crop_with_data_bar(crop or EdgeCrop(), found).apply(decode_rgb(data, str(path)), str(path))
+        pieces = image_tiles(pixels, size, tile, factors[index] if factors is not None else scale)
         tiles.append(pieces)
         owner.append(np.full(len(pieces), index))
         bottom_cropped.append(cut)
@@ -202,13 +218,21 @@ def classify(
 
     classes = list(support_files)
     flat_support = [path for name in classes for path in support_files[name]]
-    support = load_tiles(flat_support, size, settings.tile, crop=settings.crop)
+    support_metadata = [read_microscope_metadata_of(path) for path in flat_support]
+    query_metadata = [read_microscope_metadata_of(path) for path in query_files]
+    plan = _physical_scale(flat_support, support_metadata, query_files, query_metadata, settings)
+    support = load_tiles(flat_support, size, settings.tile, crop=settings.crop, metadata=support_metadata,
+                         factors=plan.support_factors)
     image_labels = np.concatenate([np.full(len(support_files[name]), i) for i, name in enumerate(classes)])
-    chunks = [query_files[start:start + settings.batch_size]
+    chunks = [range(start, min(start + settings.batch_size, len(query_files)))
               for start in range(0, len(query_files), settings.batch_size)]
+    query_factors = plan.query_factors if plan.target_m else [settings.query_scale] * len(query_files)
     query_cropped: list[int] = []
     reporter = _Reporter(len(query_files))
-    found = predict(model, normalizer, support, image_labels, _prefetched_tiles(chunks, size, settings, query_cropped),
+    found = predict(model, normalizer, support, image_labels,
+                    _prefetched_tiles([([query_files[i] for i in chunk], [query_metadata[i] for i in chunk],
+                                        [query_factors[i] for i in chunk]) for chunk in chunks],
+                                      size, settings, query_cropped),
                     PredictSettings(inference, chosen.settings if chosen else None, settings.batch_size,
                                     settings.precision), reporter)
     support_root = Path(support_dir).expanduser()
@@ -219,6 +243,7 @@ def classify(
         nearest_support=flat_support[found.nearest_support[index]].relative_to(support_root).as_posix(),
         tiles=found.tiles[index],
         tile_votes={classes[label]: count for label, count in found.tile_votes[index].items()},
+        pixel_size_nm=_used_pixel_size_nm(query_metadata[index], query_factors[index]),
     ) for index, path in enumerate(query_files)]
     rate = reporter.finish_queries()
     result = ClassifyResult(model_uri, classes, {name: len(files) for name, files in support_files.items()},
@@ -226,7 +251,8 @@ def classify(
                             crop=describe_crop(settings.crop, support.bottom_cropped + query_cropped),
                             finetune_settings=to_dict(chosen.settings) if chosen else None,
                             finetune_source=chosen.source if chosen else "",
-                            inference=to_dict(inference), inference_source=inference_source)
+                            inference=to_dict(inference), inference_source=inference_source,
+                            physical_scale=plan.description)
     if out is not None:
         result.out = write_predictions(predictions, classes, out)
     return result
@@ -245,16 +271,40 @@ def classify_inference(model_uri: str, settings: ClassifySettings) -> tuple[Infe
     return inference, source
 
 
-def _prefetched_tiles(chunks: list[list[Path]], size: int, settings: ClassifySettings,
-                      bottom_cropped: list[int]) -> Iterator[CroppedTiles]:
+def _physical_scale(support_files: list[Path], support_metadata: list[MicroscopeMetadata], query_files: list[Path],
+                    query_metadata: list[MicroscopeMetadata], settings: ClassifySettings) -> ScalePlan:
+    """The physical-scale plan of this support+query set, said on stderr; ConfigError for a --query-scale
+    that would fight it."""
+    def sizes(metadata: list[MicroscopeMetadata]) -> list[float | None]:
+        return [found.pixel_size.metres if found.pixel_size else None for found in metadata]
+
+    plan = plan_physical_scale(sizes(support_metadata), sizes(query_metadata), [str(p) for p in query_files],
+                               [str(p) for p in support_files])
+    if plan.target_m is not None and settings.query_scale != 1.0:
+        raise ConfigError(f"--query-scale {settings.query_scale:g}: every image has its pixel size, so classify "
+                          "already brings them to one scale; drop --query-scale")
+    fallback = ("; --query-scale applies" if settings.query_scale != 1.0 else "") if plan.target_m is None else ""
+    print(f"[classify] physical scale: {plan.description}{fallback}", file=sys.stderr, flush=True)
+    return plan
+
+
+def _used_pixel_size_nm(metadata: MicroscopeMetadata, factor: float) -> float | None:
+    """nm per pixel of the image after resampling by `factor` (None when its pixel size is unknown)."""
+    return metadata.pixel_size.nanometres / factor if metadata.pixel_size else None
+
+
+def _prefetched_tiles(chunks: list[tuple[list[Path], list[MicroscopeMetadata], list[float]]], size: int,
+                      settings: ClassifySettings, bottom_cropped: list[int]) -> Iterator[CroppedTiles]:
     """The chunks' tiles, decoding the next chunk in a thread while the caller embeds the current one
     (PIL releases the GIL), so the embedding pass, not decoding, bounds the throughput. Each chunk's
     rows cut by the crop are appended to `bottom_cropped`."""
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        def decode(chunk: list[Path]) -> Future[CroppedTiles]:
-            return pool.submit(load_tiles, chunk, size, settings.tile, settings.query_scale, settings.crop)
+        def decode(chunk: tuple[list[Path], list[MicroscopeMetadata], list[float]]) -> Future[CroppedTiles]:
+            files, metadata, factors = chunk
+            return pool.submit(load_tiles, files, size, settings.tile, settings.query_scale, settings.crop,
+                               metadata, factors)
 
         pending = decode(chunks[0])
         for index in range(len(chunks)):
@@ -303,16 +353,20 @@ class _Reporter(PredictListener):
 def describe_crop(crop: EdgeCrop, bottom_cropped: list[int]) -> str:
     """Which crop classify used, for its summary: `none`, `bottom=64`, or \
 `auto (bar of 40-42 rows in 6 of 9 images)`."""
-    if not crop.auto_bottom:
-        return crop.describe()
     found = [rows for rows in bottom_cropped if rows]
+    if not crop.auto_bottom:
+        if crop.bottom or not found:
+            return crop.describe()
+        return (f"{crop.describe()} (data bar of {min(found)}-{max(found)} rows, measured by the files' metadata, "
+                f"cut from {len(found)} of {len(bottom_cropped)} images)")
     bars = (f"bar of {min(found)}-{max(found)} rows cut from {len(found)} of {len(bottom_cropped)} images"
             if found else f"no bar found in {len(bottom_cropped)} images")
     return f"{crop.describe()} ({bars})"
 
 
 def prediction_columns(classes: list[str]) -> list[str]:
-    return ["file", "predicted", *(f"p_{name}" for name in classes), "nearest_support", "tiles", "tile_votes"]
+    return ["file", "predicted", *(f"p_{name}" for name in classes), "nearest_support", "tiles", "tile_votes",
+            "pixel_size_nm"]
 
 
 def write_predictions(predictions: list[Prediction], classes: list[str], out: str | os.PathLike) -> str:
@@ -324,5 +378,6 @@ def write_predictions(predictions: list[Prediction], classes: list[str], out: st
         print(f"[classify] warning: the name {escaped!r} is not valid UTF-8; written to the CSV with \\xNN escapes",
               file=sys.stderr, flush=True)
     rows = ([p.file, p.predicted, *(f"{p.probabilities[name]:.6f}" for name in classes), p.nearest_support, p.tiles,
-             ";".join(f"{name}:{count}" for name, count in p.tile_votes.items())] for p in predictions)
+             ";".join(f"{name}:{count}" for name, count in p.tile_votes.items()),
+             "" if p.pixel_size_nm is None else f"{p.pixel_size_nm:.6g}"] for p in predictions)
     return write_csv_atomically(out, prediction_columns(classes), rows, "predictions")

@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                     "bottom=0.1 (fraction), bottom=0.08,left=12, or auto (find a bar at the "
                                     "bottom of each image; refuses when unsure). Recorded in the manifest; "
                                     "training reads the cropped images")
+    ingest_parser.add_argument("--pixel-size-nm", type=float, default=None, metavar="NM",
+                               help="imagefolder: resample every image to NM nanometres per pixel from its "
+                                    "microscope metadata (SEM/TEM TIFF: FEI/Thermo, Zeiss, ...), so one texture "
+                                    "has one scale whatever the magnification; an image without a pixel size, or "
+                                    "one it would enlarge over 2x, is a bad input (--on-error). Not with --size. "
+                                    "Without it images keep their pixels; either way a data bar the metadata "
+                                    "measures is cut exactly and the pixel sizes found are in the manifest")
     ingest_parser.add_argument("--split-classes", default=None,
                                help="imagefolder: seeded class-disjoint split, e.g. 15,5,5 (train,val,test)")
     ingest_parser.add_argument("--split-rows", default=None,
@@ -116,7 +123,7 @@ def _ingest(args: argparse.Namespace) -> int:
                                                     "--synset-names": args.synset_names})
     options = IngestOptions(
         size=args.size, on_error=args.on_error, overwrite=args.overwrite, seed=args.seed, name=args.name,
-        crop=EdgeCrop.parse(args.crop),
+        crop=EdgeCrop.parse(args.crop), pixel_size_nm=args.pixel_size_nm,
     )
     # Options only some formats take: flag -> (value given, those formats).
     format_only = {
@@ -124,6 +131,7 @@ def _ingest(args: argparse.Namespace) -> int:
         "--split-rows": (args.split_rows, ("imagefolder",)),
         "--unlabelled": (args.unlabelled, ("imagefolder",)),
         "--crop": (args.crop, ("imagefolder",)),
+        "--pixel-size-nm": (args.pixel_size_nm, ("imagefolder",)),
         "--splits-dir": (args.splits_dir, ("cifar-fs",)),
         "--workers": (args.workers, ("imagenet",)),
         "--chunk-size": (args.chunk_size, ("imagenet",)),
@@ -198,9 +206,24 @@ def _print_summary(manifest: Manifest, uri: str, as_json: bool) -> None:
         print("ignored   " + ", ".join(f"{count} {what}" for what, count in ignored.items()))
     if manifest.source.get("crop", "none") != "none":
         print(f"crop      {manifest.source['crop']}" + _bars(manifest.source.get("crop_auto_bars")))
+    scale = manifest.source.get("pixel_sizes") or {}
+    if scale.get("with_pixel_size") or manifest.source.get("pixel_size_nm"):
+        print(f"scale     {_scale(scale, manifest.source.get('pixel_size_nm'))}")
     if manifest.source.get("decode_notes_count"):
         print(f"decoding  {manifest.source['decode_notes_count']} image(s) changed by the decoder (16-bit/float "
               "range, orientation, alpha, frames): listed in the manifest's source.decode_notes")
+
+
+def _scale(found: dict, target_nm: float | None) -> str:
+    """The manifest's pixel sizes in words: `12 of 12 images with a pixel size (10-40 nm), resampled to 20 nm`."""
+    text = f"{found.get('with_pixel_size', 0)} of {found.get('images', 0)} images with a pixel size"
+    if found.get("with_pixel_size"):
+        text += f" ({found['min_nm']:.4g}-{found['max_nm']:.4g} nm in the files)"
+    if target_nm:
+        text += f", resampled to {target_nm:g} nm per pixel"
+    if found.get("data_bars_from_metadata"):
+        text += f"; {found['data_bars_from_metadata']} data bar(s) measured by the metadata cut"
+    return text
 
 
 def _bars(found: dict | None) -> str:

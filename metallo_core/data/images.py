@@ -55,26 +55,27 @@ def probe_image(data: bytes, source: str) -> ImageInfo:
     return prepare_bytes(data, source).info
 
 
-def prepare_bytes(data: bytes, source: str, size: int | None = None, crop: EdgeCrop | None = None) -> PreparedBytes:
-    """Validate (a full decode) and, only when a `size` or a `crop` changes the pixels, re-encode.
+def prepare_bytes(data: bytes, source: str, size: int | None = None, crop: EdgeCrop | None = None,
+                  scale: float = 1.0) -> PreparedBytes:
+    """Validate (a full decode) and, only when a `size`, a `crop` or a `scale` changes the pixels, re-encode.
 
-    Without either, or with a `size` the shorter side already has, the bytes stay as given (a JPEG is not
-    compressed twice for nothing). Otherwise the image is cropped, then resized so its shorter side is `size`
-    px (aspect kept), and stored lossless (PNG, 8-bit, or 16-bit for deeper grey data) unless it came as
-    JPEG (then JPEG q95)."""
+    Without them, or with a `size` the shorter side already has, the bytes stay as given (a JPEG is not
+    compressed twice for nothing). Otherwise the image is cropped, resampled by `scale` (a physical-scale
+    factor: > 1 enlarges), then resized so its shorter side is `size` px (aspect kept), and stored lossless
+    (PNG, 8-bit, or 16-bit for deeper grey data) unless it came as JPEG (then JPEG q95)."""
     raw = read_pixels(data, source)
     rgb8 = render_rgb8(raw, source)  # proves the file renders (e.g. not all-NaN) and records the notes
     notes = list(raw.notes)
     report_notes(source, notes)
     crop = crop or EdgeCrop()
-    if crop.is_identity and (size is None or size == min(rgb8.shape[:2])):
+    if crop.is_identity and scale == 1.0 and (size is None or size == min(rgb8.shape[:2])):
         height, width = rgb8.shape[:2]
         return PreparedBytes(data, ImageInfo(height, width, raw.encoding), notes)
-    return _reencode(raw, rgb8, source, size, crop, notes)
+    return _reencode(raw, rgb8, source, size, crop, notes, scale)
 
 
 def _reencode(raw: RawPixels, rgb8: np.ndarray, source: str, size: int | None, crop: EdgeCrop,
-              notes: list[str]) -> PreparedBytes:
+              notes: list[str], scale: float = 1.0) -> PreparedBytes:
     values = raw.values
     if raw.alpha is not None or values.dtype == np.bool_ or (values.ndim == 3 and values.dtype != np.uint8):
         values = rgb8  # alpha composited / 1-bit / deep colour (PIL writes no 48-bit PNG): the 8-bit rendering
@@ -82,17 +83,11 @@ def _reencode(raw: RawPixels, rgb8: np.ndarray, source: str, size: int | None, c
         # 32-bit and float grey: keep the detail in 16 bits, over the same robust range the decoder uses.
         values = np.clip(stretch_to_8bit(values, source, []) * 257.0 + 0.5, 0, 65535).astype(np.uint16)
     values, bottom = crop.apply(values, source, rgb8)
-    height, width = values.shape[:2]
-    if size is not None:
-        scale = size / min(height, width)
-        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        if values.dtype == np.uint16:
-            resized = Image.fromarray(values.astype(np.float32), mode="F").resize(new_size, Image.BILINEAR)
-            image = Image.fromarray(np.clip(np.asarray(resized) + 0.5, 0, 65535).astype(np.uint16))
-        else:
-            image = Image.fromarray(values).resize(new_size, Image.BILINEAR, reducing_gap=3.0)
-    else:
-        image = Image.fromarray(values)
+    if scale != 1.0:
+        values = _resampled(values, scale)
+    if size is not None and size != min(values.shape[:2]):
+        values = _resampled(values, size / min(values.shape[:2]))
+    image = Image.fromarray(values)
     encoding = "jpeg" if raw.encoding == "jpeg" and values.dtype == np.uint8 else "png"
     buffer = io.BytesIO()
     if encoding == "png":
@@ -100,6 +95,16 @@ def _reencode(raw: RawPixels, rgb8: np.ndarray, source: str, size: int | None, c
     else:
         image.save(buffer, format="JPEG", quality=95)
     return PreparedBytes(buffer.getvalue(), ImageInfo(image.height, image.width, encoding), notes, bottom)
+
+
+def _resampled(values: np.ndarray, factor: float) -> np.ndarray:
+    """(H, W[, 3]) uint8 or uint16 grey resampled by `factor` (bilinear; 16-bit detail kept)."""
+    height, width = values.shape[:2]
+    new_size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    if values.dtype == np.uint16:
+        resized = Image.fromarray(values.astype(np.float32), mode="F").resize(new_size, Image.BILINEAR)
+        return np.clip(np.asarray(resized) + 0.5, 0, 65535).astype(np.uint16)
+    return np.asarray(Image.fromarray(values).resize(new_size, Image.BILINEAR, reducing_gap=3.0))
 
 
 def resize_encoded(data: bytes, size: int, source: str) -> tuple[bytes, ImageInfo]:

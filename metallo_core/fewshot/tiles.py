@@ -5,8 +5,9 @@
 - `tile = PX`: the image is cut into non-overlapping PX x PX tiles (a remainder narrower than half a tile is
   dropped), each resized to the input size. A large micrograph then keeps its texture at the scale the model
   was trained on instead of being shrunk to a thumbnail. An image smaller than one tile stays whole.
-- `scale`: the image is resampled by this factor first, for queries imaged at another pixel size than the
-  support (e.g. 0.5 for queries at twice the support's magnification).
+- `scale`: the image is resampled by this factor first: its pixel size over the common one when every
+  file has one (`fewshot/physical_scale.py`), else `--query-scale` for queries imaged at another pixel size
+  than the support (e.g. 0.5 for queries at twice the support's magnification).
 
 Pure array functions: reading and decoding files is the caller's (`metallo_core/commands/classify_app.py`).
 """

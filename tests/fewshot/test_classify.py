@@ -71,7 +71,7 @@ def test_classify_writes_one_row_per_query_with_probabilities_and_nearest_suppor
     rows = {row["file"]: row for row in read_csv(out)}
     assert set(rows) == {"copy-horizontal.png", "copy-vertical.png", "more/new-vertical.jpg"}
     assert list(read_csv(out)[0]) == ["file", "predicted", "p_horizontal", "p_speckle", "p_vertical",
-                                      "nearest_support", "tiles", "tile_votes"]
+                                      "nearest_support", "tiles", "tile_votes", "pixel_size_nm"]
     for kind in ("horizontal", "vertical"):
         # One shot per class: the prototype is that image, so its exact copy is nearest and of its class.
         row = rows[f"copy-{kind}.png"]
@@ -80,6 +80,7 @@ def test_classify_writes_one_row_per_query_with_probabilities_and_nearest_suppor
     for row in rows.values():
         assert sum(float(row[f"p_{k}"]) for k in ("horizontal", "speckle", "vertical")) == pytest.approx(1, abs=1e-4)
         assert row["tiles"] == "1" and row["tile_votes"] == f"{row['predicted']}:1"
+        assert row["pixel_size_nm"] == ""  # plain images: no pixel size
 
 
 def test_one_query_image_tiles_and_finetuning(registered_protonet, folders, tmp_path):

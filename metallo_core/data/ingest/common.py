@@ -7,8 +7,10 @@ from typing import Any, Literal
 
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.images import IMAGE_SUFFIXES, PreparedBytes, prepare_bytes
+from metallo_core.data.microscope import MicroscopeMetadata, crop_with_data_bar, read_microscope_metadata
 from metallo_core.data.shards import DatasetWriter
 from metallo_core.errors import DataError
+from metallo_core.fewshot.physical_scale import MAX_UPSAMPLE
 
 OnError = Literal["fail", "skip"]
 
@@ -21,12 +23,19 @@ class IngestOptions:
     seed: int = 0
     name: str | None = None
     crop: EdgeCrop = field(default_factory=EdgeCrop)  # edges (a data bar) cut before storing; recorded in the manifest
+    # Resample every image to this many nm per pixel from its metadata (data/microscope.py); None: as stored.
+    pixel_size_nm: float | None = None
 
     def __post_init__(self) -> None:
         if self.size is not None and self.size < 8:
             raise DataError(f"--size must be at least 8 pixels, got {self.size}")
         if self.on_error not in ("fail", "skip"):
             raise DataError(f"--on-error must be fail or skip, got {self.on_error!r}")
+        if self.pixel_size_nm is not None and not self.pixel_size_nm > 0:
+            raise DataError(f"--pixel-size-nm must be positive, got {self.pixel_size_nm}")
+        if self.pixel_size_nm is not None and self.size is not None:
+            raise DataError("--pixel-size-nm and --size cannot be combined: --size would resize each image to its "
+                            "own shorter side and undo the common pixel size; drop one")
 
 
 PreparedImage = PreparedBytes  # data, info (height, width, encoding), decode notes, bottom rows cropped
@@ -42,13 +51,38 @@ class SkipLog:
         self.entries.append({"source": source, "reason": reason})
 
 
-def prepare_image(data: bytes, source: str, size: int | None, crop: EdgeCrop | None = None) -> PreparedImage:
-    """Validate the image (a full decode under the decode policy) and, only if a size or a crop was asked
-    for, re-encode it."""
+def prepare_image(data: bytes, source: str, size: int | None, crop: EdgeCrop | None = None,
+                  scale: float = 1.0) -> PreparedImage:
+    """Validate the image (a full decode under the decode policy) and, only if a size, a crop or a scale
+    was asked for, re-encode it."""
     try:
-        return prepare_bytes(data, source, size, crop)
+        return prepare_bytes(data, source, size, crop, scale)
     except DataError as exc:
         raise DataError(f"{exc}; replace the file or ingest with --on-error skip") from exc
+
+
+def microscope_settings(data: bytes, source: str, options: IngestOptions) -> tuple[MicroscopeMetadata, EdgeCrop, float]:
+    """(what the file's metadata says about its scale, the crop to apply with its data bar cut exactly, the
+    resampling factor to `options.pixel_size_nm`). DataError naming the file for garbled microscope
+    metadata, for a file without a pixel size when one is asked for, and for a factor that would enlarge
+    it more than MAX_UPSAMPLE times (the bound classify uses)."""
+    try:
+        metadata = read_microscope_metadata(data, source)
+    except DataError as exc:
+        raise DataError(f"{exc}; or ingest with --on-error skip") from exc
+    crop = crop_with_data_bar(options.crop, metadata)
+    if options.pixel_size_nm is None:
+        return metadata, crop, 1.0
+    if metadata.pixel_size is None:
+        raise DataError(f"{source}: --pixel-size-nm needs every image's pixel size, and this file's metadata "
+                        "gives none (a plain image, or a TIFF without microscope tags); remove it, ingest "
+                        "without --pixel-size-nm, or with --on-error skip")
+    factor = metadata.pixel_size.nanometres / options.pixel_size_nm
+    if factor > MAX_UPSAMPLE:
+        raise DataError(f"{source}: its pixels are {metadata.pixel_size.nanometres:.4g} nm; --pixel-size-nm "
+                        f"{options.pixel_size_nm:g} would enlarge it {factor:.3g}x (at most {MAX_UPSAMPLE:g}x); "
+                        "choose a coarser --pixel-size-nm or leave this image out (--on-error skip)")
+    return metadata, crop, factor
 
 
 def check_suffix(source: str) -> None:

@@ -18,6 +18,7 @@ from metallo_core.data.ingest.common import (
     SkipLog,
     check_suffix,
     handle_bad_image,
+    microscope_settings,
     prepare_image,
     split_names,
 )
@@ -171,6 +172,7 @@ def ingest_imagefolder(
         "split_rows": list(split_rows) if split_rows else None,
         "size": options.size,
         "crop": options.crop.describe(),
+        "pixel_size_nm": options.pixel_size_nm,
         "seed": options.seed,
         "ignored": scan.listing.ignored_counts(),
     }
@@ -185,13 +187,16 @@ def ingest_imagefolder(
     )
     decode_notes: dict[str, str] = {}
     bar_rows: list[int] = []
+    pixel_sizes_nm: list[float | None] = []
+    metadata_bars = 0
     with writer:
         for class_name, paths in images_by_class.items():
             for relative in paths:
                 try:
                     check_suffix(relative)
                     data = root.join(relative).read_bytes()
-                    image = prepare_image(data, relative, options.size, options.crop)
+                    metadata, crop, scale = microscope_settings(data, relative, options)
+                    image = prepare_image(data, relative, options.size, crop, scale)
                 except (DataError, StorageError) as exc:
                     error = exc if isinstance(exc, DataError) else DataError(str(exc))
                     handle_bad_image(error, relative, options, skipped)
@@ -199,14 +204,28 @@ def ingest_imagefolder(
                 if image.notes:
                     decode_notes[relative] = "; ".join(image.notes)
                 bar_rows.append(image.bottom_cropped)
+                pixel_sizes_nm.append(metadata.pixel_size.nanometres if metadata.pixel_size else None)
+                metadata_bars += crop != options.crop  # the metadata's data bar replaced the asked bottom crop
                 writer.write_encoded(split_of_image[relative], image.data, image.info, class_name=class_name,
                                      source=relative)
         writer.skipped = skipped.entries
         # What the decoder changed or guessed, per file (also warned as it happened), kept with the data.
         source["decode_notes_count"] = len(decode_notes)
         source["decode_notes"] = dict(list(decode_notes.items())[:MAX_NOTES_KEPT])
+        source["pixel_sizes"] = _pixel_size_summary(pixel_sizes_nm, metadata_bars)
         if options.crop.auto_bottom:
             found = [rows for rows in bar_rows if rows]
             source["crop_auto_bars"] = {"images": len(bar_rows), "with_bar": len(found),
                                         "rows_min": min(found, default=0), "rows_max": max(found, default=0)}
     return writer.manifest
+
+
+def _pixel_size_summary(pixel_sizes_nm: list[float | None], metadata_bars: int) -> dict:
+    """For the manifest: how many images had a pixel size in their metadata (data/microscope.py), their
+    range in nm as stored in the files, and how many data bars the metadata measured and were cut."""
+    known = sorted(size for size in pixel_sizes_nm if size is not None)
+    summary: dict = {"images": len(pixel_sizes_nm), "with_pixel_size": len(known),
+                     "data_bars_from_metadata": metadata_bars}
+    if known:
+        summary.update(min_nm=known[0], median_nm=float(np.median(known)), max_nm=known[-1])
+    return summary
