@@ -72,20 +72,31 @@ def test_progress_lines_carry_an_eta():
 def test_a_stage_on_ray_prints_its_result_on_stdout_and_only_its_own_lines_on_stderr(ray_cluster, tmp_path,
                                                                                     repo_root):
     """`python -m metallo_core pretrain` as a second driver on the session cluster (RAY_ADDRESS): one epoch of
-    tiny DINO through Ray Data and Ray Train, whose progress bars and INFO logs would otherwise fill the
-    terminal. Quiet: the result on stdout, the epoch line (forwarded from the Train worker) on stderr."""
+    tiny DINO on two Train workers fed by the Ray Data reader (decoding in Ray Data tasks, shards split by Ray
+    Train), whose progress bars and INFO logs would otherwise fill the terminal. Quiet: the result on stdout,
+    the epoch line (forwarded from a Train worker) on stderr. The reader feeds both workers a full epoch:
+    every step is logged (a short shard raises instead)."""
+    from metallo_core import tracking
     from metallo_core.data.synth_dataset import write_fewshot
 
     data = tmp_path / "fewshot"
-    write_fewshot(str(data), num_classes=15, images_per_class=12, size=40, seed=0)
+    write_fewshot(str(data), num_classes=15, images_per_class=12, size=40, seed=0)  # train split: 60 images
+    steps = (60 // 2) // 8  # shared by 2 workers in batches of 8
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     env.pop("METALLO_VERBOSE", None)
     command = [sys.executable, "-m", "metallo_core", "pretrain", "--config", "configs/pretrain/tiny_cpu.yaml",
                f"data.uri={data}", "epochs=1", "knn.max_images=60", "registry.register=false",
-               f"run.storage={tmp_path / 'ray'}", "run.name=quiet-console", "optim.batch_size_per_worker=16"]
+               f"run.storage={tmp_path / 'ray'}", "run.name=quiet-console", "run.log_every_steps=1",
+               "data.reader=ray_data", "compute.num_workers=2", "optim.batch_size_per_worker=8",
+               # schedules that suit a 3-step run: no warning from each worker about the run being short
+               "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0", "optim.momentum_teacher=0.7"]
     done = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    client = tracking.client()
+    experiment = client.get_experiment_by_name("metallo-pretrain")
+    [run] = client.search_runs([experiment.experiment_id], filter_string="tags.`metallo.run_name` = 'quiet-console'")
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == list(range(steps))
 
     out_lines = done.stdout.splitlines()
     assert out_lines[0].startswith("DINO pretraining done: 1 epoch(s), MLflow run ")

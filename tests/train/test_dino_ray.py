@@ -1,5 +1,6 @@
 """DINO on Ray Train with 2 CPU workers: checkpoints, a killed worker survived, registry, no rework on rerun
-(workers reading their own row groups, the default), and the Ray Data reader."""
+(workers reading their own row groups, the default). The Ray Data reader's full epoch on two workers is checked
+by tests/test_console.py's stage on Ray (one Train run for both)."""
 
 import pytest
 import torch
@@ -87,20 +88,3 @@ def test_pretraining_resumes_after_a_worker_dies_and_registers_the_backbone(data
     again = run_dino_pretraining(config)
     assert again.model_uri == result.model_uri and again.run_id == result.run_id
     assert sorted({m.step for m in client.get_metric_history(result.run_id, "loss")}) == logged_steps
-
-
-def test_pretraining_through_ray_data_takes_every_step(data, ray_cluster):
-    """The Ray Data reader (decode in Ray Data tasks, shards split by Ray Train) feeds both workers a full
-    epoch: every step is logged (a short shard raises instead)."""
-    config = from_dict(DinoConfig, {
-        **TINY_DINO,
-        "data": {"uri": str(data), "base_size": 20, "reader": "ray_data"},
-        "knn": {"every_epochs": 0},
-        "registry": {"register": False},
-        "run": {"name": "dino-ray-data", "log_every_steps": 1},
-        "epochs": 1,
-    })
-    result = run_dino_pretraining(config)
-    assert result.epochs_done == 1 and result.model_uri is None
-    client = tracking.client()
-    assert sorted({m.step for m in client.get_metric_history(result.run_id, "loss")}) == list(range(STEPS))
