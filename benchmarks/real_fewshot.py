@@ -375,6 +375,7 @@ def run_cost(args: argparse.Namespace, settings) -> list[dict]:
     from metallo_core.fewshot.finetune import FinetuneEngine
     from metallo_core.fewshot.folder_benchmark import pretrained_protonet
     from metallo_core.fewshot.protonet import ImageNormalizer
+    from metallo_core.fewshot.task import FewShotTask, SupportSet
     from metallo_core.models.backbones import BackboneSpec, build_backbone
     from metallo_core.models.sources import offline_imagenet_backbone
 
@@ -401,7 +402,8 @@ def run_cost(args: argparse.Namespace, settings) -> list[dict]:
                 started = time.perf_counter()
                 cache = engine.prepare(images)
                 prepared = time.perf_counter()
-                engine.task_logits(cache, labels, cache[:1], way, torch.Generator().manual_seed(0))
+                engine.task_logits(FewShotTask(SupportSet(cache, labels, way), cache[:1]),
+                                   torch.Generator().manual_seed(0))
                 timings[f"{label}: prepare once, s"] = prepared - started
                 timings[f"{label}, s/step"] = (time.perf_counter() - prepared) / args.cost_steps
             rows.append({"backbone": name, "support_images": support_count, **timings,

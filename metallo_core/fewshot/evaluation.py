@@ -12,6 +12,7 @@ from metallo_core.fewshot.episodes import Episode
 from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, concat, task_generator
 from metallo_core.fewshot.inference import InferenceSettings, query_logits
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.fewshot.task import episode_task
 from metallo_core.precision import autocast
 
 
@@ -46,13 +47,7 @@ def protonet_predictions(model: ProtoNet, features: torch.Tensor, episodes: Sequ
 def task_logits_from_features(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode],
                               inference: InferenceSettings) -> list[torch.Tensor]:
     """Per task, (Q, way) query logits from the (N, D) features of every image the tasks index."""
-    logits = []
-    for episode in episodes:
-        support = features[torch.tensor(episode.support, device=features.device)]
-        query = features[torch.tensor(episode.query, device=features.device)]
-        support_labels = torch.tensor(episode.support_labels, device=features.device)
-        logits.append(query_logits(model.classifier, support, support_labels, query, len(episode.classes), inference))
-    return logits
+    return [query_logits(model.classifier, episode_task(episode, features), inference) for episode in episodes]
 
 
 def protonet_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Sequence[Episode]) -> list[float]:
@@ -123,15 +118,11 @@ def engine_predictions_by_inference(engine: FinetuneEngine, prepared: PreparedIm
     device = prepared.normalizer.device
     predictions: list[list[np.ndarray]] = [[] for _ in inferences]
     for index, episode in enumerate(episodes, start=first_task):
-        support_labels = torch.tensor(episode.support_labels, device=device)
         with autocast(device, precision):
-            support, query = engine.mode_features(mode, prepared.rows(episode.support), support_labels,
-                                                  prepared.rows(episode.query), len(episode.classes),
-                                                  task_generator(seed, index), lr=lr)
+            features = engine.mode_features(mode, episode_task(episode, prepared.rows), task_generator(seed, index),
+                                            lr=lr)
         for row, inference in zip(predictions, inferences):
-            logits = query_logits(engine.model.classifier, support.float(), support_labels, query.float(),
-                                  len(episode.classes), inference)
-            row.append(logits.argmax(1).cpu().numpy())
+            row.append(query_logits(engine.model.classifier, features, inference).argmax(1).cpu().numpy())
     return predictions
 
 

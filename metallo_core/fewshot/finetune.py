@@ -14,7 +14,9 @@ Two forms, chosen by `FinetuneSettings.pseudo_queries`:
   backbone runs every step, and any part of it can adapt.
 
 Images enter as float (B, 3, H, W) in [0, 1]; `FinetuneEngine.prepare` turns them into the cache its mode
-works on (the images themselves, or (B, C, h, w) float16 trunk maps).
+works on (the images themselves, or (B, C, h, w) float16 trunk maps). A task reaches the engine as a
+`fewshot.task.FewShotTask` of cache rows (adapting takes its `SupportSet` alone); the model, the settings and
+the random stream stay with the engine and the call.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from metallo_core.errors import ConfigError
 from metallo_core.fewshot.inference import InferenceSettings, query_logits
 from metallo_core.fewshot.metrics import accuracy
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.fewshot.task import FewShotTask, SupportSet
 from metallo_core.models.staged import StagedBackbone, split_backbone
 from metallo_core.models.stages import LastStage, last_block, last_stage
 
@@ -198,50 +201,48 @@ class FinetuneEngine:
 
     # ---------------------------------------------------------------------------------------- tasks
 
-    def protonet_logits(self, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int) -> Tensor:
+    def protonet_logits(self, task: FewShotTask) -> Tensor:
         """(Q, way) ProtoNet logits with the current weights under the engine's inference settings: support and
         queries embedded in one pass (as ProtoNet.forward), eval mode, no gradients. Every fine-tuning mode
         ends with this call."""
-        support_features, query_features = self.task_features(support_cache, query_cache)
-        return query_logits(self.model.classifier, support_features, support_labels, query_features, way,
-                            self.inference)
+        return query_logits(self.model.classifier, self.task_features(task), self.inference)
 
-    def task_features(self, support_cache: Tensor, query_cache: Tensor) -> tuple[Tensor, Tensor]:
-        """((S, D), (Q, D)) features of a task's support and queries with the current weights, one pass."""
-        features = self.embed(concat([support_cache, query_cache]))
-        support_features, query_features = features.split([len(support_cache), len(query_cache)])
-        return support_features, query_features
+    def task_features(self, task: FewShotTask) -> FewShotTask:
+        """The task with its (S, D) support and (Q, D) query features, float32, with the current weights, one
+        pass."""
+        support, query = task.support.examples, task.query
+        features = self.embed(concat([support, query]))
+        support_features, query_features = features.split([len(support), len(query)])
+        return FewShotTask(SupportSet(support_features, task.support.labels, task.way), query_features)
 
-    def task_logits(self, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int,
-                    generator: torch.Generator, lr: float | None = None) -> Tensor:
+    def task_logits(self, task: FewShotTask, generator: torch.Generator, lr: float | None = None) -> Tensor:
         """(Q, way) query logits after adapting to the support set (`lr` overrides settings.lr); the model is
         restored bit-exactly afterwards. With steps == 0 or lr == 0 nothing is adapted, so the logits equal
         `protonet_logits` bit for bit."""
         with restored_afterwards(self.model):
-            self.adapt(support_cache, support_labels, way, generator, lr=lr)
-            return self.protonet_logits(support_cache, support_labels, query_cache, way)
+            self.adapt(task.support, generator, lr=lr)
+            return self.protonet_logits(task)
 
-    def mode_features(self, mode: str, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int,
-                      generator: torch.Generator, lr: float | None = None) -> tuple[Tensor, Tensor]:
-        """((S, D), (Q, D)) support and query features of one task after the named meta-test mode's adaptation
+    def mode_features(self, mode: str, task: FewShotTask, generator: torch.Generator,
+                      lr: float | None = None) -> FewShotTask:
+        """The task with its (S, D) support and (Q, D) query features after the named meta-test mode's adaptation
         (weights restored afterwards): what any inference settings then score (`inference.query_logits`)."""
         self._check_mode(mode, lr)
         if mode == "finetune_autolr":
-            lr = self.auto_lr(support_cache, support_labels, way, generator)
+            lr = self.auto_lr(task.support, generator)
         with restored_afterwards(self.model):
             if mode != "protonet":
-                self.adapt(support_cache, support_labels, way, generator, lr=lr)
-            return self.task_features(support_cache, query_cache)
+                self.adapt(task.support, generator, lr=lr)
+            return self.task_features(task)
 
-    def mode_logits(self, mode: str, support_cache: Tensor, support_labels: Tensor, query_cache: Tensor, way: int,
-                    generator: torch.Generator, lr: float | None = None) -> Tensor:
+    def mode_logits(self, mode: str, task: FewShotTask, generator: torch.Generator, lr: float | None = None) -> Tensor:
         """Query logits of one task under the named meta-test mode; `lr` overrides settings.lr in "finetune"."""
         self._check_mode(mode, lr)
         if mode == "protonet":
-            return self.protonet_logits(support_cache, support_labels, query_cache, way)
+            return self.protonet_logits(task)
         if mode == "finetune_autolr":
-            lr = self.auto_lr(support_cache, support_labels, way, generator)
-        return self.task_logits(support_cache, support_labels, query_cache, way, generator, lr=lr)
+            lr = self.auto_lr(task.support, generator)
+        return self.task_logits(task, generator, lr=lr)
 
     @staticmethod
     def _check_mode(mode: str, lr: float | None) -> None:
@@ -251,15 +252,14 @@ class FinetuneEngine:
             raise ValueError(f"an lr applies to mode 'finetune' only; mode {mode!r} "
                              f"{'chooses its own' if mode == 'finetune_autolr' else 'has none'}")
 
-    def auto_lr(self, support_cache: Tensor, support_labels: Tensor, way: int, generator: torch.Generator) -> float:
+    def auto_lr(self, support: SupportSet, generator: torch.Generator) -> float:
         """P>M>F's Auto_Finetune choice, made from the support set alone (no query labels, no test episodes)."""
-        return best_lr(self.autolr_accuracies(support_cache, support_labels, way, generator))
+        return best_lr(self.autolr_accuracies(support, generator))
 
-    def autolr_accuracies(self, support_cache: Tensor, support_labels: Tensor, way: int,
-                          generator: torch.Generator) -> dict[float, float]:
+    def autolr_accuracies(self, support: SupportSet, generator: torch.Generator) -> dict[float, float]:
         """{lr: accuracy on held-out support images} for each candidate: the first shot of each class is the
         support, the other shots are labelled queries, fine-tuned for autolr_steps (weights restored after each)."""
-        prototype_rows, validation_rows = split_support_for_autolr(support_labels, way)
+        held_out, held_out_labels = split_support_for_autolr(support)
         # Inductive whatever the engine's inference: the held-out support images are not a query folder.
         search = FinetuneEngine(self.model, dataclasses.replace(self.settings, steps=self.settings.autolr_steps),
                                 self.normalizer)
@@ -267,15 +267,13 @@ class FinetuneEngine:
         accuracies = {}
         for lr in sorted(self.settings.lr_candidates):
             generator.set_state(start)  # same augmentation draws for every candidate: only the lr differs
-            logits = search.task_logits(support_cache[prototype_rows], support_labels[prototype_rows],
-                                        support_cache[validation_rows], way, generator, lr=lr)
-            accuracies[lr] = accuracy(logits, support_labels[validation_rows])
+            accuracies[lr] = accuracy(search.task_logits(held_out, generator, lr=lr), held_out_labels)
         return accuracies
 
     # ---------------------------------------------------------------------------------------- adaptation
 
-    def adapt(self, support_cache: Tensor, support_labels: Tensor, way: int, generator: torch.Generator,
-              lr: float | None = None, on_step: Callable[[int, float], None] | None = None) -> None:
+    def adapt(self, support: SupportSet, generator: torch.Generator, lr: float | None = None,
+              on_step: Callable[[int, float], None] | None = None) -> None:
         """`settings.steps` Adam steps on the updated part, in place (nothing with steps 0 or lr 0): the
         pseudo-queries (augmented support copies, `views` per support image) are the queries of the
         un-augmented support's prototypes, recomputed with the current weights every step so gradients flow
@@ -293,12 +291,12 @@ class FinetuneEngine:
             parameter.requires_grad_(True)
         optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=0.0)
         set_bn_mode(self.model, self.updated, settings.bn_mode)
-        views = pseudo_query_views(settings.pseudo_queries_per_class, len(support_labels), way)
-        pseudo_query_labels = support_labels.repeat(views)  # view-major, as the pseudo-query sets stack them
-        step_logits = self._trunk_map_step if self.staged is not None else self._pixel_step(support_cache)
+        views = pseudo_query_views(settings.pseudo_queries_per_class, len(support.labels), support.way)
+        pseudo_query_labels = support.labels.repeat(views)  # view-major, as the pseudo-query sets stack them
+        step_logits = self._trunk_map_step if self.staged is not None else self._pixel_step(support)
         with torch.enable_grad():  # callers often score tasks under no_grad
             for step in range(settings.steps):
-                logits = step_logits(support_cache, support_labels, views, way, generator)
+                logits = step_logits(support, views, generator)
                 loss = F.cross_entropy(logits.float(), pseudo_query_labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -307,29 +305,28 @@ class FinetuneEngine:
                 if on_step is not None:
                     on_step(step, float(loss.detach()))
 
-    def _trunk_map_step(self, support_maps: Tensor, support_labels: Tensor, views: int, way: int,
-                        generator: torch.Generator) -> Tensor:
+    def _trunk_map_step(self, support: SupportSet, views: int, generator: torch.Generator) -> Tensor:
         assert self.staged is not None
         settings = self.settings
-        support_maps = support_maps.float()
+        support_maps = support.examples.float()
         pseudo_query = crop_trunk_maps(support_maps, views, settings.crop_scale, settings.vflip, generator)
         # One pass for support and pseudo-queries: with bn_mode "train" they share the batch statistics. The
         # stages before the updated part have no trainable weights, so autograd records nothing there.
         features = self.staged.from_trunk(concat([support_maps, pseudo_query]), settings.cache_stage)
         support_features, query_features = features.split([len(support_maps), len(pseudo_query)])
-        return self.model.logits_from_features(support_features, support_labels, query_features, way)
+        return self.model.logits_from_features(support_features, support.labels, query_features, support.way)
 
-    def _pixel_step(self, support_images: Tensor) -> Callable[..., Tensor]:
-        support = self.normalizer.normalize(support_images)
-        embed = frozen_trunk_embedder(self.stage, support) if uses_frozen_trunk(self.stage) else None
+    def _pixel_step(self, support: SupportSet) -> Callable[[SupportSet, int, torch.Generator], Tensor]:
+        normalized = self.normalizer.normalize(support.examples)
+        embed = frozen_trunk_embedder(self.stage, normalized) if uses_frozen_trunk(self.stage) else None
 
-        def step_logits(support_images: Tensor, support_labels: Tensor, views: int, way: int,
-                        generator: torch.Generator) -> Tensor:
-            pseudo_query = self.normalizer.normalize(pseudo_query_set(support_images, self.settings, views, generator))
+        def step_logits(support: SupportSet, views: int, generator: torch.Generator) -> Tensor:
+            pseudo_query = self.normalizer.normalize(pseudo_query_set(support.examples, self.settings, views,
+                                                                      generator))
             if embed is None:
-                return self.model(support, support_labels, pseudo_query, way)
+                return self.model(normalized, support.labels, pseudo_query, support.way)
             support_features, query_features = embed(pseudo_query)
-            return self.model.logits_from_features(support_features, support_labels, query_features, way)
+            return self.model.logits_from_features(support_features, support.labels, query_features, support.way)
 
         return step_logits
 
@@ -368,11 +365,12 @@ def best_lr(accuracies: dict[float, float]) -> float:
     return min(accuracies, key=lambda lr: (-accuracies[lr], lr))
 
 
-def split_support_for_autolr(support_labels: Tensor, way: int) -> tuple[Tensor, Tensor]:
-    """(prototype rows, validation rows): the first shot of each class, and all the others."""
+def split_support_for_autolr(support: SupportSet) -> tuple[FewShotTask, Tensor]:
+    """(task, its query labels): the first shot of each class as the task's support, all the others as its
+    labelled queries. ConfigError when a class has fewer than 2 shots."""
     first_rows, other_rows = [], []
-    for label in range(way):
-        rows = (support_labels == label).nonzero().squeeze(1)
+    for label in range(support.way):
+        rows = (support.labels == label).nonzero().squeeze(1)
         if len(rows) < 2:
             raise ConfigError(
                 f"finetune_autolr needs at least 2 shots per class (one becomes the prototype, the others "
@@ -381,7 +379,8 @@ def split_support_for_autolr(support_labels: Tensor, way: int) -> tuple[Tensor, 
             )
         first_rows.append(rows[:1])
         other_rows.append(rows[1:])
-    return torch.cat(first_rows), torch.cat(other_rows)
+    validation = torch.cat(other_rows)
+    return FewShotTask(support.subset(torch.cat(first_rows)), support.examples[validation]), support.labels[validation]
 
 
 # ------------------------------------------------------------------------------------------ pixel fast path

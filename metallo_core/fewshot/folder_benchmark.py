@@ -27,6 +27,7 @@ from metallo_core.fewshot.episodes import Episode, fixed_episodes
 from metallo_core.fewshot.finetune import FinetuneEngine, concat, task_generator
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
 from metallo_core.fewshot.protonet import ProtoNet
+from metallo_core.fewshot.task import episode_task
 
 # The cosine scale of a ProtoNet put on a pretrained backbone without meta-training: ranking prototypes
 # ignores it, so it only shapes the fine-tuning loss. Chosen on X-SDD selection tasks (5-way 1-shot, 8
@@ -134,10 +135,9 @@ def features_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Seque
     """Plain ProtoNet per task on precomputed (N, D) features of the folder's images."""
     accuracies = []
     for episode in episodes:
+        task = episode_task(episode, features)
         with torch.no_grad():
-            logits = model.logits_from_features(features[torch.tensor(episode.support)],
-                                                torch.tensor(episode.support_labels),
-                                                features[torch.tensor(episode.query)], episode.way)
+            logits = model.logits_from_features(task.support.examples, task.support.labels, task.query, task.way)
         accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
     return accuracies
 
@@ -148,8 +148,7 @@ def finetuned_accuracies(engine: FinetuneEngine, cache: torch.Tensor, episodes: 
     draws its pseudo-queries from `task_generator(seed, i)`: reruns and subsets give the same draws."""
     accuracies = []
     for index, episode in enumerate(episodes):
-        logits = engine.task_logits(cache[torch.tensor(episode.support)], torch.tensor(episode.support_labels),
-                                    cache[torch.tensor(episode.query)], episode.way, task_generator(seed, index))
+        logits = engine.task_logits(episode_task(episode, cache), task_generator(seed, index))
         accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
         if on_task is not None:
             on_task(index)

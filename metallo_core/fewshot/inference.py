@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metallo_core.config import from_dict, require
+from metallo_core.fewshot.task import FewShotTask
 
 Transductive = Literal["none", "soft_kmeans", "bd_cspn"]
 TRANSDUCTIVE: tuple[str, ...] = get_args(Transductive)
@@ -80,13 +81,13 @@ def class_prototypes(features: Tensor, labels: Tensor, way: int) -> Tensor:
     return one_hot.t() @ features / one_hot.sum(dim=0).clamp(min=1).unsqueeze(1)
 
 
-def soft_kmeans_prototypes(support: Tensor, support_labels: Tensor, query: Tensor, way: int, steps: int,
-                           temperature: float) -> Tensor:
+def soft_kmeans_prototypes(features: FewShotTask, steps: int, temperature: float) -> Tensor:
     """(way, D) prototypes refined by the queries (Ren et al. 2018), on L2-normalised features:
     p_c = (sum of class c's support + sum_q z_qc q) / (n_c + sum_q z_qc), z_q = softmax(temperature * cos(q, p)),
-    recomputed `steps` times from the support-only prototypes."""
-    support, query = F.normalize(support, dim=1), F.normalize(query, dim=1)
-    one_hot = F.one_hot(support_labels, way).to(support.dtype)  # (S, way)
+    recomputed `steps` times from the support-only prototypes; `features` is a task of (S, D) support and
+    (Q, D) query features."""
+    support, query = F.normalize(features.support.examples, dim=1), F.normalize(features.query, dim=1)
+    one_hot = F.one_hot(features.support.labels, features.way).to(support.dtype)  # (S, way)
     support_sums, support_counts = one_hot.t() @ support, one_hot.sum(dim=0).unsqueeze(1)
     refined = support_sums / support_counts.clamp(min=1)
     for _ in range(steps):
@@ -95,14 +96,15 @@ def soft_kmeans_prototypes(support: Tensor, support_labels: Tensor, query: Tenso
     return refined
 
 
-def bd_cspn_prototypes(support: Tensor, support_labels: Tensor, query: Tensor, way: int) -> Tensor:
+def bd_cspn_prototypes(features: FewShotTask) -> Tensor:
     """(way, D) prototypes rectified by BD-CSPN (Liu et al. 2020), through easyfsl's implementation on
-    L2-normalised features."""
+    L2-normalised features of a task's support and queries."""
     from easyfsl.methods import BDCSPN
 
+    support_labels, way = features.support.labels, features.way
     method = BDCSPN(nn.Identity())
-    method.process_support_set(F.normalize(support, dim=1), support_labels)
-    method.rectify_prototypes(F.normalize(query, dim=1))
+    method.process_support_set(F.normalize(features.support.examples, dim=1), support_labels)
+    method.rectify_prototypes(F.normalize(features.query, dim=1))
     if len(method.prototypes) != way:  # easyfsl counts the classes present
         present = support_labels.unique().tolist()
         raise ValueError(f"every class 0..{way - 1} needs a support image, got labels {present}")
@@ -110,18 +112,17 @@ def bd_cspn_prototypes(support: Tensor, support_labels: Tensor, query: Tensor, w
 
 
 @torch.no_grad()
-def query_logits(classifier: nn.Module, support: Tensor, support_labels: Tensor, query: Tensor, way: int,
-                 settings: InferenceSettings) -> Tensor:
-    """(Q, way) logits of the (Q, D) query features against the task's (S, D) support features with labels
+def query_logits(classifier: nn.Module, features: FewShotTask, settings: InferenceSettings) -> Tensor:
+    """(Q, way) logits of a task's (Q, D) query features against its (S, D) support features with labels
     in 0..way-1, through the ProtoNet's own head `classifier(query_features, prototypes)`. With the default
     settings this is exactly `ProtoNet.logits_from_features`. Transductive prototypes live on the unit
     sphere, so the queries are L2-normalised too (a cosine head is unchanged by that)."""
-    support, query = power_transform(support, settings.power), power_transform(query, settings.power)
+    transformed = features.mapped(lambda rows: power_transform(rows, settings.power))
+    support, query = transformed.support, transformed.query
     if settings.transductive == "none":
-        return classifier(query, class_prototypes(support, support_labels, way))
+        return classifier(query, class_prototypes(support.examples, support.labels, support.way))
     if settings.transductive == "soft_kmeans":
-        refined = soft_kmeans_prototypes(support, support_labels, query, way, settings.soft_kmeans_steps,
-                                         settings.temperature)
+        refined = soft_kmeans_prototypes(transformed, settings.soft_kmeans_steps, settings.temperature)
     else:
-        refined = bd_cspn_prototypes(support, support_labels, query, way)
+        refined = bd_cspn_prototypes(transformed)
     return classifier(F.normalize(query, dim=1), refined)

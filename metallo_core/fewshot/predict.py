@@ -21,6 +21,7 @@ from metallo_core.errors import ConfigError
 from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, task_generator
 from metallo_core.fewshot.inference import InferenceSettings, query_logits
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.fewshot.task import FewShotTask, SupportSet
 from metallo_core.fewshot.tiles import TiledImages
 from metallo_core.precision import autocast
 
@@ -91,8 +92,8 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
     device = normalizer.device
     support_labels = torch.as_tensor(labels[support.owner], device=device)
     if settings.finetune is not None:
-        engine = _finetune(model, normalizer, support.tiles, support_labels, way, settings.finetune,
-                           settings.precision, listener)
+        unit_tiles = SupportSet(normalizer.to_unit(support.tiles), support_labels, way)
+        engine = _finetune(model, normalizer, unit_tiles, settings, listener)
     else:
         engine = feature_engine(model, normalizer)
 
@@ -117,7 +118,8 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
     owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
     # Every query tile is scored at once: transductive inference uses all of them (plain inference gives
     # each tile the same logits whether scored alone or with the others).
-    logits = query_logits(model.classifier, support_features, support_labels, query_features, way, settings.inference)
+    task = FewShotTask(SupportSet(support_features, support_labels, way), query_features)
+    logits = query_logits(model.classifier, task, settings.inference)
     probabilities = logits.float().softmax(dim=1)
     nearest = _nearest(model, _mean_by_owner(query_features, owner, count), support_image_features)
     means = _mean_by_owner(probabilities, owner, count)
@@ -139,16 +141,17 @@ def feature_engine(model: ProtoNet, normalizer: ImageNormalizer) -> FinetuneEngi
         return FinetuneEngine(model, FinetuneSettings(pseudo_queries="pixels", update="all"), normalizer)
 
 
-def _finetune(model: ProtoNet, normalizer: ImageNormalizer, tiles: np.ndarray, labels: torch.Tensor, way: int,
-              settings: FinetuneSettings, precision: str, listener: PredictListener) -> FinetuneEngine:
-    """Adapt `model` in place to the support tiles (task 0 of seed 0 of `finetune.task_generator`), under
-    autocast at `precision` as the evaluation adapts each task; the engine then embeds support and queries
-    with the adapted weights."""
-    listener.finetune_started(settings.steps, len(tiles))
-    engine = FinetuneEngine(model, settings, normalizer)
-    with autocast(normalizer.device, precision):
-        engine.adapt(engine.prepare(normalizer.to_unit(tiles)), labels, way,
-                     task_generator(0, 0, device=normalizer.device), on_step=listener.finetune_step)
+def _finetune(model: ProtoNet, normalizer: ImageNormalizer, support: SupportSet, settings: PredictSettings,
+              listener: PredictListener) -> FinetuneEngine:
+    """Adapt `model` in place to the support tiles, as [0, 1] float images (task 0 of seed 0 of
+    `finetune.task_generator`), under autocast at the settings' precision as the evaluation adapts each task;
+    the engine then embeds support and queries with the adapted weights."""
+    assert settings.finetune is not None
+    listener.finetune_started(settings.finetune.steps, len(support.examples))
+    engine = FinetuneEngine(model, settings.finetune, normalizer)
+    with autocast(normalizer.device, settings.precision):
+        engine.adapt(support.mapped(engine.prepare), task_generator(0, 0, device=normalizer.device),
+                     on_step=listener.finetune_step)
     listener.finetune_finished()
     model.eval()
     return engine

@@ -23,6 +23,7 @@ from metallo_core.fewshot.finetune import (
 )
 from metallo_core.fewshot.metrics import accuracy
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.fewshot.task import FewShotTask, SupportSet
 
 NORMALIZER = ImageNormalizer(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 TEXTURE_SIGMAS = (0.4, 0.9, 1.6, 2.8, 4.5)  # one class per grain size of a smoothed noise texture
@@ -45,11 +46,18 @@ def tiny_protonet(seed: int = 0) -> ProtoNet:
     return ProtoNet(TinyResNetLike())
 
 
+def labelled_task(support: torch.Tensor, query: torch.Tensor, way: int, shot: int,
+                  query_per_class: int) -> tuple[FewShotTask, torch.Tensor]:
+    """(task, query labels) of class-major support and query images."""
+    support_set = SupportSet(support, torch.arange(way).repeat_interleave(shot), way)
+    return FewShotTask(support_set, query), torch.arange(way).repeat_interleave(query_per_class)
+
+
 def random_task(way: int = 3, shot: int = 2, query: int = 2, size: int = 8, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     support = torch.rand(way * shot, 3, size, size, generator=generator)
     query_images = torch.rand(way * query, 3, size, size, generator=generator)
-    return support, torch.arange(way).repeat_interleave(shot), query_images, torch.arange(way).repeat_interleave(query)
+    return labelled_task(support, query_images, way, shot, query)
 
 
 def textures(sigma: float, count: int, generator: torch.Generator, size: int = 16) -> torch.Tensor:
@@ -73,7 +81,7 @@ def texture_task(seed: int, way: int = 5, shot: int = 5, query: int = 10):
     images = [textures(TEXTURE_SIGMAS[c], shot + query, generator) for c in classes]
     support = torch.cat([class_images[:shot] for class_images in images])
     query_images = torch.cat([class_images[shot:] for class_images in images])
-    return support, torch.arange(way).repeat_interleave(shot), query_images, torch.arange(way).repeat_interleave(query)
+    return labelled_task(support, query_images, way, shot, query)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -87,26 +95,24 @@ def pixels(**changes) -> FinetuneSettings:
 
 
 # The engine's calls under the names of what they compute, each on a fresh engine over `model`.
-def finetune_task(model, support, support_labels, query, way, settings, *, normalizer, generator, lr=None):
-    engine = FinetuneEngine(model, settings, normalizer)
-    return engine.task_logits(support, support_labels, query, way, generator, lr=lr)
+def finetune_task(model, task, settings, *, normalizer, generator, lr=None):
+    return FinetuneEngine(model, settings, normalizer).task_logits(task, generator, lr=lr)
 
 
-def protonet_task(model, support, support_labels, query, way, *, normalizer):
-    return FinetuneEngine(model, pixels(), normalizer).protonet_logits(support, support_labels, query, way)
+def protonet_task(model, task, *, normalizer):
+    return FinetuneEngine(model, pixels(), normalizer).protonet_logits(task)
 
 
-def classify_task(model, mode, support, support_labels, query, way, settings, *, normalizer, generator, lr=None):
-    return FinetuneEngine(model, settings, normalizer).mode_logits(mode, support, support_labels, query, way,
-                                                                   generator, lr=lr)
+def classify_task(model, mode, task, settings, *, normalizer, generator, lr=None):
+    return FinetuneEngine(model, settings, normalizer).mode_logits(mode, task, generator, lr=lr)
 
 
-def auto_lr(model, support, support_labels, way, settings, *, normalizer, generator):
-    return FinetuneEngine(model, settings, normalizer).auto_lr(support, support_labels, way, generator)
+def auto_lr(model, support, settings, *, normalizer, generator):
+    return FinetuneEngine(model, settings, normalizer).auto_lr(support, generator)
 
 
-def autolr_accuracies(model, support, support_labels, way, settings, *, normalizer, generator):
-    return FinetuneEngine(model, settings, normalizer).autolr_accuracies(support, support_labels, way, generator)
+def autolr_accuracies(model, support, settings, *, normalizer, generator):
+    return FinetuneEngine(model, settings, normalizer).autolr_accuracies(support, generator)
 
 
 def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -150,16 +156,17 @@ def test_settings_validate_with_clear_messages():
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 def test_no_steps_or_zero_lr_is_plain_protonet(override, bn_mode):
     model = tiny_protonet()
-    support, support_labels, query, _ = random_task()
+    task, _ = random_task()
     settings = pixels(bn_mode=bn_mode, **override)
-    logits = finetune_task(model, support, support_labels, query, 3, settings, normalizer=NORMALIZER,
+    logits = finetune_task(model, task, settings, normalizer=NORMALIZER,
                            generator=seeded())
-    expected = protonet_task(model, support, support_labels, query, 3, normalizer=NORMALIZER)
+    expected = protonet_task(model, task, normalizer=NORMALIZER)
     assert torch.equal(logits, expected)
     model.eval()
     with torch.no_grad():
-        assert torch.equal(logits, model(NORMALIZER.normalize(support), support_labels, NORMALIZER.normalize(query), 3))
-    lr_zero = finetune_task(model, support, support_labels, query, 3, pixels(), normalizer=NORMALIZER,
+        assert torch.equal(logits, model(NORMALIZER.normalize(task.support.examples), task.support.labels,
+                                         NORMALIZER.normalize(task.query), 3))
+    lr_zero = finetune_task(model, task, pixels(), normalizer=NORMALIZER,
                             generator=seeded(), lr=0.0)
     assert torch.equal(lr_zero, expected)
 
@@ -169,20 +176,20 @@ def test_weights_and_buffers_restored_exactly_between_tasks():
     model.train()
     before = state_copy(model)
     settings = pixels(steps=5, lr=1e-2, bn_mode="train")
-    first = random_task(seed=1)
-    finetune_task(model, first[0], first[1], first[2], 3, settings, normalizer=NORMALIZER, generator=seeded(1))
+    first, _ = random_task(seed=1)
+    finetune_task(model, first, settings, normalizer=NORMALIZER, generator=seeded(1))
     assert same_state(model, before)  # weights, BN running stats and num_batches_tracked
     assert model.training and all(module.training for module in model.modules())
     assert all(parameter.requires_grad and parameter.grad is None for parameter in model.parameters())
     # The next task sees exactly the original model: same logits as a fresh copy given the same draws.
-    second = random_task(seed=2)
+    second, _ = random_task(seed=2)
     fresh = copy.deepcopy(tiny_protonet())
-    reused_logits = finetune_task(model, second[0], second[1], second[2], 3, settings, normalizer=NORMALIZER,
+    reused_logits = finetune_task(model, second, settings, normalizer=NORMALIZER,
                                   generator=seeded(2))
-    fresh_logits = finetune_task(fresh, second[0], second[1], second[2], 3, settings, normalizer=NORMALIZER,
+    fresh_logits = finetune_task(fresh, second, settings, normalizer=NORMALIZER,
                                  generator=seeded(2))
     assert torch.equal(reused_logits, fresh_logits)
-    plain = protonet_task(model, second[0], second[1], second[2], 3, normalizer=NORMALIZER)
+    plain = protonet_task(model, second, normalizer=NORMALIZER)
     assert not torch.equal(reused_logits, plain)  # it did adapt
 
 
@@ -198,9 +205,9 @@ def test_weights_restored_after_an_exception_midway():
             raise RuntimeError("simulated failure (out of memory, interrupted task)")
 
     handle = model.backbone.register_forward_pre_hook(fail_on_fourth_forward)
-    support, support_labels, query, _ = random_task()
+    task, _ = random_task()
     with pytest.raises(RuntimeError, match="simulated failure"):
-        finetune_task(model, support, support_labels, query, 3, pixels(steps=10, lr=1e-2, bn_mode="train"),
+        finetune_task(model, task, pixels(steps=10, lr=1e-2, bn_mode="train"),
                       normalizer=NORMALIZER, generator=seeded())
     handle.remove()
     assert seen["changed_before_failure"]
@@ -221,9 +228,9 @@ def test_only_the_chosen_layers_change_during_the_task(update):
         changed["scale"] |= model.classifier.scale.item() != scale
 
     handle = model.backbone.register_forward_pre_hook(record_changes)
-    support, support_labels, query, _ = random_task()
+    task, _ = random_task()
     settings = pixels(steps=4, lr=1e-2, bn_mode="train", update=update)
-    finetune_task(model, support, support_labels, query, 3, settings, normalizer=NORMALIZER, generator=seeded())
+    finetune_task(model, task, settings, normalizer=NORMALIZER, generator=seeded())
     handle.remove()
     assert changed["layer4"]  # weights and, in BN train mode, running statistics
     assert changed["layer1"] == (update == "all")  # last_stage: not even layer1's BN statistics move
@@ -240,9 +247,9 @@ def test_batchnorm_update_moves_only_the_batchnorm_scales_and_shifts():
                      if not torch.equal(parameter, initial[name]))
 
     handle = model.backbone.register_forward_pre_hook(record_moves)
-    support, support_labels, query, _ = random_task()
+    task, _ = random_task()
     settings = pixels(steps=4, lr=1e-2, bn_mode="eval", update="batchnorm")
-    finetune_task(model, support, support_labels, query, 3, settings, normalizer=NORMALIZER, generator=seeded())
+    finetune_task(model, task, settings, normalizer=NORMALIZER, generator=seeded())
     handle.remove()
     batchnorm = {f"{layer}.1.{kind}" for layer in ("layer1", "layer4") for kind in ("weight", "bias")}
     assert moved == batchnorm  # every BatchNorm scale and shift, no convolution
@@ -251,20 +258,20 @@ def test_batchnorm_update_moves_only_the_batchnorm_scales_and_shifts():
 
 def test_last_stage_needs_a_layer4():
     model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)))
-    support, support_labels, query, _ = random_task()
+    task, _ = random_task()
     with pytest.raises(ConfigError, match="has none; use update: all"):
-        finetune_task(model, support, support_labels, query, 3, pixels(steps=1, update="last_stage"),
+        finetune_task(model, task, pixels(steps=1, update="last_stage"),
                       normalizer=NORMALIZER, generator=seeded())
 
 
 def test_adapts_even_when_called_under_no_grad_on_a_frozen_model():
     model = tiny_protonet()
     model.requires_grad_(False)
-    support, support_labels, query, _ = random_task()
+    task, _ = random_task()
     with torch.no_grad():
-        logits = finetune_task(model, support, support_labels, query, 3, pixels(steps=3, lr=1e-2),
+        logits = finetune_task(model, task, pixels(steps=3, lr=1e-2),
                                normalizer=NORMALIZER, generator=seeded())
-    assert not torch.equal(logits, protonet_task(model, support, support_labels, query, 3, normalizer=NORMALIZER))
+    assert not torch.equal(logits, protonet_task(model, task, normalizer=NORMALIZER))
     assert not any(parameter.requires_grad for parameter in model.parameters())
 
 
@@ -310,26 +317,26 @@ def test_pseudo_query_views_give_at_least_per_class_pseudo_queries(per_class, su
 
 def test_classify_task_dispatches_by_name():
     model = tiny_protonet()
-    support, support_labels, query, _ = random_task(shot=3)
+    task, _ = random_task(shot=3)
     settings = pixels(steps=3, lr=1e-2, lr_candidates=(0.0, 1e-2), autolr_steps=2)
     common = dict(normalizer=NORMALIZER)
-    assert torch.equal(classify_task(model, "protonet", support, support_labels, query, 3, settings,
+    assert torch.equal(classify_task(model, "protonet", task, settings,
                                      generator=seeded(), **common),
-                       protonet_task(model, support, support_labels, query, 3, **common))
-    assert torch.equal(classify_task(model, "finetune", support, support_labels, query, 3, settings,
+                       protonet_task(model, task, **common))
+    assert torch.equal(classify_task(model, "finetune", task, settings,
                                      generator=seeded(), lr=5e-3, **common),
-                       finetune_task(model, support, support_labels, query, 3, settings, generator=seeded(), lr=5e-3,
+                       finetune_task(model, task, settings, generator=seeded(), lr=5e-3,
                                      **common))
     generator = seeded()
-    lr = auto_lr(model, support, support_labels, 3, settings, generator=generator, **common)
-    assert torch.equal(classify_task(model, "finetune_autolr", support, support_labels, query, 3, settings,
+    lr = auto_lr(model, task.support, settings, generator=generator, **common)
+    assert torch.equal(classify_task(model, "finetune_autolr", task, settings,
                                      generator=seeded(), **common),
-                       finetune_task(model, support, support_labels, query, 3, settings, generator=generator, lr=lr,
+                       finetune_task(model, task, settings, generator=generator, lr=lr,
                                      **common))
     with pytest.raises(ConfigError, match="meta-test mode must be one of"):
-        classify_task(model, "maml", support, support_labels, query, 3, settings, generator=seeded(), **common)
+        classify_task(model, "maml", task, settings, generator=seeded(), **common)
     with pytest.raises(ValueError, match="applies to mode 'finetune' only"):
-        classify_task(model, "protonet", support, support_labels, query, 3, settings, generator=seeded(), lr=1e-3,
+        classify_task(model, "protonet", task, settings, generator=seeded(), lr=1e-3,
                       **common)
 
 
@@ -340,9 +347,9 @@ def test_best_lr_prefers_the_smaller_on_ties():
 
 def test_auto_lr_needs_two_shots():
     model = tiny_protonet()
-    support, support_labels, _, _ = random_task(shot=1)
+    task, _ = random_task(shot=1)
     with pytest.raises(ConfigError, match="at least 2 shots per class.*class 0 of this task has 1"):
-        auto_lr(model, support, support_labels, 3, pixels(), normalizer=NORMALIZER, generator=seeded())
+        auto_lr(model, task.support, pixels(), normalizer=NORMALIZER, generator=seeded())
 
 
 # ------------------------------------------------------------------------------------------- learning
@@ -356,10 +363,10 @@ def test_fine_tuning_beats_protonet_when_the_features_are_poor(bn_mode):
     settings = pixels(steps=50, lr=3e-3, bn_mode=bn_mode)
     plain, finetuned = [], []
     for task_seed in range(4):
-        support, support_labels, query, query_labels = texture_task(task_seed)
-        plain.append(accuracy(protonet_task(model, support, support_labels, query, 5, normalizer=NORMALIZER),
+        task, query_labels = texture_task(task_seed)
+        plain.append(accuracy(protonet_task(model, task, normalizer=NORMALIZER),
                               query_labels))
-        finetuned.append(accuracy(finetune_task(model, support, support_labels, query, 5, settings,
+        finetuned.append(accuracy(finetune_task(model, task, settings,
                                                 normalizer=NORMALIZER, generator=seeded(task_seed)), query_labels))
     mean_plain, mean_finetuned = sum(plain) / 4, sum(finetuned) / 4
     assert mean_plain < 0.45, f"the toy backbone should start poor, got {plain}"
@@ -368,10 +375,10 @@ def test_fine_tuning_beats_protonet_when_the_features_are_poor(bn_mode):
 
 def test_auto_lr_picks_a_learning_rate_that_helps():
     model = tiny_protonet(seed=0)
-    support, support_labels, _, _ = texture_task(1)
+    task, _ = texture_task(1)
     settings = pixels(lr_candidates=(0.0, 1e-3, 3e-3, 1e-2), autolr_steps=20)
-    scores = autolr_accuracies(model, support, support_labels, 5, settings, normalizer=NORMALIZER, generator=seeded(1))
-    chosen = auto_lr(model, support, support_labels, 5, settings, normalizer=NORMALIZER, generator=seeded(1))
+    scores = autolr_accuracies(model, task.support, settings, normalizer=NORMALIZER, generator=seeded(1))
+    chosen = auto_lr(model, task.support, settings, normalizer=NORMALIZER, generator=seeded(1))
     assert chosen > 0 and chosen == best_lr(scores)
     assert scores[chosen] >= scores[0.0] + 0.2, scores  # observed 0.2 -> 0.65 on held-out support shots
 
@@ -385,19 +392,17 @@ def test_last_stage_fast_path_adapts_a_resnet_exactly_like_the_full_forward(bn_m
     torch.manual_seed(0)
     model = ProtoNet(build_backbone(BackboneSpec(arch="resnet18", small_input=True, image_size=16)))
     model.backbone.eval()
-    support = torch.rand(6, 3, 16, 16)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    queries = torch.rand(5, 3, 16, 16)
-    settings = pixels(steps=3, lr=1e-2, update="last_stage", bn_mode=bn_mode,
-                                pseudo_queries_per_class=per_class)
+    task = FewShotTask(SupportSet(torch.rand(6, 3, 16, 16), torch.tensor([0, 0, 1, 1, 2, 2]), 3),
+                       torch.rand(5, 3, 16, 16))
+    settings = pixels(steps=3, lr=1e-2, update="last_stage", bn_mode=bn_mode, pseudo_queries_per_class=per_class)
 
     def adapted_logits() -> torch.Tensor:
-        return finetune_task(model, support, labels, queries, 3, settings, normalizer=NORMALIZER,
+        return finetune_task(model, task, settings, normalizer=NORMALIZER,
                              generator=torch.Generator().manual_seed(1))
 
     fast = adapted_logits()
     monkeypatch.setattr(finetune, "uses_frozen_trunk", lambda stage: False)
     full = adapted_logits()
-    plain = protonet_task(model, support, labels, queries, 3, normalizer=NORMALIZER)
+    plain = protonet_task(model, task, normalizer=NORMALIZER)
     assert torch.allclose(fast, full, atol=1e-5), (fast - full).abs().max()
     assert not torch.allclose(fast, plain, atol=1e-3)  # it did adapt

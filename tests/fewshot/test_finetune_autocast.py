@@ -25,11 +25,11 @@ def embeddings_inside_and_after(images: torch.Tensor) -> tuple[torch.Tensor, tor
     """(before, inside, fresh): the tiny net's bf16 embedding of `images` before fine-tuning, then after
     fine-tuning computed in the same autocast region as the steps, and in a new region."""
     model = tiny_protonet().eval()
-    support, support_labels, _, _ = random_task()
+    task, _ = random_task()
     with bf16_region(), torch.no_grad():
         before = model.embed(NORMALIZER.normalize(images))
     with bf16_region():
-        FinetuneEngine(model, SETTINGS, NORMALIZER).adapt(support, support_labels, 3, seeded())
+        FinetuneEngine(model, SETTINGS, NORMALIZER).adapt(task.support, seeded())
         with torch.no_grad():
             inside = model.embed(NORMALIZER.normalize(images))
     with bf16_region(), torch.no_grad():  # a new region casts the current fp32 weights afresh
@@ -38,7 +38,7 @@ def embeddings_inside_and_after(images: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def test_forward_passes_in_the_callers_autocast_region_see_the_fine_tuned_weights():
-    images = random_task(seed=3)[2]
+    images = random_task(seed=3)[0].query
     before, inside, fresh = embeddings_inside_and_after(images)
     assert not torch.equal(fresh, before)  # fine-tuning changed the network, so the check below can tell
     assert torch.equal(inside, fresh)
@@ -48,7 +48,7 @@ def test_guard_without_forgetting_the_casts_the_region_keeps_the_old_weights(mon
     """The check above fails when the cached casts are kept: torch reuses each weight's bf16 copy for the
     whole region (only BatchNorm's affine parameters, which autocast leaves in fp32, would really adapt)."""
     monkeypatch.setattr(finetune, "forget_autocast_casts", lambda: None)
-    images = random_task(seed=3)[2]
+    images = random_task(seed=3)[0].query
     before, inside, fresh = embeddings_inside_and_after(images)
     assert not torch.equal(inside, fresh)
 
@@ -60,14 +60,14 @@ def test_after_a_task_the_region_computes_with_the_restored_weights(forget, monk
     if not forget:
         monkeypatch.setattr(finetune, "forget_autocast_casts", lambda: None)
     model = tiny_protonet()
-    support, support_labels, query, _ = random_task()
+    task, _ = random_task()
     with bf16_region():
-        plain = protonet_task(model, support, support_labels, query, 3, normalizer=NORMALIZER)
+        plain = protonet_task(model, task, normalizer=NORMALIZER)
     with bf16_region():
         with restored_afterwards(model), torch.no_grad():
             for parameter in model.backbone.parameters():
                 parameter.add_(0.1)  # what an optimiser step does: in place
-            shifted = protonet_task(model, support, support_labels, query, 3, normalizer=NORMALIZER)
-        again = protonet_task(model, support, support_labels, query, 3, normalizer=NORMALIZER)
+            shifted = protonet_task(model, task, normalizer=NORMALIZER)
+        again = protonet_task(model, task, normalizer=NORMALIZER)
     assert not torch.equal(shifted, plain)
     assert torch.equal(again, plain) == forget

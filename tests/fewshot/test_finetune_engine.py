@@ -18,6 +18,7 @@ from metallo_core.errors import ConfigError
 from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, crop_trunk_maps, task_generator
 from metallo_core.fewshot.metrics import paired_gain
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.fewshot.task import FewShotTask, SupportSet
 from metallo_core.models.staged import split_backbone
 from tests.fewshot.test_finetune import NORMALIZER, same_state, state_copy, tiny_protonet
 
@@ -31,11 +32,11 @@ def small_resnet_protonet(seed: int = 0) -> ProtoNet:
     return ProtoNet(network.eval())
 
 
-def toy_task(seed: int = 0, way: int = 3, shot: int = 2, query: int = 3, size: int = 32):
+def toy_task(seed: int = 0, way: int = 3, shot: int = 2, query: int = 3, size: int = 32) -> FewShotTask:
     generator = torch.Generator().manual_seed(seed)
     support = torch.rand(way * shot, 3, size, size, generator=generator)
     queries = torch.rand(way * query, 3, size, size, generator=generator)
-    return support, torch.arange(way).repeat_interleave(shot), queries
+    return FewShotTask(SupportSet(support, torch.arange(way).repeat_interleave(shot), way), queries)
 
 
 ADAPTING = {"steps": 3, "lr": 1e-2}
@@ -88,17 +89,16 @@ def test_no_steps_or_zero_lr_is_plain_protonet_bit_for_bit(form, build, changes,
     model = build()
     engine = FinetuneEngine(model, FinetuneSettings(pseudo_queries=form, bn_mode="train", **changes, **noop),
                             NORMALIZER)
-    support, labels, queries = toy_task()
-    support_cache, query_cache = engine.prepare(support), engine.prepare(queries)
-    logits = engine.task_logits(support_cache, labels, query_cache, 3, task_generator(0, 0))
+    cached = toy_task().mapped(engine.prepare)
+    logits = engine.task_logits(cached, task_generator(0, 0))
     with torch.no_grad():  # ProtoNet by definition, on the engine's features of the same cache
-        expected = model.logits_from_features(engine.embed(support_cache), labels, engine.embed(query_cache), 3)
+        expected = model.logits_from_features(engine.embed(cached.support.examples), cached.support.labels,
+                                              engine.embed(cached.query), 3)
     assert torch.equal(logits, expected)
-    assert torch.equal(logits, engine.mode_logits("protonet", support_cache, labels, query_cache, 3,
-                                                  task_generator(0, 0)))
+    assert torch.equal(logits, engine.mode_logits("protonet", cached, task_generator(0, 0)))
     adapted = FinetuneEngine(model, FinetuneSettings(pseudo_queries=form, bn_mode="train", **changes, **ADAPTING),
                              NORMALIZER)
-    assert not torch.equal(adapted.task_logits(support_cache, labels, query_cache, 3, task_generator(0, 0)), logits)
+    assert not torch.equal(adapted.task_logits(cached, task_generator(0, 0)), logits)
 
 
 @pytest.mark.parametrize("form,build,changes", FORMS)
@@ -108,13 +108,12 @@ def test_weights_restored_bit_exactly_after_a_task_and_after_an_exception(form, 
     before = state_copy(model)
     engine = FinetuneEngine(model, FinetuneSettings(pseudo_queries=form, bn_mode="train", **changes, **ADAPTING),
                             NORMALIZER)
-    support, labels, queries = toy_task()
-    support_cache, query_cache = engine.prepare(support), engine.prepare(queries)
-    first = engine.task_logits(support_cache, labels, query_cache, 3, task_generator(0, 0))
+    cached = toy_task().mapped(engine.prepare)
+    first = engine.task_logits(cached, task_generator(0, 0))
     assert same_state(model, before)  # weights, BatchNorm statistics and counters
     assert model.training and all(module.training for module in model.modules())
     assert all(parameter.requires_grad and parameter.grad is None for parameter in model.parameters())
-    assert torch.equal(engine.task_logits(support_cache, labels, query_cache, 3, task_generator(0, 0)), first)
+    assert torch.equal(engine.task_logits(cached, task_generator(0, 0)), first)
 
     steps = []
 
@@ -128,7 +127,7 @@ def test_weights_restored_bit_exactly_after_a_task_and_after_an_exception(form, 
         from metallo_core.fewshot.finetune import restored_afterwards
 
         with restored_afterwards(model):
-            engine.adapt(support_cache, labels, 3, task_generator(0, 0), on_step=fail_on_third_step)
+            engine.adapt(cached.support, task_generator(0, 0), on_step=fail_on_third_step)
     assert steps == [0, 1, 2] and same_state(model, before)
 
     def failing_embed(cache):
@@ -136,7 +135,7 @@ def test_weights_restored_bit_exactly_after_a_task_and_after_an_exception(form, 
 
     engine.embed = failing_embed  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="while scoring"):
-        engine.task_logits(support_cache, labels, query_cache, 3, task_generator(0, 0))
+        engine.task_logits(cached, task_generator(0, 0))
     assert same_state(model, before)
     assert all(parameter.requires_grad and parameter.grad is None for parameter in model.parameters())
 
@@ -166,13 +165,13 @@ def test_trunk_maps_run_inside_a_cpu_bfloat16_autocast_region():
     cache is concatenated and adapted from there, and the logits follow the fp32 ones."""
     model = small_resnet_protonet()
     engine = FinetuneEngine(model, FinetuneSettings(**ADAPTING), NORMALIZER)
-    support, labels, queries = toy_task()
-    fp32 = engine.protonet_logits(engine.prepare(support), labels, engine.prepare(queries), 3)
+    task = toy_task()
+    fp32 = engine.protonet_logits(task.mapped(engine.prepare))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        support_cache, query_cache = engine.prepare(support), engine.prepare(queries)
-        plain = engine.protonet_logits(support_cache, labels, query_cache, 3)
-        adapted = engine.task_logits(support_cache, labels, query_cache, 3, task_generator(0, 0))
-    assert support_cache.dtype == torch.float16 and adapted.shape == (9, 3)
+        cached = task.mapped(engine.prepare)
+        plain = engine.protonet_logits(cached)
+        adapted = engine.task_logits(cached, task_generator(0, 0))
+    assert cached.support.examples.dtype == torch.float16 and adapted.shape == (9, 3)
     torch.testing.assert_close(plain.float(), fp32, rtol=0.05, atol=0.05)
     assert not torch.equal(adapted, plain)
 

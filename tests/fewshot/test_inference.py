@@ -16,11 +16,12 @@ from metallo_core.fewshot.inference import (
     soft_kmeans_prototypes,
 )
 from metallo_core.fewshot.protonet import CosineClassifier, EuclideanClassifier, ProtoNet
+from metallo_core.fewshot.task import FewShotTask, SupportSet
 
 
 def clusters(way: int, shots: list[int], queries: list[int], seed: int = 0, spread: float = 0.6,
-             dim: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(support, support labels, query, query labels): Gaussian clusters around random unit centres."""
+             dim: int = 16) -> tuple[FewShotTask, torch.Tensor]:
+    """(task of support and query features, query labels): Gaussian clusters around random unit centres."""
     generator = torch.Generator().manual_seed(seed)
     centres = torch.nn.functional.normalize(torch.randn(way, dim, generator=generator), dim=1) * 3
 
@@ -30,7 +31,7 @@ def clusters(way: int, shots: list[int], queries: list[int], seed: int = 0, spre
 
     support, support_labels = draw(shots)
     query, query_labels = draw(queries)
-    return support, support_labels, query, query_labels
+    return FewShotTask(SupportSet(support, support_labels, way), query), query_labels
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -39,11 +40,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("classifier", [CosineClassifier(scale=7.0), EuclideanClassifier()])
 def test_the_default_settings_are_exactly_protonet(classifier):
-    support, support_labels, query, _ = clusters(5, [2] * 5, [3] * 5)
+    task, _ = clusters(5, [2] * 5, [3] * 5)
     model = ProtoNet(torch.nn.Identity())
     model.classifier = classifier
-    expected = model.logits_from_features(support, support_labels, query, 5)
-    assert torch.equal(query_logits(classifier, support, support_labels, query, 5, InferenceSettings()), expected)
+    expected = model.logits_from_features(task.support.examples, task.support.labels, task.query, 5)
+    assert torch.equal(query_logits(classifier, task, InferenceSettings()), expected)
 
 
 def test_the_power_transform_keeps_signs_and_is_the_identity_at_1():
@@ -54,23 +55,21 @@ def test_the_power_transform_keeps_signs_and_is_the_identity_at_1():
 
 def test_soft_kmeans_uses_the_queries_to_correct_an_unrepresentative_support():
     # One shot per class drawn far from its class's centre: the queries' clusters pull the prototypes back.
-    support, support_labels, query, query_labels = clusters(5, [1] * 5, [15] * 5, seed=3, spread=1.1)
-    inductive = query_logits(CosineClassifier(), support, support_labels, query, 5, InferenceSettings())
-    transductive = query_logits(CosineClassifier(), support, support_labels, query, 5,
-                                InferenceSettings(transductive="soft_kmeans"))
+    task, query_labels = clusters(5, [1] * 5, [15] * 5, seed=3, spread=1.1)
+    inductive = query_logits(CosineClassifier(), task, InferenceSettings())
+    transductive = query_logits(CosineClassifier(), task, InferenceSettings(transductive="soft_kmeans"))
     assert accuracy(transductive, query_labels) > accuracy(inductive, query_labels)
 
 
 def test_a_class_absent_from_the_queries_keeps_a_prototype_near_its_support():
-    support, support_labels, query, query_labels = clusters(3, [1, 1, 1], [20, 0, 0], seed=1)
-    refined = soft_kmeans_prototypes(support, support_labels, query, 3, steps=5, temperature=10.0)
-    unit_support = torch.nn.functional.normalize(support, dim=1)
+    task, query_labels = clusters(3, [1, 1, 1], [20, 0, 0], seed=1)
+    refined = soft_kmeans_prototypes(task, steps=5, temperature=10.0)
+    unit_support = torch.nn.functional.normalize(task.support.examples, dim=1)
     # Class 1 and 2 have no query: their prototypes stay within a small angle of their own support image.
     for label in (1, 2):
         cosine = torch.nn.functional.cosine_similarity(refined[label], unit_support[label], dim=0)
         assert cosine > 0.9
-    logits = query_logits(CosineClassifier(), support, support_labels, query, 3,
-                          InferenceSettings(transductive="soft_kmeans"))
+    logits = query_logits(CosineClassifier(), task, InferenceSettings(transductive="soft_kmeans"))
     assert accuracy(logits, query_labels) == 1.0
 
 
@@ -81,10 +80,10 @@ def test_a_class_absent_from_the_queries_keeps_a_prototype_near_its_support():
     (20, [1] * 20, [2] * 20),
 ])
 def test_every_method_scores_any_way_unequal_shots_and_skewed_queries(transductive, way, shots, queries):
-    support, support_labels, query, query_labels = clusters(way, shots, queries, seed=way, spread=0.3)
+    task, _ = clusters(way, shots, queries, seed=way, spread=0.3)
     settings = InferenceSettings(transductive=transductive, power=0.5)
-    logits = query_logits(CosineClassifier(), support.abs(), support_labels, query.abs(), way, settings)
-    assert logits.shape == (len(query), way) and torch.isfinite(logits).all()
+    logits = query_logits(CosineClassifier(), task.mapped(torch.abs), settings)
+    assert logits.shape == (len(task.query), way) and torch.isfinite(logits).all()
 
 
 def test_settings_are_validated_with_the_field_named():

@@ -10,6 +10,7 @@ from torch import nn
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot.finetune import FinetuneSettings
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
+from metallo_core.fewshot.task import FewShotTask, SupportSet
 from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.models.stages import last_block, last_stage
 
@@ -91,19 +92,19 @@ def test_partial_fast_path_adapts_an_efficientnet_lite_exactly_like_the_full_for
     torch.manual_seed(0)
     spec = BackboneSpec(arch="tf_efficientnet_lite0", library="timm", image_size=32)
     model = ProtoNet(build_backbone(spec))
-    support, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
-    queries = torch.rand(5, 3, 32, 32)
+    support = SupportSet(torch.rand(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2]), 3)
+    task = FewShotTask(support, torch.rand(5, 3, 32, 32))
     settings = FinetuneSettings(pseudo_queries="pixels", steps=3, lr=1e-2, update=update, bn_mode=bn_mode)
     before = model.backbone.blocks[0][0].conv_dw.weight.clone()
 
     def adapted_logits() -> torch.Tensor:
-        return finetune.FinetuneEngine(model, settings, NORMALIZER).task_logits(
-            support, labels, queries, 3, torch.Generator().manual_seed(1))
+        return finetune.FinetuneEngine(model, settings, NORMALIZER).task_logits(task,
+                                                                               torch.Generator().manual_seed(1))
 
     fast = adapted_logits()
     monkeypatch.setattr(finetune, "uses_frozen_trunk", lambda stage: False)
     full = adapted_logits()
-    plain = finetune.FinetuneEngine(model, settings, NORMALIZER).protonet_logits(support, labels, queries, 3)
+    plain = finetune.FinetuneEngine(model, settings, NORMALIZER).protonet_logits(task)
     assert torch.allclose(fast, full, atol=1e-4), (fast - full).abs().max()
     assert not torch.allclose(fast, plain, atol=1e-3)  # it did adapt
     assert torch.equal(model.backbone.blocks[0][0].conv_dw.weight, before)  # and restored the weights
