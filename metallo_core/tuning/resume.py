@@ -11,7 +11,8 @@ search's spec (its space and every setting that decides which trials count) is s
   Optuna searcher seeded with every finished trial's result (`extension.py`), and its trials count with the
   earlier ones as one search (trial table, best trial, final test, MLflow parent run);
 - settings that only say how trials run (`RUN_SETTINGS`: resources, concurrency, retries, where the best
-  config is copied) may change freely;
+  config is copied) may change freely (concurrency from the next new Tune run on: Tune restores an
+  interrupted run with its own);
 - anything else (a range, a new or removed key in `space:`, the model, the data, the task, the trial
   template, fewer samples, the searcher) is refused, naming each changed setting and the way out: a new
   `search.name` (or the stored settings, to resume the search as it was).

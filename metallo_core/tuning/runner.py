@@ -279,7 +279,8 @@ def run_trials(spec: SearchSpec, parent_run_id: str, *, interrupted_ok: bool = F
                              settings.searcher)
     if more:
         stage = max(stages, 1)
-        print(f"[tune] extending search {settings.name!r} by {more} trials ({location.uri}/{extension_name(stage)}; "
+        trials = f"{more} trial" + ("s" if more > 1 else "")
+        print(f"[tune] extending search {settings.name!r} by {trials} ({location.uri}/{extension_name(stage)}; "
               f"its searcher starts from the {finished} finished ones)", file=sys.stderr, flush=True)
         grid = _new_tuner(spec, stage, more, rows).fit()
         rows += [trial_row(result, spec) for result in grid]
