@@ -7,9 +7,12 @@ search's spec (its space and every setting that decides which trials count) is s
 (`<storage>/<name>/metallo_search_spec.json`) and compared on every resume, before any trial runs:
 
 - more samples (`search.num_samples` raised, searcher `optuna`): the search is extended, keeping every
-  finished trial and the searcher's model of the space;
+  finished trial: once its stored trials have finished, a new Tune run of the missing samples starts, its
+  Optuna searcher seeded with every finished trial's result (`extension.py`), and its trials count with the
+  earlier ones as one search (trial table, best trial, final test, MLflow parent run);
 - settings that only say how trials run (`RUN_SETTINGS`: resources, concurrency, retries, where the best
-  config is copied) may change freely;
+  config is copied) may change freely (concurrency from the next new Tune run on: Tune restores an
+  interrupted run with its own);
 - anything else (a range, a new or removed key in `space:`, the model, the data, the task, the trial
   template, fewer samples, the searcher) is refused, naming each changed setting and the way out: a new
   `search.name` (or the stored settings, to resume the search as it was).
@@ -142,7 +145,7 @@ def describe_plan(plan: ResumePlan) -> list[str]:
     lines = []
     if plan.extends:
         lines.append(f"extending the search from {plan.stored_samples} to {plan.samples} trials "
-                     "(finished trials are kept; the searcher continues from them)")
+                     "(finished trials are kept; the new ones are suggested from their results)")
     lines += [f"changed run setting {change.describe()}" for change in plan.ignored]
     return lines
 

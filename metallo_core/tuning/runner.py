@@ -1,7 +1,7 @@
 """The Ray Tune part every search of metallo shares: a resumable Tuner (restored under the search's name,
-extended when `num_samples` grows), one line per finished trial, and the trial rows made from Tune's results.
-The rows and their table are `trials.py` (pure); the MLflow books (child runs closed with how their trial
-really ended, best configuration, summary, final-test marker) are `search_runs.py`.
+extended by a new Tune run when `num_samples` grows: extension.py), one line per finished trial, and the trial
+rows made from Tune's results. The rows and their table are `trials.py` (pure); the MLflow books (child runs
+closed with how their trial really ended, best configuration, summary, final-test marker) are `search_runs.py`.
 
 The per-search modules (`metatrain_search`, `finetune_search`) supply the trainable, the metric and what
 "the best trial's config" and "the final test" mean for them; seed 002's experiment grid
@@ -19,11 +19,12 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from metallo_core.errors import MetalloError
 from metallo_core.storage import storage_for_ray
 from metallo_core.tuning.config import SearchSettings
+from metallo_core.tuning.extension import extension_name, extension_samples, extension_seed, warm_start
 from metallo_core.tuning.resume import SPEC_FILE, ResumePlan, check_resume, describe_plan
 from metallo_core.tuning.search_runs import close_trial_runs, search_location
 from metallo_core.tuning.space import decode_params, describe_params, encode_point, to_tune_space
@@ -80,10 +81,12 @@ class SearchSpec:
         return count
 
 
-def _experiment_path(settings: SearchSettings) -> tuple[str, Any]:
-    """(the Tune experiment path, its pyarrow filesystem or None)."""
+def _experiment_path(settings: SearchSettings, stage: int = 0) -> tuple[str, Any]:
+    """(the Tune experiment path of the search's `stage`, its pyarrow filesystem or None): the first run at
+    <storage>/<name>, extension k inside it (extension.py)."""
     storage_root, filesystem = storage_for_ray(search_location(settings).parent().uri)
-    return f"{storage_root.rstrip('/')}/{settings.name}", filesystem
+    path = f"{storage_root.rstrip('/')}/{settings.name}"
+    return (path if stage == 0 else f"{path}/{extension_name(stage)}"), filesystem
 
 
 def search_exists(settings: SearchSettings) -> bool:
@@ -112,74 +115,55 @@ def check_stored_spec(settings: SearchSettings, current: dict[str, Any]) -> Resu
     return plan
 
 
-def _extendable_search_base():
-    from ray.tune.search import SearchGenerator
+def stored_stages(settings: SearchSettings) -> int:
+    """How many Tune runs of this search are stored (0: a new search): the first, then its extensions."""
+    from ray import tune
 
-    return SearchGenerator
-
-
-class ExtendableSearch(_extendable_search_base()):
-    """Ray Tune's SearchGenerator whose sample budget and concurrency can be raised when a stored search is
-    run again (Tune restores both from its saved state, as the search was first started).
-
-    The new values travel through `overrides[search name]`, set by `build_tuner` in the driver process
-    where Tune restores the searcher (a restored Tuner offers no public way to reach its search algorithm)."""
-
-    overrides: ClassVar[dict[str, dict[str, int]]] = {}
-
-    def __init__(self, searcher, search_name: str):
-        super().__init__(searcher)
-        self.search_name = search_name
-
-    def restore_from_dir(self, dirpath: str) -> None:
-        super().restore_from_dir(dirpath)
-        wanted = self.overrides.get(self.search_name, {})
-        if wanted.get("num_samples", 0) > self._total_samples:
-            self._total_samples = wanted["num_samples"]
-            self._finished = False
-        if wanted.get("max_concurrent_trials") and hasattr(self.searcher, "max_concurrent"):
-            self.searcher.max_concurrent = wanted["max_concurrent_trials"]
+    count = 0
+    while tune.Tuner.can_restore(*_experiment_path(settings, count)):
+        count += 1
+    return count
 
 
-def build_tuner(spec: SearchSpec):
-    """A new Tuner, or the one restored from the same name: finished trials are kept, unfinished and
-    errored ones go on, and the searcher (Optuna's study) and the scheduler continue where they were; a
-    raised `num_samples` (checked by `check_stored_spec`) extends the search."""
+def _restored_tuner(spec: SearchSpec, stage: int):
+    """Stage `stage` as Tune stored it: finished trials are kept, unfinished and errored ones go on, and its
+    searcher (Optuna's study) and scheduler continue where they were."""
+    from ray import tune
+
+    path, filesystem = _experiment_path(spec.settings, stage)
+    return tune.Tuner.restore(path, trainable=tune.with_resources(spec.trainable, spec.resources),
+                              param_space=spec.param_space, resume_unfinished=True, resume_errored=True,
+                              storage_filesystem=filesystem)
+
+
+def _new_tuner(spec: SearchSpec, stage: int, num_samples: int, finished: list[TrialRow]):
+    """A new Tune run of `num_samples`: the search itself (stage 0, from `search.points_to_evaluate`), or
+    extension `stage`, whose Optuna searcher starts from the `finished` trials (extension.warm_start)."""
     from ray import tune
 
     settings = spec.settings
-    points = [encode_point(point, spec.space) for point in settings.points_to_evaluate]
-    location = search_location(settings)
-    storage_root, filesystem = storage_for_ray(location.parent().uri)
-    experiment_path, _ = _experiment_path(settings)
-    trainable = tune.with_resources(spec.trainable, spec.resources)
-    ExtendableSearch.overrides[settings.name] = {"num_samples": settings.num_samples,
-                                                 "max_concurrent_trials": settings.max_concurrent_trials}
-    resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
-    if spec.stored_spec is not None:
-        location.join(SPEC_FILE).write_bytes(json.dumps(spec.stored_spec, indent=2, sort_keys=True).encode())
-    if resumed:
-        print(f"[tune] resuming search {settings.name!r} from {location.uri}", file=sys.stderr, flush=True)
-        return tune.Tuner.restore(experiment_path, trainable=trainable, param_space=spec.param_space,
-                                  resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=filesystem), True
-    searcher = _searcher(settings, points)
+    storage_root, filesystem = storage_for_ray(search_location(settings).parent().uri)
+    if stage == 0:
+        name = settings.name
+        searcher = _searcher(settings, [encode_point(point, spec.space) for point in settings.points_to_evaluate])
+    else:
+        storage_root, name = f"{storage_root.rstrip('/')}/{settings.name}", extension_name(stage)
+        searcher = _optuna(*warm_start(finished, spec.space), seed=extension_seed(settings.seed, stage))
     return tune.Tuner(
-        trainable,
+        tune.with_resources(spec.trainable, spec.resources),
         param_space=spec.param_space,
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode="max" if spec.metric else None,
-            num_samples=settings.num_samples,
+            num_samples=num_samples,
             search_alg=searcher,
             scheduler=_scheduler(spec),
-            # ExtendableSearch carries its own ConcurrencyLimiter (Tune ignores this setting for it)
-            max_concurrent_trials=None if isinstance(searcher, ExtendableSearch) else settings.max_concurrent_trials,
+            max_concurrent_trials=settings.max_concurrent_trials,
             trial_name_creator=functools.partial(_trial_name, settings.name, spec.trial_name),
             trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
-            name=settings.name,
+            name=name,
             storage_path=storage_root,
             storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
@@ -188,7 +172,17 @@ def build_tuner(spec: SearchSpec):
                                      spec.trial_name or describe_params)],
             verbose=0,  # one line per finished trial instead of Tune's status tables
         ),
-    ), False
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # Searches stored by metallo before extensions became Tune runs of their own pickled their search
+    # algorithm as this module's ExtendableSearch, a SearchGenerator subclass: they restore as one.
+    if name == "ExtendableSearch":
+        from ray.tune.search import SearchGenerator
+
+        return SearchGenerator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _trial_name(search: str, name: Callable[[dict[str, Any]], str] | None, trial) -> str:
@@ -200,12 +194,16 @@ def _searcher(settings: SearchSettings, points: list[dict[str, Any]]):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=settings.seed, points_to_evaluate=points or None)
-    from ray.tune.search import ConcurrencyLimiter
+    return _optuna(points, None, seed=settings.seed)
+
+
+def _optuna(points: list[dict[str, Any]], rewards: list[float] | None, *, seed: int):
+    """Optuna's TPE (its default sampler), which models good and bad regions of the space from the finished
+    trials; `points` with `rewards` are trials already run (added to the study), without them the first
+    trials to run. Tune gives it the space, metric and mode, and limits its concurrency."""
     from ray.tune.search.optuna import OptunaSearch
 
-    # TPE (Optuna's default) models good and bad regions of the space from the finished trials.
-    optuna = OptunaSearch(points_to_evaluate=points or None, seed=settings.seed)
-    return ExtendableSearch(ConcurrencyLimiter(optuna, max_concurrent=settings.max_concurrent_trials), settings.name)
+    return OptunaSearch(points_to_evaluate=points or None, evaluated_rewards=rewards or None, seed=seed)
 
 
 def _scheduler(spec: SearchSpec):
@@ -251,26 +249,53 @@ def _metric_at(metric: str | None, time_attr: str, result: dict[str, Any]) -> st
 
 
 def run_trials(spec: SearchSpec, parent_run_id: str, *, interrupted_ok: bool = False) -> tuple[list[TrialRow], bool]:
-    """Fit (or resume) the search and close each trial's child run with its final status; returns the
-    trial table and whether the search was resumed. When it ended before every trial finished, the
-    interrupted trials' runs are marked KILLED (resuming reopens them) and SearchInterrupted is raised,
-    unless `interrupted_ok` (then their rows say `interrupted`)."""
-    tuner, resumed = build_tuner(spec)
-    grid = tuner.fit()
-    rows = [trial_row(result, spec) for result in grid]
-    finished = grid.num_terminated + grid.num_errors
+    """Fit (or resume, or extend) the search and close each trial's child run with its final status; returns
+    the trial table of every stage (extension.py) and whether the search was resumed. A stored search's
+    latest stage is restored and fitted (its unfinished trials go on from their checkpoints); when it ends
+    with fewer finished trials than `spec.expected_trials`, an Optuna search is extended by a new stage
+    (`check_stored_spec` has refused this for the other searchers). When the search ends before every
+    trial finished, the interrupted trials' runs are marked KILLED (resuming reopens them) and
+    SearchInterrupted is raised, unless `interrupted_ok` (then their rows say `interrupted`)."""
+    settings = spec.settings
+    location = search_location(settings)
+    stages = stored_stages(settings)
+    if spec.stored_spec is not None:
+        location.join(SPEC_FILE).write_bytes(json.dumps(spec.stored_spec, indent=2, sort_keys=True).encode())
+    rows: list[TrialRow] = []
+    finished = 0
+    for stage in range(stages - 1):  # an earlier stage ended before the next began: read, not run again
+        grid = _restored_tuner(spec, stage).get_results()
+        rows += [trial_row(result, spec) for result in grid]
+        finished += grid.num_terminated + grid.num_errors
+    if stages:
+        print(f"[tune] resuming search {settings.name!r} from {location.uri}", file=sys.stderr, flush=True)
+        grid = _restored_tuner(spec, stages - 1).fit()
+    else:
+        grid = _new_tuner(spec, 0, settings.num_samples, []).fit()
+    rows += [trial_row(result, spec) for result in grid]
+    finished += grid.num_terminated + grid.num_errors
     expected = spec.expected_trials
+    more = extension_samples(finished, len(grid) - grid.num_terminated - grid.num_errors, expected,
+                             settings.searcher)
+    if more:
+        stage = max(stages, 1)
+        trials = f"{more} trial" + ("s" if more > 1 else "")
+        print(f"[tune] extending search {settings.name!r} by {trials} ({location.uri}/{extension_name(stage)}; "
+              f"its searcher starts from the {finished} finished ones)", file=sys.stderr, flush=True)
+        grid = _new_tuner(spec, stage, more, rows).fit()
+        rows += [trial_row(result, spec) for result in grid]
+        finished += grid.num_terminated + grid.num_errors
     if finished < expected or len(rows) < expected:
         for row in rows:
             row.interrupted = not row.completed
         close_trial_runs(parent_run_id, rows)
         if interrupted_ok:
-            return rows, resumed
+            return rows, stages > 0
         raise SearchInterrupted(
-            f"search {spec.settings.name!r} stopped with {finished} of {expected} trials finished; "
+            f"search {settings.name!r} stopped with {finished} of {expected} trials finished; "
             "run the same command again to resume it (finished trials are not run again)")
     close_trial_runs(parent_run_id, rows)
-    return rows, resumed
+    return rows, stages > 0
 
 
 def trial_row(result, spec: SearchSpec) -> TrialRow:

@@ -122,8 +122,8 @@ def test_a_search_run_again_with_changed_settings_extends_or_is_refused(fewshot_
                                                                        ray_cluster, s3_bucket):
     """(a) more samples extend a finished search to the new count; (b) a new lr range and (c) a new key in
     space are refused before any trial runs, naming the setting, and the finished parent run stays FINISHED.
-    The search's state (Tune's experiment, its stored spec, the best config) lives on the S3-compatible store,
-    so the extension restores Tune from there."""
+    The search's state (Tune's experiments, its stored spec, the best config) lives on the S3-compatible store,
+    so the extension reads the finished trials back from there, and the extended search run again runs none."""
     import copy
 
     from metallo_core.tuning.resume import SearchChanged
@@ -165,3 +165,10 @@ def test_a_search_run_again_with_changed_settings_extends_or_is_refused(fewshot_
     assert float(parent_tags["metallo.tune.best.finetune.lr"]) == pytest.approx(best_lr)
     assert extended.best_config == [f"s3://{s3_bucket}/searches/ft-change/best_config.yaml"]
     assert locate(extended.best_config[0]).exists()
+    # The extension is a Tune run of its own beside the first one's state; the search reports all trials.
+    assert locate(f"s3://{s3_bucket}/searches/ft-change/extension-1/tuner.pkl").exists()
+    assert len(extended.trials.splitlines()) == 2 + 3  # header, rule, one line per trial
+
+    again = run_finetune_search(more)  # finished: both Tune runs are read back, nothing runs
+    assert again.resumed and again.best_trial == extended.best_trial
+    assert len(search_runs("metallo-tune")[1]) == 3
