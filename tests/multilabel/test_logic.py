@@ -127,7 +127,7 @@ def test_config_validation_names_the_setting():
         load_config(MultilabelConfig, None, ["data.uri=x", "properties=[{name: a}, {name: a}]"])
     with pytest.raises(ConfigError, match="backbone.source must be"):
         load_config(MultilabelConfig, None, ["data.uri=x", "backbone.source=imagenet"])
-    with pytest.raises(ConfigError, match="weights_path applies to torchvision"):
+    with pytest.raises(ConfigError, match="backbone.weights_path is the old spelling of backbone.source, and both"):
         load_config(MultilabelConfig, None, ["data.uri=x", "backbone.source=models:/b@current",
                                              "backbone.weights_path=/w.pth"])
     with pytest.raises(ConfigError, match=r"variants: v uses \['nope'\]"):
