@@ -175,17 +175,19 @@ def domain_adapted(args: argparse.Namespace, folder, unlabelled):
     nothing is chosen on it)."""
     import numpy as np
 
-    from metallo_core.config import apply_overrides, from_dict, read_yaml
+    from metallo_core.config import apply_overrides, from_dict, migrate_overrides, migrate_settings, read_yaml
     from metallo_core.ssl.config import DinoConfig
     from metallo_core.ssl.learning_curve import dino_learning_curve
 
     local = max(32, round(args.size * 96 / 224 / 8) * 8)  # DINO's 96/224 local-to-global ratio
-    raw = apply_overrides(read_yaml(args.adapt_config), [
-        f"epochs={args.adapt_epochs}", f"seed={args.seed}", f"data.base_size={args.size}",
-        f"backbone.image_size={args.size}", f"multicrop.global_size={args.size}", f"multicrop.local_size={local}",
-        *args.adapt_set])
+    overrides = [f"epochs={args.adapt_epochs}", f"seed={args.seed}", f"data.base_size={args.size}",
+                 f"backbone.image_size={args.size}", f"multicrop.global_size={args.size}",
+                 f"multicrop.local_size={local}", *args.adapt_set]
+    # The config's and the overrides' older spellings first, so the start below replaces either one.
+    raw = apply_overrides(migrate_settings(DinoConfig, read_yaml(args.adapt_config)),
+                          migrate_overrides(DinoConfig, overrides))
     raw.setdefault("data", {})["uri"] = "memory:train-pool"
-    raw["init_weights"] = args.backbone  # student and teacher both start from it
+    raw.setdefault("backbone", {})["source"] = args.backbone  # student and teacher both start from it
     config = from_dict(DinoConfig, raw)
     config.validate()
     rows = np.concatenate(unlabelled)

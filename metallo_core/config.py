@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,15 +24,176 @@ import yaml
 from metallo_core.errors import ConfigError
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build `cls` from an optional YAML file plus `key.sub=value` overrides, then validate it."""
+    """Build `cls` from an optional YAML file plus `key.sub=value` overrides, then validate it.
+
+    Old spellings (`Renamed`) are read as the new ones in the file and in the overrides separately, so an
+    override in either spelling replaces the file's setting in either spelling."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = read_yaml(path)
-    data = apply_overrides(data, overrides)
+        data = migrate_settings(cls, read_yaml(path))
+    data = apply_overrides(data, migrate_overrides(cls, overrides))
     return from_dict(cls, data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Renamed:
+    """An old spelling of a setting, read as the new one for one release with a deprecation line.
+
+    `old` and `new` are dotted paths below the dataclass that lists this in its `RENAMED_SETTINGS` class
+    attribute. A section (e.g. backbone.spec) moves key by key into its new section (backbone). An old
+    value of None or "" meant "not set" and is dropped. Given both spellings, the new one's value must be
+    the same, or one of `replaces` (placeholders the old spelling filled in, e.g. source: auto next to
+    weights_path); otherwise it is a ConfigError naming both.
+    """
+
+    old: str
+    new: str
+    replaces: tuple[Any, ...] = ()
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def _announce(old: str, new: str) -> None:
+    """One deprecation line per old spelling and process (a stage loads its config more than once)."""
+    if (old, new) not in _ANNOUNCED:
+        _ANNOUNCED.add((old, new))
+        logger.warning("config: %s is deprecated, write %s instead (the old spelling is read for this release "
+                       "only)", old, new)
+
+
+def _renames(cls: Any) -> tuple[Renamed, ...]:
+    return tuple(getattr(cls, "RENAMED_SETTINGS", ()))
+
+
+def migrate_settings(cls: type, data: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """A copy of the plain settings `data` of dataclass `cls` with every old spelling (see `Renamed`) in
+    `cls` and its sections (lists of sections too) moved to its new one. Raises ConfigError where both
+    spellings are set to different values."""
+    result = to_dict(dict(data))
+    for renamed in _renames(cls):
+        _move(result, renamed, where)
+    hints = get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    for name, annotation in hints.items():
+        value, section = result.get(name), _without_none(annotation)
+        item = get_args(section)[0] if get_origin(section) is list and get_args(section) else None
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(section):
+            result[name] = migrate_settings(cast(type, section), value, _join(where, name))
+        elif isinstance(value, list) and dataclasses.is_dataclass(item):
+            result[name] = [migrate_settings(cast(type, item), entry, f"{_join(where, name)}[{index}]")
+                            if isinstance(entry, Mapping) else entry for index, entry in enumerate(value)]
+    return result
+
+
+def _move(data: dict[str, Any], renamed: Renamed, where: str) -> None:
+    *old_parents, old_key = renamed.old.split(".")
+    parent: Any = data
+    for part in old_parents:
+        parent = parent.get(part) if isinstance(parent, dict) else None
+    if not isinstance(parent, dict) or old_key not in parent:
+        return
+    value = parent.pop(old_key)
+    old_name, new_name = _join(where, renamed.old), _join(where, renamed.new)
+    _announce(*((f"{old_name}.*", f"{new_name}.*") if isinstance(value, dict) else (old_name, new_name)))
+    if value is None or value == "":
+        return
+    *new_parents, new_key = renamed.new.split(".")
+    target = data
+    for part in new_parents:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{old_name} is the old spelling of {new_name}, but {_join(where, part)} is a value, "
+                              "not a section")
+        target = child
+    if isinstance(value, dict):
+        section = target.setdefault(new_key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{old_name} is a section, the old spelling of the section {new_name}; "
+                              f"{new_name} is given as a value ({section!r})")
+        for key, item in value.items():
+            _put(section, key, item, renamed, f"{old_name}.{key}", f"{new_name}.{key}")
+    else:
+        _put(target, new_key, value, renamed, old_name, new_name)
+
+
+def _put(section: dict[str, Any], key: str, value: Any, renamed: Renamed, old_name: str, new_name: str) -> None:
+    present = section.get(key)
+    if key in section and present != value and present not in renamed.replaces:
+        raise ConfigError(f"{old_name} is the old spelling of {new_name}, and both are set ({value!r} and "
+                          f"{present!r}); keep {new_name} only")
+    section[key] = value
+
+
+def renamed_settings(cls: type, where: str = "") -> list[tuple[str, str]]:
+    """(old, new) dotted paths of every old spelling `migrate_settings` reads in `cls` and its sections
+    (a list of sections shows as `name[]`), for the documentation."""
+    pairs = []
+    for renamed in _renames(cls):
+        section = dataclasses.is_dataclass(_annotation_at(cls, renamed.new.split(".")))
+        suffix = ".*" if section else ""
+        pairs.append((_join(where, renamed.old) + suffix, _join(where, renamed.new) + suffix))
+    for name, annotation in (get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}).items():
+        section = _without_none(annotation)
+        if get_origin(section) is list and get_args(section):
+            section, name = get_args(section)[0], f"{name}[]"
+        if dataclasses.is_dataclass(section):
+            pairs += renamed_settings(cast(type, section), _join(where, name))
+    return pairs
+
+
+def migrate_overrides(cls: type, overrides: Sequence[str]) -> list[str]:
+    """`overrides` (`key.sub=value`) with each old key (see `Renamed`) spelled the new way, announced once.
+    An override of a whole old section (`backbone.spec={arch: resnet50}`) becomes one override per key of
+    its new section, so it does not replace that section's other settings."""
+    result: list[str] = []
+    for override in overrides:
+        key, sep, raw_value = override.partition("=")
+        new_key, whole_section = _renamed_key(cls, key.strip().split("."), "")
+        if not sep or new_key == key.strip():
+            result.append(override)
+            continue
+        value = load_yaml(raw_value, f"override {override!r}") if whole_section and raw_value.strip() else None
+        if isinstance(value, Mapping):
+            result += [f"{new_key}.{name}={json.dumps(item)}" for name, item in value.items()]
+        else:
+            result.append(f"{new_key}={raw_value}")
+    return result
+
+
+def migrate_section_overrides(sections: Mapping[str, type], overrides: Sequence[str]) -> list[str]:
+    """`migrate_overrides` for settings that hold several stages' configs as sections (the quickstart's
+    `pretrain.`, `metatrain.`): an override below `sections`' key is migrated by that section's class."""
+    result: list[str] = []
+    for override in overrides:
+        section, dot, rest = override.partition(".")
+        if dot and section in sections and "=" in rest:
+            result += [f"{section}.{item}" for item in migrate_overrides(sections[section], [rest])]
+        else:
+            result.append(override)
+    return result
+
+
+def _renamed_key(cls: Any, parts: list[str], where: str) -> tuple[str, bool]:
+    """The new dotted key for `parts` below `cls`, and whether it names a whole renamed section."""
+    whole_section = False
+    for renamed in _renames(cls):
+        old = renamed.old.split(".")
+        if parts[:len(old)] == old:
+            whole_section = len(parts) == len(old)
+            new = renamed.new.split(".") + parts[len(old):]
+            _announce(_join(where, ".".join(parts)), _join(where, ".".join(new)))
+            parts = new
+            break
+    if len(parts) > 1 and dataclasses.is_dataclass(cls):
+        section = _without_none(get_type_hints(cls).get(parts[0]))
+        if dataclasses.is_dataclass(section):
+            rest, whole_section = _renamed_key(section, parts[1:], _join(where, parts[0]))
+            return f"{parts[0]}.{rest}", whole_section
+    return ".".join(parts), whole_section
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -181,7 +343,7 @@ def validate_types(cls: type[T], data: Any, where: str = "") -> T:
         return data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'config'} must be a mapping of settings, got {data!r}")
-    data = _overlay_section_defaults(cls, data)
+    data = _overlay_section_defaults(cls, migrate_settings(cls, data, where))
     errors: list[Any] = []
     try:
         instance = _wrapper_model(cast(type, cls), strict=False).model_validate({"config": data}).config

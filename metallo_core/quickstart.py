@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from metallo_core import tracking
-from metallo_core.config import apply_overrides, deep_merge, from_dict
+from metallo_core.config import apply_overrides, deep_merge, from_dict, migrate_section_overrides
 from metallo_core.data.manifest import read_manifest
 from metallo_core.errors import DataError
 
@@ -53,8 +53,7 @@ DEFAULTS: dict[str, Any] = {
     # The selection tasks each stage is judged on (the `val` pool); the same tasks for input and output.
     "gate": {"way": 5, "shot": 1, "query": 10, "tasks": 100, "seed": 0},
     "pretrain": {
-        "backbone": LITE0,
-        "init_weights": "imagenet-offline",
+        "backbone": {**LITE0, "source": "imagenet-offline"},
         "backbone_batchnorm": "frozen",
         "data": {"split": "train"},
         "head": {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256, "norm_last_layer": True},
@@ -123,7 +122,8 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
     from metallo_core.train.metatrain import run_metatraining
 
     started = time.perf_counter()
-    settings = apply_overrides(DEFAULTS, list(overrides))
+    settings = apply_overrides(DEFAULTS, migrate_section_overrides(
+        {"pretrain": DinoConfig, "metatrain": MetaTrainConfig}, overrides))
     if images:
         settings["images"] = images
     tag = tag or time.strftime("%Y%m%d-%H%M%S")
@@ -169,7 +169,7 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
         _step(3, "ProtoNet meta-training", f"from {backbone_source} on {pools['base']}")
         metatrain = from_dict(MetaTrainConfig, deep_merge(settings["metatrain"], {
             "data": {"uri": base_uri, "image_size": size},
-            "backbone": {"source": backbone_source, "spec": {**LITE0, "image_size": size}},
+            "backbone": {**LITE0, "source": backbone_source, "image_size": size},
             "gate": gate,
             "run": {"name": f"quickstart-protonet-{tag}", "experiment": EXPERIMENT},
             "registry": {"name": PROTONET_NAME, "alias": ALIAS},

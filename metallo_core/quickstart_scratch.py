@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metallo_core import tracking
-from metallo_core.config import apply_overrides, deep_merge, from_dict
+from metallo_core.config import apply_overrides, deep_merge, from_dict, migrate_section_overrides
 from metallo_core.data.manifest import read_manifest
 from metallo_core.errors import DataError
 
@@ -88,7 +88,8 @@ def run_quickstart(overrides: Sequence[str] = (), *, tag: str | None = None) -> 
     from metallo_core.train.metatrain import run_metatraining
 
     started = time.perf_counter()
-    settings = apply_overrides(DEFAULTS, list(overrides))
+    settings = apply_overrides(DEFAULTS, migrate_section_overrides(
+        {"pretrain": DinoConfig, "metatrain": MetaTrainConfig}, overrides))
     tag = tag or time.strftime("%Y%m%d-%H%M%S")
     tracking.configure()
     home = tracking.local_home() / "quickstart"

@@ -81,7 +81,7 @@ class GateSettings:
     tasks: int = 100
     seed: int = 0
     # alias: the model at registry.name@registry.alias (the stage's starting weights while there is none);
-    # input: the stage's starting weights (pretrain: init_weights; metatrain: backbone.source).
+    # input: the stage's starting weights (backbone.source).
     # A scratch start has no baseline: the output is kept.
     baseline: Literal["alias", "input"] = "alias"
     min_gain: float = 0.0  # a fraction of accuracy: 0.01 asks for one point

@@ -110,7 +110,7 @@ STAGES: tuple[Stage, ...] = (
           "metallo_core.train.dino:run_dino_pretraining", "metallo_core.train.dino:describe_result",
           shortcuts=(_FORCE,),
           help="DINO self-supervised pretraining of a backbone on Ray Train, from scratch or from pretrained "
-               "weights (init_weights)"),
+               "weights (backbone.source)"),
     Stage("metatrain", "jobs.metatrain", "metallo_core.fewshot.config:MetaTrainConfig",
           "metallo_core.train.metatrain:run_metatraining", "metallo_core.train.metatrain:describe_result",
           shortcuts=(_FORCE,), help="ProtoNet meta-training on N-way K-shot episodes (Ray Train)"),

@@ -29,12 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def config_show(stage_name: str, config_type: type, json_schema: bool = False) -> str:
     """The text `metallo config show` prints for a stage whose settings are the dataclass `config_type`:
     its defaults as commented YAML, or its JSON schema (indented JSON) when `json_schema`."""
+    from metallo_core.config import renamed_settings
     from metallo_core.config_docs import defaults_yaml, described_json_schema
 
     if json_schema:
         return json.dumps(described_json_schema(config_type), indent=2)
     header = (f"# metallo {stage_name}: the default settings ({config_type.__name__});\n"
               "# set any of them in --config FILE or as key.sub=value")
+    renamed = [f"#   {old} -> {new}" for old, new in renamed_settings(config_type)]
+    if renamed:
+        header += "\n".join(["", "# older spellings, read for this release only (each with a deprecation line):",
+                              *renamed])
     return f"{header}\n{defaults_yaml(config_type).rstrip()}"
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from metallo_core.config import require
+from metallo_core.config import Renamed, require
 from metallo_core.fewshot.finetune import FinetuneSettings, MetaTestMode
 from metallo_core.fewshot.inference import InferenceSettings
-from metallo_core.models.backbones import BackboneSpec
-from metallo_core.models.sources import SourceKind, source_kind
+from metallo_core.models.backbone_choice import SPEC_SECTION_RENAMED, BackboneChoice
 from metallo_core.settings import ComputeSettings, GateSettings, RegistrySettings, RunSettings
 from metallo_core.user_paths import PathSetting
 
@@ -42,22 +41,6 @@ class FewShotData:
 
 
 @dataclass
-class BackboneInit:
-    """Where meta-training starts: any source of `metallo_core.models.sources`: `scratch`,
-    `imagenet-offline`, a weights file (`/path/w.pth`, `file:/path/checkpoint.pth#student`), `download[:tag]`
-    (explicit opt-in), or a registry model URI (`models:/metallo-backbone@current`)."""
-
-    source: str = "scratch"
-    # The architecture for scratch, file and download sources; imagenet-offline and registry models bring
-    # their own spec (then data.image_size: 0 runs them at their own size).
-    spec: BackboneSpec = field(default_factory=BackboneSpec)
-
-    @property
-    def kind(self) -> SourceKind:
-        return source_kind(self.source)
-
-
-@dataclass
 class MetaOptimSettings:
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.01
@@ -73,8 +56,15 @@ class MetaOptimSettings:
 
 @dataclass
 class MetaTrainConfig:
+    # The older spelling of the architecture (backbone.spec.*), read for one release.
+    RENAMED_SETTINGS: ClassVar[tuple[Renamed, ...]] = (SPEC_SECTION_RENAMED,)
+
     data: FewShotData = field(default_factory=FewShotData)
-    backbone: BackboneInit = field(default_factory=BackboneInit)
+    # Where meta-training starts: backbone.source is any source of metallo_core.models.sources (scratch,
+    # imagenet-offline, a weights file, download[:tag], models:/metallo-backbone@current); the architecture
+    # fields serve scratch, file and download sources; imagenet-offline and registry models bring their own
+    # (then data.image_size: 0 runs them at their own size).
+    backbone: BackboneChoice = field(default_factory=BackboneChoice)
     episodes: EpisodeSettings = field(default_factory=lambda: EpisodeSettings(way=5, shot=5, query=15))
     episodes_per_epoch: int = 100  # across all workers; each worker takes one episode per step (DDP)
     val_episodes: int = 30  # fixed, serialised meta-validation tasks, scored after every epoch

@@ -7,25 +7,31 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from metallo_core.config import require
-from metallo_core.models.backbones import BackboneSpec
+from metallo_core.config import Renamed, require
+from metallo_core.models.backbone_choice import BackboneChoice
 from metallo_core.user_paths import PathSetting
 
 METHOD_LABELS = {"protonet": "ProtoNet (PN)", "finetune": "PN+FT", "finetune_autolr": "PN+FT (auto lr)"}
 
 
+PRETRAIN_HERE = "pretrain"
+
+
 @dataclass
 class GridBackbone:
+    # The older spelling (source and spec beside name), read as the backbone block for one release.
+    RENAMED_SETTINGS: ClassVar[tuple[Renamed, ...]] = (Renamed("source", "backbone.source"),
+                                                       Renamed("spec", "backbone"))
+
     name: str  # the table's "Architecture" label, e.g. ResNet50
     pretraining: str = "-"  # the table's "Pre-training" label, e.g. DINO (miniImageNet)
-    # any source of metallo_core.models.sources (scratch, imagenet-offline, a weights file, download[:tag],
-    # models:/...), or pretrain (run DINO here)
-    source: str = "scratch"
-    spec: BackboneSpec = field(default_factory=BackboneSpec)
-    pretrain: dict[str, Any] = field(default_factory=dict)  # DinoConfig settings when source == "pretrain"
-
+    # backbone.source: any source of metallo_core.models.sources (scratch, imagenet-offline, a weights file,
+    # download[:tag], models:/...), or pretrain (run DINO here on this architecture, from
+    # pretrain.backbone.source: scratch by default); the architecture fields as in every stage's backbone block.
+    backbone: BackboneChoice = field(default_factory=BackboneChoice)
+    pretrain: dict[str, Any] = field(default_factory=dict)  # DinoConfig settings when backbone.source is pretrain
 
 @dataclass
 class GridMetaTrainSet:

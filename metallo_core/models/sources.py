@@ -108,6 +108,13 @@ def split_file_source(source: str) -> tuple[Path, str]:
     return Path(path), part or "teacher"
 
 
+def absolute_file_source(source: str) -> str:
+    """A file source with its path made absolute against this process's working directory (Ray workers
+    and later stages run in other directories): `w.pth` -> `file:/abs/w.pth`, the `#part` kept."""
+    path, part = split_file_source(source)
+    return FILE_PREFIX + str(path.resolve()) + (f"#{part}" if "#" in source else "")
+
+
 def load_file_weights(backbone: nn.Module, source: str, spec: BackboneSpec) -> None:
     """Load a local weights file (any format of `metallo_core.models.weights`) into `backbone`."""
     path, part = split_file_source(source)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from metallo_core.config import require
+from metallo_core.config import Renamed, require
 from metallo_core.multilabel.feature_layers import AUTO, DEFAULT_CANDIDATES, FINAL_LAYERS, FeatureLayers
 from metallo_core.settings import RegistrySettings
 from metallo_core.user_paths import PathSetting
@@ -58,26 +58,26 @@ class BackboneSettings:
     """The frozen feature extractor: any backbone source of `metallo_core.models.sources`.
 
     `source`:
-    - `auto` (default): the torchvision `arch` with `weights_path` when one is given, else the offline
-      ImageNet EfficientNet-Lite0 (`imagenet-offline`, installed with metallo: seed 002 prescribes an
-      ImageNet network, and this one runs on every machine without a download);
-    - `imagenet-offline`: that EfficientNet-Lite0 (1280-d features, 224 px native, inputs scaled to [-1, 1]);
-    - a weights file of `library`/`arch`: `/path/w.pth`, or `file:/path/checkpoint.pth#student` (torchvision,
-      timm and DINO formats);
+    - `imagenet-offline` (default): the ImageNet EfficientNet-Lite0 installed with metallo (seed 002
+      prescribes an ImageNet network, and this one runs on every machine without a download; 1280-d
+      features, 224 px native, inputs scaled to [-1, 1]);
+    - a weights file of `library`/`arch`: `/path/w.pth` (e.g. a torchvision resnet50-11ad3fa6.pth), or
+      `file:/path/checkpoint.pth#student` (torchvision, timm and DINO formats);
     - `download` or `download:<tag>`: the library's own pretrained weights, downloaded now (needs internet);
     - `models:/name@alias`, `models:/name/<version>`, `runs:/...`, `m-<id>`: a metallo-registered backbone
       (e.g. `models:/metallo-backbone@current` from `metallo pretrain`), with its own spec;
     - `scratch`: random initialisation of `library`/`arch`. A *frozen* random extractor gives meaningless
-      accuracy; a warning says so;
-    - `torchvision` (older configs): `arch` with `weights_path`, or random initialisation without it.
+      accuracy; a warning says so.
+    Older values, still read: `auto` is `imagenet-offline`, `torchvision` is `scratch` of a torchvision `arch`
+    (the older `backbone.weights_path: w.pth` is read as `backbone.source: w.pth`).
     """
 
-    source: str = "auto"
-    arch: str = "resnet50"  # file, download, scratch and torchvision sources: a torchvision or timm model name
+    # imagenet-offline, scratch, a weights file (/path/w.pth, file:/path/checkpoint.pth#student), download[:tag],
+    # models:/name@alias, models:/name/<version>, runs:/... (see the class docstring)
+    source: PathSetting = "imagenet-offline"
+    arch: str = "resnet50"  # file, download and scratch sources: a torchvision or timm model name
     library: Literal["torchvision", "timm"] = "torchvision"  # which library builds `arch`
     small_input: bool = False  # torchvision ResNets only: CIFAR-style stem for inputs under ~96 px
-    # auto / torchvision only: a local torchvision state dict (e.g. resnet50-11ad3fa6.pth) for `arch`.
-    weights_path: PathSetting | None = None
     # Train the last stage (ResNet `layer4`; EfficientNet: last block group and head conv) with the heads.
     # Features then change every step, so the feature cache cannot be used: each epoch runs the whole
     # backbone on the images.
@@ -103,12 +103,9 @@ class BackboneSettings:
 
     def validate(self) -> None:
         require(is_backbone_source(self.source),
-                f"backbone.source must be auto, imagenet-offline, scratch, torchvision, a weights file "
-                f"(/path/w.pth or file:/path/w.pth), download[:tag], models:/<name>@<alias>, "
-                f"models:/<name>/<version>, runs:/... or m-<id>, got {self.source!r}")
-        require(self.weights_path is None or self.source in ("auto", "torchvision"),
-                "backbone.weights_path applies to torchvision backbones only (source auto or torchvision); "
-                "drop it, or give the file as backbone.source")
+                f"backbone.source must be imagenet-offline, scratch, a weights file (/path/w.pth or "
+                f"file:/path/w.pth), download[:tag], models:/<name>@<alias>, models:/<name>/<version>, runs:/... "
+                f"or m-<id>, got {self.source!r}")
         require(self.extract_batch_size >= 1, "backbone.extract_batch_size must be >= 1")
         require(self.pooled_early_stages is None or self.pooled_early_stages >= 0,
                 "backbone.pooled_early_stages must be >= 0")
@@ -138,13 +135,14 @@ class BackboneSettings:
 
 
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+OLDER_SOURCES = ("auto", "torchvision")  # see BackboneSettings
 
 
 def is_backbone_source(source: str) -> bool:
     """True for a source string `BackboneSettings.source` accepts (see its docstring)."""
     from metallo_core.models.sources import OFFLINE_IMAGENET, SCRATCH, source_kind
 
-    if source in ("auto", "torchvision", OFFLINE_IMAGENET, SCRATCH):
+    if source in (*OLDER_SOURCES, OFFLINE_IMAGENET, SCRATCH):
         return True
     kind = source_kind(source)
     if kind in ("download", "registry"):
@@ -228,6 +226,10 @@ class MultilabelRun:
 
 @dataclass
 class MultilabelConfig:
+    # The older spelling of a torchvision weights file, beside source auto or torchvision: read for one release.
+    RENAMED_SETTINGS: ClassVar[tuple[Renamed, ...]] = (
+        Renamed("backbone.weights_path", "backbone.source", replaces=OLDER_SOURCES),)
+
     data: MultilabelData = field(default_factory=MultilabelData)
     # Empty: one property per label column the dataset declares, each of the column's kind.
     properties: list[PropertySettings] = field(default_factory=list)

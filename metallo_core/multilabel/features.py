@@ -103,11 +103,10 @@ def resolve_backbone(settings: BackboneSettings, *, seed: int = 0, image_size: i
     source when `registered` is None.
     """
     source = settings.source
-    if source == "auto":
-        source = "torchvision" if settings.weights_path else OFFLINE_IMAGENET
-    if source == "torchvision":
-        # Older configs: `arch` with weights_path, or random initialisation without it.
-        source = settings.weights_path or SCRATCH
+    if source == "auto":  # the older spelling of the default
+        source = OFFLINE_IMAGENET
+    if source == "torchvision":  # the older spelling of a random torchvision `arch`
+        source = SCRATCH
         settings = replace(settings, library="torchvision")
     kind = source_kind(source)
     if kind == "registry":
@@ -148,9 +147,9 @@ def _random_backbone(spec: BackboneSpec, seed: int) -> ResolvedBackbone:
     torch.manual_seed(seed)
     module = build_backbone(spec)
     print(
-        f"WARNING: backbone is a randomly initialised {spec.arch} (backbone.source {SCRATCH!r}, or torchvision "
-        "without backbone.weights_path): a frozen random extractor gives meaningless accuracy; drop "
-        f"backbone.source for the offline ImageNet network, or give pretrained weights",
+        f"WARNING: backbone is a randomly initialised {spec.arch} (backbone.source {SCRATCH!r}): a frozen random "
+        f"extractor gives meaningless accuracy; drop backbone.source for the offline ImageNet network, or give "
+        "pretrained weights",
         file=sys.stderr, flush=True,
     )
     spec = replace(spec, weights=SCRATCH)

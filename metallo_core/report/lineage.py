@@ -112,7 +112,8 @@ def row_labels(data: ReportData, evaluation: EvaluationRecord) -> RowLabels:
     tags = lineage_tags(data, evaluation.model_uri)
     run = source_run(data, evaluation.model_uri)
     model = find_model(data, evaluation.model_uri)
-    arch = tags.get("metallo.arch") or (run.params.get("backbone.spec.arch", "") if run else "")
+    arch = tags.get("metallo.arch") or (
+        run.params.get("backbone.arch") or run.params.get("backbone.spec.arch", "") if run else "")  # older runs: spec
     labels = RowLabels(
         architecture=pretty_arch(arch),
         pretraining=describe_source(data, tags.get("metallo.backbone_source", "")),

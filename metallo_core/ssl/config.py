@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from metallo_core.config import require
-from metallo_core.models.backbones import BackboneSpec
-from metallo_core.models.sources import OFFLINE_IMAGENET, SCRATCH, offline_imagenet_spec
+from metallo_core.config import Renamed, require
+from metallo_core.models.backbone_choice import BackboneChoice
+from metallo_core.models.sources import OFFLINE_IMAGENET, offline_imagenet_spec
 from metallo_core.settings import ComputeSettings, GateSettings, RegistrySettings, RunSettings
 from metallo_core.ssl.multicrop import MultiCropConfig
 from metallo_core.user_paths import PathSetting
@@ -116,8 +116,16 @@ class DebugSettings:
 
 @dataclass
 class DinoConfig:
+    # The older spelling of backbone.source, read for one release.
+    RENAMED_SETTINGS: ClassVar[tuple[Renamed, ...]] = (Renamed("init_weights", "backbone.source"),)
+
     data: DinoData = field(default_factory=DinoData)
-    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    # The network student and teacher share, and where both start (the same weights): backbone.source is
+    # scratch (random init) or any source of metallo_core.models.sources: imagenet-offline, a weights file
+    # (torchvision, timm or DINO checkpoint: /path/w.pth, file:/path/checkpoint.pth#student), download[:tag]
+    # (explicit opt-in), models:/metallo-backbone@alias. The architecture fields must describe that network
+    # (checked before training).
+    backbone: BackboneChoice = field(default_factory=BackboneChoice)
     head: DinoHeadSettings = field(default_factory=DinoHeadSettings)
     loss: DinoLossSettings = field(default_factory=DinoLossSettings)
     optim: DinoOptimSettings = field(default_factory=DinoOptimSettings)
@@ -131,14 +139,9 @@ class DinoConfig:
     debug: DebugSettings = field(default_factory=DebugSettings)
     epochs: int = 100
     seed: int = 0
-    # Where the student and the teacher start (both from the same weights): None/scratch for random init,
-    # or any source of metallo_core.models.sources: imagenet-offline, a weights file (torchvision, timm or
-    # DINO checkpoint: /path/w.pth, file:/path/checkpoint.pth#student), download[:tag] (explicit opt-in),
-    # models:/metallo-backbone@alias. `backbone` must describe that network (checked before training).
-    init_weights: PathSetting | None = None
     # BatchNorm of the student's and the teacher's backbones while training. "batch": train mode, as in DINO
     # (batch statistics, running statistics re-estimated on the augmented crops). "frozen": eval mode, the
-    # running statistics of `init_weights` are used and kept (the affine weights still train). "auto": frozen
+    # running statistics of `backbone.source` are used and kept (the affine weights still train). "auto": frozen
     # when starting from pretrained weights, batch from scratch. Why: continuing DINO from the ImageNet
     # EfficientNet-Lite0 on X-SDD with batch statistics cost ProtoNet 9.8 points at 5-way 1-shot, with them
     # frozen +0.2 (README, *Benchmarks*): re-estimated statistics of crops do not match whole images.
@@ -150,8 +153,8 @@ class DinoConfig:
 
     @property
     def pretrained_start(self) -> bool:
-        """Whether student and teacher start from pretrained weights (init_weights names a source, not scratch)."""
-        return self.init_weights not in (None, "", SCRATCH)
+        """Whether student and teacher start from pretrained weights (backbone.source is not scratch)."""
+        return self.backbone.pretrained
 
     @property
     def freezes_backbone_batchnorm(self) -> bool:
@@ -171,11 +174,11 @@ class DinoConfig:
                 tuple(self.multicrop.std) == tuple(self.backbone.std),
                 f"multicrop.mean/std ({self.multicrop.mean}, {self.multicrop.std}) must equal backbone.mean/std "
                 f"({self.backbone.mean}, {self.backbone.std}): views are normalised the way the backbone expects")
-        if self.init_weights == OFFLINE_IMAGENET:
+        if self.backbone.source == OFFLINE_IMAGENET:
             offline = offline_imagenet_spec(self.backbone.image_size)
             require((self.backbone.library, self.backbone.arch, tuple(self.backbone.mean), tuple(self.backbone.std))
                     == (offline.library, offline.arch, offline.mean, offline.std),
-                    f"init_weights {OFFLINE_IMAGENET} is a {offline.library} {offline.arch} with mean/std "
+                    f"backbone.source {OFFLINE_IMAGENET} is a {offline.library} {offline.arch} with mean/std "
                     f"{offline.mean}/{offline.std}: set backbone.library, backbone.arch, backbone.mean, backbone.std "
                     "(and multicrop.mean/std) to those")
         require(self.optim.freeze_last_layer_epochs < self.epochs or self.epochs == 1,

@@ -68,7 +68,7 @@ def calibrated_copy(trainer: DinoTrainer, images_uint8: np.ndarray, batch_size: 
             module.reset_running_stats()
             module.momentum = None  # cumulative average over all batches
     backbone.train()
-    spec, size = trainer.config.backbone, trainer.config.multicrop.global_size
+    spec, size = trainer.config.backbone.spec, trainer.config.multicrop.global_size
     mean = torch.tensor(spec.mean, device=trainer.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=trainer.device).view(1, 3, 1, 1)
     for start in range(0, len(images_uint8), batch_size):

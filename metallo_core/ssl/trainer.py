@@ -46,14 +46,14 @@ class MultiCropNetwork(nn.Module):
 
 def build_network(config: DinoConfig) -> MultiCropNetwork:
     head = DINOHead(
-        config.backbone.feature_dim,
+        config.backbone.spec.feature_dim,
         config.head.out_dim,
         hidden_dim=config.head.hidden_dim,
         bottleneck_dim=config.head.bottleneck_dim,
         use_bn=config.head.use_bn,
         norm_last_layer=config.head.norm_last_layer,
     )
-    return MultiCropNetwork(build_backbone(config.backbone), head)
+    return MultiCropNetwork(build_backbone(config.backbone.spec), head)
 
 
 def hold_batchnorm_in_eval(*networks: nn.Module) -> None:
@@ -91,13 +91,13 @@ class DinoTrainer:
         if config.pretrained_start:
             # The teacher copies the student below: both start from the same pretrained weights.
             # A registry source (models:/...) needs the caller's registry loader: this package knows no MLflow.
-            pretrained, _ = backbone_from_source(config.init_weights, config.backbone, load_registered)
+            pretrained, _ = backbone_from_source(config.backbone.source, config.backbone.spec, load_registered)
             student.backbone.load_state_dict(pretrained.state_dict())
         teacher = build_network(config)
         if self.distributed and device.type == "cuda":
             # Ray's prepare_model does not convert BatchNorm; DINO needs statistics over the global batch.
-            student = convert_sync_batchnorm(student, config.backbone)  # keeps timm's BatchNormAct activations
-            teacher = convert_sync_batchnorm(teacher, config.backbone)
+            student = convert_sync_batchnorm(student, config.backbone.spec)  # keeps timm's BatchNormAct activations
+            teacher = convert_sync_batchnorm(teacher, config.backbone.spec)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         student = student.to(device, memory_format=memory_format)
         teacher = teacher.to(device, memory_format=memory_format)
@@ -208,7 +208,7 @@ class DinoTrainer:
         backbone = self.teacher.backbone if backbone is None else backbone
         was_training = backbone.training
         backbone.eval()
-        spec = self.config.backbone
+        spec = self.config.backbone.spec
         mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
         features = []

@@ -5,42 +5,39 @@ Kept out of `fewshot/` (the maths, free of MLflow): everything here may talk to 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from metallo_core.fewshot.config import BackboneInit
 from metallo_core.fewshot.protonet import ProtoNet
+from metallo_core.models.backbone_choice import BackboneChoice
 from metallo_core.models.backbones import BackboneSpec
-from metallo_core.models.sources import FILE_PREFIX, split_file_source
+from metallo_core.models.sources import absolute_file_source
 from metallo_core.tracking.backbone_store import backbone_from_any_source, load_backbone_and_metadata
 from metallo_core.tracking.registry import pin_model_uri
 
 PROTONET_KIND = "protonet"
 
 
-def pin_backbone_source(init: BackboneInit) -> str:
+def pin_backbone_source(init: BackboneChoice) -> str:
     """The exact source meta-training starts from: an alias is resolved to its version now, so the run's
     lineage names what it actually used even if the alias moves later; a file path becomes absolute."""
     if init.kind == "file":
-        path, part = split_file_source(init.source)
-        pinned = FILE_PREFIX + str(Path(path).resolve())
-        return pinned + (f"#{part}" if "#" in init.source else "")
+        return absolute_file_source(init.source)
     if init.kind != "registry":
         return init.source
     return pin_model_uri(init.source)
 
 
-def check_backbone_source(init: BackboneInit, pinned_source: str) -> BackboneSpec:
+def check_backbone_source(init: BackboneChoice, pinned_source: str) -> BackboneSpec:
     """Fail before any cluster time is spent: build the starting backbone once on the driver (a weights file
     that does not fit is a ConfigError naming the file and its missing/unexpected keys); its spec."""
     _, spec = initial_backbone(init, pinned_source)
     return spec
 
 
-def initial_backbone(init: BackboneInit, pinned_source: str) -> tuple[nn.Module, BackboneSpec]:
+def initial_backbone(init: BackboneChoice, pinned_source: str) -> tuple[nn.Module, BackboneSpec]:
     """The starting backbone of meta-training (in train mode) and the spec it really has."""
     backbone, spec = backbone_from_any_source(pinned_source, init.spec)
     return backbone.train(), spec

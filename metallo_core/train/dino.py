@@ -118,7 +118,7 @@ def dino_train_worker(loop_config: dict) -> None:
             "epoch": epoch,
             "global_step": (epoch + 1) * steps,
             "config_hash": config_hash(config),
-            "backbone_spec": to_dict(config.backbone),
+            "backbone_spec": to_dict(config.backbone.spec),
         })
 
 
@@ -202,7 +202,7 @@ def validate_inputs(config: DinoConfig) -> int:
     if config.knn.every_epochs:
         read_manifest(config.knn.uri or config.data.uri).split(config.knn.split)
     locate(ray_setup.storage_uri(config.run)).check_access()
-    check_init_weights(config)
+    check_start_weights(config)
     stage_gate.check_selection_split(config.gate)
     from metallo_core.ssl.trainer import steps_per_epoch
 
@@ -213,34 +213,32 @@ def validate_inputs(config: DinoConfig) -> int:
     return num_images
 
 
-def check_init_weights(config: DinoConfig) -> None:
-    """Build the starting backbone once on the driver: a weights file that does not fit `config.backbone`
+def check_start_weights(config: DinoConfig) -> None:
+    """Build the starting backbone once on the driver: a weights file that does not fit `config.backbone`'s
     (or a registry backbone of another architecture) fails here, named, before any cluster time is spent."""
     from metallo_core.tracking.backbone_store import backbone_from_any_source
 
     if not config.pretrained_start:
         return
-    _, spec = backbone_from_any_source(config.init_weights, config.backbone)
-    mine, theirs = config.backbone, spec
+    _, spec = backbone_from_any_source(config.backbone.source, config.backbone.spec)
+    mine, theirs = config.backbone.spec, spec
     if (mine.library, mine.arch, mine.small_input) != (theirs.library, theirs.arch, theirs.small_input):
         raise MetalloError(
-            f"init_weights {config.init_weights} is a {theirs.library} {theirs.arch}"
+            f"backbone.source {config.backbone.source} is a {theirs.library} {theirs.arch}"
             f"{' (small-input stem)' if theirs.small_input else ''}, but backbone is a {mine.library} {mine.arch}"
-            f"{' (small-input stem)' if mine.small_input else ''}; set backbone to match the weights")
+            f"{' (small-input stem)' if mine.small_input else ''}; set backbone.library/arch/small_input to match "
+            "the weights")
     if (tuple(mine.mean), tuple(mine.std)) != (tuple(theirs.mean), tuple(theirs.std)):
         raise MetalloError(
-            f"init_weights {config.init_weights} expects inputs normalised with mean {theirs.mean}, std "
+            f"backbone.source {config.backbone.source} expects inputs normalised with mean {theirs.mean}, std "
             f"{theirs.std}; set backbone.mean/std and multicrop.mean/std to those (they are {mine.mean}, {mine.std})")
 
 
-def pinned_init_weights(config: DinoConfig) -> str:
+def pinned_start_weights(config: DinoConfig) -> str:
     """The exact starting point for lineage: a registry alias resolved to its version, a file made absolute."""
-    from metallo_core.fewshot.config import BackboneInit
     from metallo_core.tracking.protonet_store import pin_backbone_source
 
-    if not config.init_weights:
-        return "scratch"
-    return pin_backbone_source(BackboneInit(source=config.init_weights, spec=config.backbone))
+    return pin_backbone_source(config.backbone)
 
 
 def describe_result(result: PretrainResult) -> str:
@@ -255,9 +253,9 @@ def describe_result(result: PretrainResult) -> str:
 def pinned_inputs(config: DinoConfig) -> DinoConfig:
     """Resolve local paths now (Ray workers run in other working directories) and pin the start weights."""
     config = with_absolute_uris(config, ("data.uri", "knn.uri", "gate.uri", "run.storage"))
-    if config.init_weights:
+    if config.pretrained_start:
         # Workers start from exactly what the driver checked: an alias cannot move under a running job.
-        config.init_weights = pinned_init_weights(config)
+        config.backbone.source = pinned_start_weights(config)
     return config
 
 
@@ -269,7 +267,7 @@ def run_dino_pretraining(config: DinoConfig) -> PretrainResult:
         **tracking.dataset_tags(config.data.uri, split=config.data.split),
         "metallo.config_hash": config_hash(config),
         "metallo.code_version": tracking.code_version(),
-        "metallo.backbone_source": config.init_weights or "scratch",  # where DINO started
+        "metallo.backbone_source": config.backbone.source,  # where DINO started
     }
     with tracking.open_run(config.run.experiment, config.run.name, config=config, tags=lineage) as run:
         outcome = skeleton.fit_or_reuse(config.run, config.epochs, lambda: _fit(config, num_images, run.run_id))
@@ -304,7 +302,7 @@ def teacher_backbone(config: DinoConfig, state: dict):
     """The teacher's backbone of a DINO checkpoint state (the network DINO hands on)."""
     from metallo_core.models.backbones import build_backbone
 
-    backbone = build_backbone(config.backbone)
+    backbone = build_backbone(config.backbone.spec)
     prefix = "backbone."
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)})
     return backbone
@@ -315,8 +313,8 @@ def register_teacher_backbone(config: DinoConfig, state: dict, record: dict, run
     """Register the final teacher backbone once per (run, epoch) (a rerun of a finished run reuses it) and
     point registry.alias at it unless the gate (gate.uri) found it no better than its baseline."""
     backbone = teacher_backbone(config, state)
-    origin = config.init_weights or "scratch"  # where DINO started
-    registered_spec = replace(config.backbone, weights=origin)
+    origin = config.backbone.source  # where DINO started
+    registered_spec = replace(config.backbone.spec, weights=origin)
 
     def register(identity: dict[str, str]) -> str:
         from metallo_core.tracking.backbone_store import log_backbone
@@ -334,5 +332,5 @@ def register_teacher_backbone(config: DinoConfig, state: dict, record: dict, run
 
     return stage_gate.gate_and_register(
         stage="pretrain", gate=config.gate, registry=config.registry, run_id=run_id, epochs_done=record["epoch"] + 1,
-        candidate=backbone, candidate_spec=registered_spec, input_source=origin, input_spec=config.backbone,
+        candidate=backbone, candidate_spec=registered_spec, input_source=origin, input_spec=config.backbone.spec,
         trained_on=stage_gate.data_in_words(config.data.uri, config.data.split), register=register)

@@ -14,9 +14,9 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from metallo_core import tracking
-from metallo_core.config import deep_merge, from_dict, to_dict
+from metallo_core.config import deep_merge, from_dict, migrate_settings, to_dict
 from metallo_core.errors import MetalloError
-from metallo_core.fewshot.grid import METHOD_LABELS, GridConfig, GridRow, results_csv, results_table
+from metallo_core.fewshot.grid import METHOD_LABELS, PRETRAIN_HERE, GridConfig, GridRow, results_csv, results_table
 from metallo_core.report.figures import ShotSeries, accuracy_vs_shots
 from metallo_core.tracking.figures import FIGURE_DPI, log_figures
 
@@ -51,10 +51,12 @@ def run_grid(config: GridConfig) -> dict[str, Any]:
     with tracking.start_run(config.experiment, f"grid-{config.name}", config=config,
                             tags={"metallo.stage": "grid"}) as parent:
         for backbone in config.backbones:
-            source, spec = backbone.source, backbone.spec
-            if source == "pretrain":
-                dino = from_dict(DinoConfig, deep_merge(backbone.pretrain, {
-                    "backbone": to_dict(spec),
+            source, spec = backbone.backbone.source, backbone.backbone.spec
+            if source == PRETRAIN_HERE:
+                # The grid's architecture; DINO's own start (pretrain.backbone.source) stays scratch by default.
+                architecture = {key: value for key, value in to_dict(backbone.backbone).items() if key != "source"}
+                dino = from_dict(DinoConfig, deep_merge(migrate_settings(DinoConfig, backbone.pretrain), {
+                    "backbone": architecture,
                     "run": {"name": f"{config.name}-{backbone.name}-dino".lower()},
                 }))
                 pretrained = run_dino_pretraining(dino)
@@ -69,7 +71,7 @@ def run_grid(config: GridConfig) -> dict[str, Any]:
                 metatrain = from_dict(MetaTrainConfig, deep_merge(config.metatrain, {
                     "data": {"uri": set_uri, "train_split": metatrain_set.train_split,
                              "val_split": metatrain_set.val_split, "image_size": spec.image_size},
-                    "backbone": {"source": source, "spec": to_dict(spec)},
+                    "backbone": {**to_dict(backbone.backbone), "source": source},
                     "run": {"name": _slug(run_name)},
                     "registry": {"alias": ""},
                 }))

@@ -12,6 +12,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,9 +23,10 @@ from metallo_core.config import config_hash
 from metallo_core.data.manifest import Manifest, read_manifest
 from metallo_core.errors import ConfigError, DataError
 from metallo_core.models.pooling import early_stage_names, stage_widths
+from metallo_core.models.sources import absolute_file_source, source_kind
 from metallo_core.models.stages import stage_names
 from metallo_core.multilabel.baseline_cnn import CNN_MEAN, CNN_STD, SmallCNN
-from metallo_core.multilabel.config import BackboneSettings, MultilabelConfig
+from metallo_core.multilabel.config import OLDER_SOURCES, BackboneSettings, MultilabelConfig
 from metallo_core.multilabel.feature_layers import CandidateScore, FeatureLayers, choose, widest
 from metallo_core.multilabel.features import (
     InputTable,
@@ -122,7 +124,18 @@ class TrainedModel:
         return self.history.final.cumulative_error
 
 
-LOCATION_SETTINGS = ("data.uri", "backbone.weights_path", "backbone.cache_dir")  # resolved before Ray workers
+C = TypeVar("C", bound=MultilabelConfig)
+LOCATION_SETTINGS = ("data.uri", "backbone.cache_dir")  # resolved before Ray workers, with a file backbone.source
+
+
+def with_absolute_locations(config: C) -> C:
+    """A copy of `config` whose locations (`LOCATION_SETTINGS`, a weights file named by backbone.source) are
+    absolute: Ray workers and later stages run in other directories."""
+    config = with_absolute_uris(config, LOCATION_SETTINGS)
+    source = config.backbone.source
+    if source_kind(source) == "file" and source not in OLDER_SOURCES:
+        config.backbone.source = absolute_file_source(source)
+    return config
 
 
 def effective_image_size(config: MultilabelConfig, backbone: ResolvedBackbone | None) -> int:
@@ -439,7 +452,7 @@ def model_spec(config: MultilabelConfig, trained: TrainedModel, prepared: Prepar
 
 
 def run_multilabel_training(config: MultilabelConfig) -> MultilabelResult:
-    config = with_absolute_uris(config, LOCATION_SETTINGS)
+    config = with_absolute_locations(config)
     tracking.configure()  # fails fast on an unreachable tracking server
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)

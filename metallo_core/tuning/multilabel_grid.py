@@ -151,15 +151,14 @@ def _describe_row(result: dict[str, Any]) -> str:
 
 
 def run_experiments(config: ExperimentsConfig) -> ExperimentsResult:
-    from metallo_core.storage import with_absolute_uris
     from metallo_core.train.multilabel import (
-        LOCATION_SETTINGS,
         check_dataset,
         lineage_tags,
         prepare_inputs,
+        with_absolute_locations,
     )
 
-    config = with_absolute_uris(config, LOCATION_SETTINGS)
+    config = with_absolute_locations(config)
     tracking.configure()
     if config.torch_threads:
         import torch

@@ -21,7 +21,7 @@ ROWS = [
 def test_the_shipped_grid_config_loads_with_the_papers_axes():
     config = load_config(GridConfig, REPO / "configs/grid/seed000_synthetic.yaml")
     assert [b.name for b in config.backbones] == ["ResNet18", "ResNet50", "ResNet50"]
-    assert [b.source for b in config.backbones] == ["scratch", "scratch", "pretrain"]
+    assert [b.backbone.source for b in config.backbones] == ["scratch", "scratch", "pretrain"]
     assert [s.name for s in config.metatrain_sets] == ["synthetic", "synthetic-other"]
     assert config.shots == [1, 5] and config.modes == ["protonet", "finetune"]
 

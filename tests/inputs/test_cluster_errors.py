@@ -87,7 +87,7 @@ def test_a_diverging_metatraining_run_reports_the_trainers_message(ray_cluster, 
     data = write_tiny_fewshot(tmp_path / "fewshot")
     config = tmp_path / "metatrain.yaml"
     config.write_text(yaml.safe_dump({
-        "data": {"uri": data}, "backbone": {"source": "scratch", "spec": TINY_SPEC},
+        "data": {"uri": data}, "backbone": {"source": "scratch", **TINY_SPEC},
         "episodes": {"way": 5, "shot": 1, "query": 2}, "episodes_per_epoch": 2, "val_episodes": 2, "val_shot": 1,
         "optim": {"name": "sgd", "lr": float("inf")}, "epochs": 1,
         "run": {"name": "diverges", "max_failures": 0}, "registry": {"register": False},

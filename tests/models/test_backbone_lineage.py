@@ -22,7 +22,7 @@ from metallo_core.tracking.backbone_store import (
     load_backbone,
     log_backbone,
 )
-from metallo_core.train.dino import check_init_weights
+from metallo_core.train.dino import check_start_weights
 from tests.fewshot_fixtures import write_tiny_fewshot
 
 LITE = {"arch": "tf_efficientnet_lite0", "library": "timm", "image_size": 32, "mean": [0.5, 0.5, 0.5],
@@ -66,38 +66,43 @@ def test_spec_files_written_before_library_and_weights_existed_still_load():
     assert (spec.library, spec.weights, spec.feature_dim, spec.small_input) == ("torchvision", "", 512, True)
 
 
+def with_source(config: dict, source: str) -> dict:
+    """`config` with backbone.source set (student and teacher start from it)."""
+    return {**config, "backbone": {**config["backbone"], "source": source}}
+
+
 def test_dino_starts_student_and_teacher_from_the_same_pretrained_weights(tmp_path):
     torch.manual_seed(5)
     pretrained = build_backbone(from_dict(BackboneSpec, LITE))
     path = tmp_path / "lite0.pth"
     torch.save(pretrained.state_dict(), path)
-    config = from_dict(DinoConfig, {**DINO_TINY, "init_weights": f"file:{path}"})
-    check_init_weights(config)  # what the driver does before asking Ray for workers
+    config = from_dict(DinoConfig, with_source(DINO_TINY, f"file:{path}"))
+    check_start_weights(config)  # what the driver does before asking Ray for workers
     trainer = DinoTrainer(config, steps_per_epoch=2, world_size=1, rank=0, device=torch.device("cpu"))
     assert same_weights(pretrained, trainer.student_module.backbone)
     assert same_weights(pretrained, trainer.teacher.backbone)
 
 
 def test_dino_from_the_offline_imagenet_weights_needs_the_matching_backbone_spec():
-    config = from_dict(DinoConfig, {**DINO_TINY, "init_weights": "imagenet-offline"})
+    config = from_dict(DinoConfig, with_source(DINO_TINY, "imagenet-offline"))
     trainer = DinoTrainer(config, steps_per_epoch=2, world_size=1, rank=0, device=torch.device("cpu"))
     from metallo_core.models.sources import offline_imagenet_backbone
 
     offline, _ = offline_imagenet_backbone()
     assert same_weights(offline, trainer.teacher.backbone) and same_weights(offline, trainer.student_module.backbone)
     with pytest.raises(ConfigError, match="set backbone.library, backbone.arch, backbone.mean, backbone.std"):
-        from_dict(DinoConfig, {**DINO_TINY, "backbone": {"arch": "resnet18", "image_size": 32},
+        from_dict(DinoConfig, {**DINO_TINY, "backbone": {"source": "imagenet-offline", "arch": "resnet18",
+                                                         "image_size": 32},
                                "multicrop": {**DINO_TINY["multicrop"], "mean": [0.485, 0.456, 0.406],
-                                             "std": [0.229, 0.224, 0.225]},
-                               "init_weights": "imagenet-offline"})
+                                             "std": [0.229, 0.224, 0.225]}})
 
 
 def test_dino_with_weights_of_another_network_fails_on_the_driver(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(build_backbone(BackboneSpec(arch="resnet18")).state_dict(), path)
-    config = from_dict(DinoConfig, {**DINO_TINY, "init_weights": str(path)})
+    config = from_dict(DinoConfig, with_source(DINO_TINY, str(path)))
     with pytest.raises(ConfigError, match=r"resnet18\.pth does not fit a tf_efficientnet_lite0 \(timm\)"):
-        check_init_weights(config)
+        check_start_weights(config)
     with pytest.raises(ConfigError, match="multicrop.mean/std .* must equal backbone.mean/std"):
         from_dict(DinoConfig, {**DINO_TINY, "multicrop": {**DINO_TINY["multicrop"], "mean": [0.4, 0.4, 0.4]}})
 
@@ -120,7 +125,7 @@ def test_metatraining_from_a_mismatched_file_fails_before_ray_starts(tmp_path, m
     torch.save(build_backbone(BackboneSpec(arch="resnet34")).state_dict(), path)
     config = from_dict(MetaTrainConfig, {
         "data": {"uri": write_tiny_fewshot(tmp_path)},
-        "backbone": {"source": str(path), "spec": {"arch": "resnet18", "small_input": True, "image_size": 20}},
+        "backbone": {"source": str(path), "arch": "resnet18", "small_input": True, "image_size": 20},
         "episodes": {"way": 3, "shot": 1, "query": 2}, "val_episodes": 2, "episodes_per_epoch": 2, "epochs": 1,
         "run": {"storage": str(tmp_path / "runs")},
     })
@@ -136,7 +141,7 @@ def test_shipped_configs_that_start_from_pretrained_weights_validate():
 
     root = Path(__file__).resolve().parents[2] / "configs"
     dino = load_config(DinoConfig, root / "pretrain" / "domain_adapt_efficientnet_lite0.yaml")
-    assert dino.init_weights == "imagenet-offline" and dino.backbone.image_size == 224
+    assert dino.backbone.source == "imagenet-offline" and dino.backbone.image_size == 224
     assert dino.optim.lr < DinoConfig().optim.lr  # gentler than DINO from scratch
     metatrain = load_config(MetaTrainConfig, root / "metatrain" / "pretrained_efficientnet_lite0.yaml")
     assert metatrain.backbone.kind == "offline" and metatrain.data.image_size == 0

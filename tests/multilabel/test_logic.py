@@ -127,9 +127,9 @@ def test_config_validation_names_the_setting():
         load_config(MultilabelConfig, None, ["data.uri=x", "properties=[{name: a}, {name: a}]"])
     with pytest.raises(ConfigError, match="backbone.source must be"):
         load_config(MultilabelConfig, None, ["data.uri=x", "backbone.source=imagenet"])
-    with pytest.raises(ConfigError, match="weights_path applies to torchvision"):
-        load_config(MultilabelConfig, None, ["data.uri=x", "backbone.source=models:/b@current",
-                                             "backbone.weights_path=/w.pth"])
+    with pytest.raises(ConfigError, match="backbone.weights_path is the old spelling of backbone.source, and both"):
+        from_dict(MultilabelConfig, {"data": {"uri": "x"},
+                                     "backbone": {"source": "models:/b@current", "weights_path": "/w.pth"}})
     with pytest.raises(ConfigError, match=r"variants: v uses \['nope'\]"):
         load_config(ExperimentsConfig, None, ["data.uri=x", "variants=[{name: v, properties: [nope]}]"])
 

@@ -18,7 +18,7 @@ def test_grid_runs_as_tune_trials_logged_as_child_runs_of_one_parent(tmp_path, r
     write_nfurcated(str(data), images_per_combination=2, size=32, seed=1)  # 140 images
     config = from_dict(ExperimentsConfig, {
         "data": {"uri": str(data), "image_size": 16},
-        "backbone": {"source": "torchvision", "arch": "resnet18", "small_input": True},
+        "backbone": {"source": "scratch", "arch": "resnet18", "small_input": True},
         "optim": {"max_epochs": 3},
         "test_fractions": [0.5],
         "variants": [

@@ -37,7 +37,7 @@ from metallo_core.train.multilabel import (
 
 # A random-init ResNet-18 with the small stem: no pretrained weights exist offline, and a test must not
 # depend on the local registry. Random conv features still separate these textures well enough to learn.
-SMALL_BACKBONE = ["backbone.source=torchvision", "backbone.arch=resnet18", "backbone.small_input=true",
+SMALL_BACKBONE = ["backbone.source=scratch", "backbone.arch=resnet18", "backbone.small_input=true",
                   "data.image_size=32"]
 FINAL_FEATURES = ["backbone.feature_layers=final"]  # the set these tests were written for (auto has its own)
 
@@ -204,17 +204,16 @@ def test_torchvision_weights_come_from_a_local_file_and_name_the_cache_key(tmp_p
     weights = tmp_path / "resnet18-local.pth"
     torch.save(state, weights)
 
-    resolved = resolve_backbone(BackboneSettings(source="torchvision", arch="resnet18", weights_path=str(weights)))
+    resolved = resolve_backbone(BackboneSettings(source=str(weights), arch="resnet18"))
     assert not resolved.random_init and "sha256=" in resolved.identity
     assert torch.equal(resolved.module.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     other = tmp_path / "other.pth"
     torch.save({**state, "conv1.weight": state["conv1.weight"] + 1}, other)
-    assert resolve_backbone(BackboneSettings(source="torchvision", arch="resnet18",
-                                             weights_path=str(other))).identity != resolved.identity
+    assert resolve_backbone(BackboneSettings(source=str(other), arch="resnet18")).identity != resolved.identity
     with pytest.raises(ConfigError, match="does not exist"):
-        resolve_backbone(BackboneSettings(source="torchvision", weights_path=str(tmp_path / "missing.pth")))
+        resolve_backbone(BackboneSettings(source=str(tmp_path / "missing.pth")))
     with pytest.raises(ConfigError, match="does not fit a resnet50"):
-        resolve_backbone(BackboneSettings(source="torchvision", arch="resnet50", weights_path=str(weights)))
+        resolve_backbone(BackboneSettings(source=str(weights), arch="resnet50"))
 
 
 def test_registry_sources_go_to_the_look_up_the_caller_hands_over():

@@ -106,7 +106,7 @@ def log_pretraining() -> tuple[str, str]:
 def log_metatraining(key: str, source: str) -> tuple[str, str]:
     config = from_dict(MetaTrainConfig, {
         "data": {"uri": TRAIN_DATA},
-        "backbone": {"source": source, "spec": {"arch": "resnet18", "small_input": True, "image_size": 32}},
+        "backbone": {"source": source, "arch": "resnet18", "small_input": True, "image_size": 32},
         "episodes": {"way": 5, "shot": 5, "query": 10},
         "epochs": 3,
         "run": {"name": f"tiny-protonet-{key}", "experiment": EXPERIMENT},

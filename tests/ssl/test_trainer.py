@@ -58,11 +58,9 @@ def batchnorm_buffers(network):
             if "running_" in name or "num_batches_tracked" in name}
 
 
-@pytest.mark.parametrize("setting, init_weights, frozen", [
-    ("auto", None, False), ("auto", "scratch", False), ("batch", None, False), ("frozen", None, True),
-])
-def test_backbone_batchnorm_frozen_keeps_running_statistics_and_batch_moves_them(setting, init_weights, frozen):
-    trainer = make_trainer(backbone_batchnorm=setting, init_weights=init_weights)
+@pytest.mark.parametrize("setting, frozen", [("auto", False), ("batch", False), ("frozen", True)])
+def test_backbone_batchnorm_frozen_keeps_running_statistics_and_batch_moves_them(setting, frozen):
+    trainer = make_trainer(backbone_batchnorm=setting)  # from scratch (backbone.source's default)
     assert trainer.config.freezes_backbone_batchnorm is frozen
     student_before = batchnorm_buffers(trainer.student_module.backbone)
     teacher_before = batchnorm_buffers(trainer.teacher.backbone)
@@ -83,12 +81,12 @@ def test_backbone_batchnorm_frozen_keeps_running_statistics_and_batch_moves_them
 def test_backbone_batchnorm_auto_freezes_for_a_pretrained_start(tmp_path):
     from metallo_core.models.backbones import build_backbone
 
-    spec = from_dict(DinoConfig, TINY).backbone
+    spec = from_dict(DinoConfig, TINY).backbone.spec
     weights = tmp_path / "pretrained.pth"
     torch.save(build_backbone(spec).state_dict(), weights)
-    assert from_dict(DinoConfig, {**TINY, "init_weights": str(weights)}).freezes_backbone_batchnorm
-    assert not from_dict(DinoConfig, {**TINY, "init_weights": str(weights),
-                                      "backbone_batchnorm": "batch"}).freezes_backbone_batchnorm
+    pretrained = {**TINY, "backbone": {**TINY["backbone"], "source": str(weights)}}
+    assert from_dict(DinoConfig, pretrained).freezes_backbone_batchnorm
+    assert not from_dict(DinoConfig, {**pretrained, "backbone_batchnorm": "batch"}).freezes_backbone_batchnorm
 
 
 def test_resume_from_a_checkpoint_is_exact(tmp_path):

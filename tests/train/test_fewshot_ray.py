@@ -66,7 +66,7 @@ def paired_interval(baseline: np.ndarray, method: np.ndarray) -> tuple[float, fl
 def test_metatraining_learns_and_evaluation_reports_finetuning_against_protonet(fewshot_data, ray_cluster, tmp_path):
     config = from_dict(MetaTrainConfig, {
         "data": {"uri": fewshot_data},
-        "backbone": {"source": "scratch", "spec": SPEC},
+        "backbone": {"source": "scratch", **SPEC},
         "episodes": {"way": 5, "shot": 5, "query": 5},
         "episodes_per_epoch": 30,
         "val_episodes": 20,

@@ -19,6 +19,7 @@ import torch
 from metallo_core import tracking
 from metallo_core.cli import main
 from metallo_core.fewshot.selection_probe import SelectionTasks
+from metallo_core.models.backbone_choice import BackboneChoice
 from metallo_core.models.backbones import build_backbone
 from metallo_core.models.sources import OFFLINE_IMAGENET, backbone_from_source, offline_imagenet_spec
 from metallo_core.settings import GateSettings, RegistrySettings
@@ -219,7 +220,7 @@ def test_pretraining_gates_its_teacher_backbone_against_its_starting_weights(dat
     from metallo_core.ssl.config import DinoConfig
     from metallo_core.train.dino import PretrainResult, describe_result, register_teacher_backbone
 
-    config = DinoConfig(backbone=SPEC, init_weights=OFFLINE_IMAGENET, gate=gate_settings(data, baseline="input"))
+    config = DinoConfig(backbone=BackboneChoice.of(OFFLINE_IMAGENET, SPEC), gate=gate_settings(data, baseline="input"))
     config.data.uri = data
     teacher = {f"backbone.{key}": value for key, value in random_backbone().state_dict().items()}
     run_id = new_run()
@@ -237,14 +238,14 @@ def test_pretraining_gates_its_teacher_backbone_against_its_starting_weights(dat
 
 def test_metatraining_gates_its_protonet_against_the_model_at_the_alias(data):
     from metallo_core.config import to_dict
-    from metallo_core.fewshot.config import BackboneInit, MetaTrainConfig
+    from metallo_core.fewshot.config import MetaTrainConfig
     from metallo_core.fewshot.protonet import ProtoNet
     from metallo_core.train.metatrain import gate_and_register_protonet
 
     registry = RegistrySettings(name="metallo-protonet", alias="current")
     previous = log_backbone(new_run(), random_backbone(), SPEC, registered_name=registry.name, tags={},
                             alias=registry.alias).version
-    config = MetaTrainConfig(backbone=BackboneInit(source=OFFLINE_IMAGENET, spec=SPEC), registry=registry,
+    config = MetaTrainConfig(backbone=BackboneChoice.of(OFFLINE_IMAGENET, SPEC), registry=registry,
                              gate=gate_settings(data))
     config.data.uri = data
     state = {"model": ProtoNet(pretrained_backbone()).state_dict(), "best": None}

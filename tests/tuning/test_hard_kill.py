@@ -150,7 +150,8 @@ def test_both_searches_resume_from_trial_checkpoints_after_their_driver_is_kille
 
     # ASHA over meta-training: one trial at a time, 2 epochs each (an ASHA rung after the first).
     metatrain = load_config(MetaTrainSearchConfig, REPO / "tuning/configs/metatrain_tiny_cpu.yaml", [
-        f"base.data.uri={fewshot_data}", "base.backbone.source=scratch", f"base.backbone.spec={TINY_SPEC}",
+        f"base.data.uri={fewshot_data}", "base.backbone.source=scratch",
+        *[f"base.backbone.{key}={value}" for key, value in TINY_SPEC.items()],
         "base.episodes.shot=1", "base.episodes.query=5", "base.episodes_per_epoch=3",
         "base.val_episodes=2", f"base.epochs={EPOCHS}",
         "base.registry.register=false", "final_test.enabled=false",

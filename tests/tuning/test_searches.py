@@ -46,7 +46,7 @@ def test_metatrain_search_asha_picks_the_best_trial_and_tracks_every_trial(fewsh
     config = load_config(MetaTrainSearchConfig, REPO / "tuning/configs/metatrain_tiny_cpu.yaml", [
         f"base.data.uri={fewshot_data}",
         "base.backbone.source=scratch",
-        f"base.backbone.spec={SPEC}",
+        *[f"base.backbone.{key}={value}" for key, value in SPEC.items()],
         "base.episodes.query=5",
         "base.episodes_per_epoch=8",
         "base.val_episodes=12",
