@@ -42,6 +42,7 @@ from metallo_core.data.image_files import is_image_file, list_image_files, list_
 from metallo_core.data.images import decode_rgb
 from metallo_core.errors import ConfigError, DataError
 from metallo_core.fewshot.inference import TRANSDUCTIVE, InferenceSettings
+from metallo_core.fewshot.open_set import OpenSetSettings
 from metallo_core.fewshot.predict import PredictListener, PredictSettings, predict
 from metallo_core.fewshot.protonet import ImageNormalizer
 from metallo_core.fewshot.tiles import TiledImages, image_tiles
@@ -75,8 +76,21 @@ class ClassifySettings:
     # Computation precision of the features (and of fine-tuning), resolved per device as `metallo evaluate`
     # resolves it (metallo_core.precision): the same value gives the same features as the evaluation's.
     precision: str = "auto"
+    # Flag query images that resemble no support class (fewshot.open_set); the margin defaults to the one
+    # fitted on X-SDD selection tasks (README "Open set": off by default, it costs known-class accuracy).
+    unknown: bool = False
+    unknown_margin: float | None = None
+
+    def open_set(self) -> OpenSetSettings | None:
+        if not self.unknown:
+            return None
+        return OpenSetSettings() if self.unknown_margin is None else OpenSetSettings(self.unknown_margin)
 
     def validate(self) -> None:
+        if self.unknown_margin is not None:
+            if not self.unknown:
+                raise ConfigError("--unknown-margin needs --unknown")
+            OpenSetSettings(self.unknown_margin).validate()
         if self.inference not in ("recorded", "plain"):
             raise ConfigError(f"--inference must be recorded or plain, got {self.inference!r}")
         if self.transductive is not None and self.transductive not in TRANSDUCTIVE:
@@ -99,6 +113,7 @@ class Prediction:
     nearest_support: str
     tiles: int
     tile_votes: dict[str, int] = field(default_factory=dict)
+    unknown: bool | None = None  # resembles no support class (`predicted` is then only the nearest); None: not checked
 
 
 @dataclass
@@ -115,6 +130,7 @@ class ClassifyResult:
     finetune_source: str = ""  # where they came from, in words
     inference: dict | None = None  # the inference settings used (fewshot.inference)
     inference_source: str = ""  # where they came from, in words
+    open_set: dict | None = None  # with --unknown: the margin and each class's separation (fewshot.open_set)
 
 
 @dataclass
@@ -210,7 +226,7 @@ def classify(
     reporter = _Reporter(len(query_files))
     found = predict(model, normalizer, support, image_labels, _prefetched_tiles(chunks, size, settings, query_cropped),
                     PredictSettings(inference, chosen.settings if chosen else None, settings.batch_size,
-                                    settings.precision), reporter)
+                                    settings.precision, settings.open_set()), reporter)
     support_root = Path(support_dir).expanduser()
     predictions = [Prediction(
         file=path.relative_to(query_root).as_posix(),
@@ -219,6 +235,7 @@ def classify(
         nearest_support=flat_support[found.nearest_support[index]].relative_to(support_root).as_posix(),
         tiles=found.tiles[index],
         tile_votes={classes[label]: count for label, count in found.tile_votes[index].items()},
+        unknown=found.unknown[index] if found.unknown else None,
     ) for index, path in enumerate(query_files)]
     rate = reporter.finish_queries()
     result = ClassifyResult(model_uri, classes, {name: len(files) for name, files in support_files.items()},
@@ -226,7 +243,8 @@ def classify(
                             crop=describe_crop(settings.crop, support.bottom_cropped + query_cropped),
                             finetune_settings=to_dict(chosen.settings) if chosen else None,
                             finetune_source=chosen.source if chosen else "",
-                            inference=to_dict(inference), inference_source=inference_source)
+                            inference=to_dict(inference), inference_source=inference_source,
+                            open_set=_open_set_record(settings.open_set(), classes, found.separation))
     if out is not None:
         result.out = write_predictions(predictions, classes, out)
     return result
@@ -243,6 +261,13 @@ def classify_inference(model_uri: str, settings: ClassifySettings) -> tuple[Infe
         source += f"; overridden: transductive {settings.transductive}"
     inference.validate()
     return inference, source
+
+
+def _open_set_record(settings: OpenSetSettings | None, classes: list[str], separation: list[float]) -> dict | None:
+    """What the unknown flag was held to, recorded with the result: the margin and each class's separation."""
+    if settings is None:
+        return None
+    return {"margin": settings.margin, "separation": dict(zip(classes, separation))}
 
 
 def _prefetched_tiles(chunks: list[list[Path]], size: int, settings: ClassifySettings,
@@ -312,7 +337,8 @@ def describe_crop(crop: EdgeCrop, bottom_cropped: list[int]) -> str:
 
 
 def prediction_columns(classes: list[str]) -> list[str]:
-    return ["file", "predicted", *(f"p_{name}" for name in classes), "nearest_support", "tiles", "tile_votes"]
+    return ["file", "predicted", *(f"p_{name}" for name in classes), "nearest_support", "tiles", "tile_votes",
+            "unknown"]
 
 
 def write_predictions(predictions: list[Prediction], classes: list[str], out: str | os.PathLike) -> str:
@@ -324,5 +350,11 @@ def write_predictions(predictions: list[Prediction], classes: list[str], out: st
         print(f"[classify] warning: the name {escaped!r} is not valid UTF-8; written to the CSV with \\xNN escapes",
               file=sys.stderr, flush=True)
     rows = ([p.file, p.predicted, *(f"{p.probabilities[name]:.6f}" for name in classes), p.nearest_support, p.tiles,
-             ";".join(f"{name}:{count}" for name, count in p.tile_votes.items())] for p in predictions)
+             ";".join(f"{name}:{count}" for name, count in p.tile_votes.items()), _flag(p.unknown)]
+            for p in predictions)
     return write_csv_atomically(out, prediction_columns(classes), rows, "predictions")
+
+
+def _flag(unknown: bool | None) -> str:
+    """The `unknown` column: true/false, empty where the check was off (not checked is not "known")."""
+    return "" if unknown is None else str(unknown).lower()
