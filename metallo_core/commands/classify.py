@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--transductive", choices=["none", "soft_kmeans", "bd_cspn"], default=None,
                         help="override the transductive method: with one, the query images shape the class "
                              "prototypes together, so a prediction depends on the other images in --query")
+    parser.add_argument("--unknown", action="store_true",
+                        help="flag query images that resemble none of the support classes (CSV column unknown: "
+                             "true/false; predicted then names only the nearest class): an image no closer to its "
+                             "nearest class than that class is to its nearest other class, give or take a margin "
+                             "fitted on X-SDD selection tasks; off by default: it flags some known images too")
+    parser.add_argument("--unknown-margin", type=float, default=None, metavar="COSINE",
+                        help="with --unknown: flag more (higher) or fewer (lower) images than the fitted margin")
     parser.add_argument("--crop", default=None, metavar="SPEC",
                         help="cut edges of every support and query image first, e.g. an SEM data bar: bottom=64 "
                              "(px), bottom=0.1 (fraction of the height), bottom=0.08,left=12, or auto (find a bar "
@@ -94,10 +101,12 @@ def _classify(args: argparse.Namespace) -> int:
                                 finetune=args.finetune or bool(args.finetune_from), steps=args.steps, lr=args.lr,
                                 update=args.update, bn_mode=args.bn_mode, finetune_from=args.finetune_from,
                                 batch_size=args.batch_size, device=args.device, inference=args.inference,
-                                transductive=args.transductive, precision=args.precision)
+                                transductive=args.transductive, precision=args.precision, unknown=args.unknown,
+                                unknown_margin=args.unknown_margin)
     settings.crop = EdgeCrop.parse(args.crop)
     result = classify(args.model, args.support, args.query, args.out, settings)
-    counts = {name: sum(p.predicted == name for p in result.predictions) for name in result.classes}
+    counts = {name: sum(p.predicted == name and not p.unknown for p in result.predictions) for name in result.classes}
+    unknown = sum(bool(p.unknown) for p in result.predictions)
     if args.json:
         print(json.dumps({"model": result.model, "classes": result.classes, "shots": result.shots,
                           "queries": len(result.predictions), "predicted": counts, "out": result.out,
@@ -105,15 +114,19 @@ def _classify(args: argparse.Namespace) -> int:
                                                                        "source": result.finetune_source},
                           "inference": {"settings": result.inference, "source": result.inference_source},
                           "crop": result.crop, "physical_scale": result.physical_scale,
-                          "query_images_per_s": result.query_images_per_s}))
+                          "query_images_per_s": result.query_images_per_s,
+                          "unknown": unknown if result.open_set else None, "open_set": result.open_set}))
     else:
         print(f"{len(result.predictions)} image(s) classified into {len(result.classes)} classes "
-              f"({', '.join(f'{escape_name(name)}: {count}' for name, count in counts.items())}); "
-              f"{result.query_images_per_s:.1f} images/s")
+              f"({', '.join(f'{escape_name(name)}: {count}' for name, count in counts.items())}"
+              f"{f'; unknown: {unknown}' if result.open_set else ''}); {result.query_images_per_s:.1f} images/s")
         print(f"crop: {result.crop}")
         print(f"physical scale: {result.physical_scale}")
         print(f"inference: {describe_inference(result.inference)}, from {result.inference_source}")
         if result.finetuned:
             print(f"fine-tuned with {result.finetune_settings}, from {result.finetune_source}")
+        if result.open_set:
+            print(f"unknown: {unknown} image(s) resemble no support class (margin {result.open_set['margin']:+.3f}; "
+                  "column unknown)")
         print(f"predictions: {result.out}")
     return 0

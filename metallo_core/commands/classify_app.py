@@ -51,6 +51,7 @@ from metallo_core.data.microscope import (
 )
 from metallo_core.errors import ConfigError, DataError
 from metallo_core.fewshot.inference import TRANSDUCTIVE, InferenceSettings
+from metallo_core.fewshot.open_set import OpenSetSettings
 from metallo_core.fewshot.physical_scale import ScalePlan, plan_physical_scale
 from metallo_core.fewshot.predict import PredictListener, PredictSettings, predict
 from metallo_core.fewshot.protonet import ImageNormalizer
@@ -85,8 +86,21 @@ class ClassifySettings:
     # Computation precision of the features (and of fine-tuning), resolved per device as `metallo evaluate`
     # resolves it (metallo_core.precision): the same value gives the same features as the evaluation's.
     precision: str = "auto"
+    # Flag query images that resemble no support class (fewshot.open_set); the margin defaults to the one
+    # fitted on X-SDD selection tasks (README "Open set": off by default, it costs known-class accuracy).
+    unknown: bool = False
+    unknown_margin: float | None = None
+
+    def open_set(self) -> OpenSetSettings | None:
+        if not self.unknown:
+            return None
+        return OpenSetSettings() if self.unknown_margin is None else OpenSetSettings(self.unknown_margin)
 
     def validate(self) -> None:
+        if self.unknown_margin is not None:
+            if not self.unknown:
+                raise ConfigError("--unknown-margin needs --unknown")
+            OpenSetSettings(self.unknown_margin).validate()
         if self.inference not in ("recorded", "plain"):
             raise ConfigError(f"--inference must be recorded or plain, got {self.inference!r}")
         if self.transductive is not None and self.transductive not in TRANSDUCTIVE:
@@ -109,6 +123,7 @@ class Prediction:
     nearest_support: str
     tiles: int
     tile_votes: dict[str, int] = field(default_factory=dict)
+    unknown: bool | None = None  # resembles no support class (`predicted` is then only the nearest); None: not checked
     pixel_size_nm: float | None = None  # nm per pixel of the image after the scale step (None: unknown)
 
 
@@ -126,6 +141,7 @@ class ClassifyResult:
     finetune_source: str = ""  # where they came from, in words
     inference: dict | None = None  # the inference settings used (fewshot.inference)
     inference_source: str = ""  # where they came from, in words
+    open_set: dict | None = None  # with --unknown: the margin and each class's separation (fewshot.open_set)
     physical_scale: str = ""  # the physical-scale step's outcome, in words (fewshot.physical_scale)
 
 
@@ -234,7 +250,7 @@ def classify(
                                         [query_factors[i] for i in chunk]) for chunk in chunks],
                                       size, settings, query_cropped),
                     PredictSettings(inference, chosen.settings if chosen else None, settings.batch_size,
-                                    settings.precision), reporter)
+                                    settings.precision, settings.open_set()), reporter)
     support_root = Path(support_dir).expanduser()
     predictions = [Prediction(
         file=path.relative_to(query_root).as_posix(),
@@ -243,6 +259,7 @@ def classify(
         nearest_support=flat_support[found.nearest_support[index]].relative_to(support_root).as_posix(),
         tiles=found.tiles[index],
         tile_votes={classes[label]: count for label, count in found.tile_votes[index].items()},
+        unknown=found.unknown[index] if found.unknown else None,
         pixel_size_nm=_used_pixel_size_nm(query_metadata[index], query_factors[index]),
     ) for index, path in enumerate(query_files)]
     rate = reporter.finish_queries()
@@ -252,6 +269,7 @@ def classify(
                             finetune_settings=to_dict(chosen.settings) if chosen else None,
                             finetune_source=chosen.source if chosen else "",
                             inference=to_dict(inference), inference_source=inference_source,
+                            open_set=_open_set_record(settings.open_set(), classes, found.separation),
                             physical_scale=plan.description)
     if out is not None:
         result.out = write_predictions(predictions, classes, out)
@@ -269,6 +287,13 @@ def classify_inference(model_uri: str, settings: ClassifySettings) -> tuple[Infe
         source += f"; overridden: transductive {settings.transductive}"
     inference.validate()
     return inference, source
+
+
+def _open_set_record(settings: OpenSetSettings | None, classes: list[str], separation: list[float]) -> dict | None:
+    """What the unknown flag was held to, recorded with the result: the margin and each class's separation."""
+    if settings is None:
+        return None
+    return {"margin": settings.margin, "separation": dict(zip(classes, separation))}
 
 
 def _physical_scale(support_files: list[Path], support_metadata: list[MicroscopeMetadata], query_files: list[Path],
@@ -366,7 +391,7 @@ def describe_crop(crop: EdgeCrop, bottom_cropped: list[int]) -> str:
 
 def prediction_columns(classes: list[str]) -> list[str]:
     return ["file", "predicted", *(f"p_{name}" for name in classes), "nearest_support", "tiles", "tile_votes",
-            "pixel_size_nm"]
+            "unknown", "pixel_size_nm"]
 
 
 def write_predictions(predictions: list[Prediction], classes: list[str], out: str | os.PathLike) -> str:
@@ -378,6 +403,11 @@ def write_predictions(predictions: list[Prediction], classes: list[str], out: st
         print(f"[classify] warning: the name {escaped!r} is not valid UTF-8; written to the CSV with \\xNN escapes",
               file=sys.stderr, flush=True)
     rows = ([p.file, p.predicted, *(f"{p.probabilities[name]:.6f}" for name in classes), p.nearest_support, p.tiles,
-             ";".join(f"{name}:{count}" for name, count in p.tile_votes.items()),
+             ";".join(f"{name}:{count}" for name, count in p.tile_votes.items()), _flag(p.unknown),
              "" if p.pixel_size_nm is None else f"{p.pixel_size_nm:.6g}"] for p in predictions)
     return write_csv_atomically(out, prediction_columns(classes), rows, "predictions")
+
+
+def _flag(unknown: bool | None) -> str:
+    """The `unknown` column: true/false, empty where the check was off (not checked is not "known")."""
+    return "" if unknown is None else str(unknown).lower()

@@ -50,3 +50,23 @@ def _as_array(per_task_accuracies: Sequence[float]) -> np.ndarray:
     if values.ndim != 1 or len(values) == 0:
         raise ValueError(f"expected a non-empty list of per-task accuracies, got shape {values.shape}")
     return values
+
+
+def auroc(known_scores: Sequence[float] | np.ndarray, unknown_scores: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC curve of telling unknown from known by a score that is *higher for known*: the
+    probability that a random known score exceeds a random unknown one, ties counting one half
+    (Mann-Whitney U / (n_known * n_unknown), with average ranks for ties). ValueError when either side is empty."""
+    known = np.asarray(known_scores, dtype=np.float64).ravel()
+    unknown = np.asarray(unknown_scores, dtype=np.float64).ravel()
+    if len(known) == 0 or len(unknown) == 0:
+        raise ValueError(f"an AUROC needs known and unknown scores, got {len(known)} and {len(unknown)}")
+    values = np.concatenate([known, unknown])
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    # Average ranks within each run of equal values (ties count one half).
+    unique, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks, minlength=len(unique))
+    ranks = (sums / counts)[inverse]
+    u_statistic = ranks[:len(known)].sum() - len(known) * (len(known) + 1) / 2
+    return float(u_statistic / (len(known) * len(unknown)))

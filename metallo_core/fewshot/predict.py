@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from metallo_core.errors import ConfigError
 from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, task_generator
 from metallo_core.fewshot.inference import InferenceSettings, query_logits
+from metallo_core.fewshot.open_set import OpenSetSettings, open_set_flags
 from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.fewshot.task import FewShotTask, SupportSet
 from metallo_core.fewshot.tiles import TiledImages
@@ -34,6 +35,7 @@ class PredictSettings:
     finetune: FinetuneSettings | None = None  # adapt the model to the support first; None: as it is
     batch_size: int = 64  # tiles embedded at once
     precision: str = "auto"  # features and fine-tuning computed in this precision (metallo_core.precision)
+    open_set: OpenSetSettings | None = None  # flag images that resemble no class (fewshot.open_set); None: off
 
 
 @dataclass
@@ -45,6 +47,11 @@ class QueryPredictions:
     tiles: list[int]  # how many tiles the image has
     tile_votes: list[dict[int, int]]  # class -> tiles whose argmax it is; most votes first (ties: first voted)
     nearest_support: list[int]  # index of the support image nearest to the image's mean feature
+    # With `PredictSettings.open_set` (else empty): whether the image resembles no class, its open-set score
+    # (fewshot.open_set, on the image's mean feature) and each class's separation, the score's calibration.
+    unknown: list[bool] = field(default_factory=list)
+    open_set_scores: list[float] = field(default_factory=list)
+    separation: list[float] = field(default_factory=list)
 
 
 class PredictListener:
@@ -77,7 +84,9 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
     at least one image; every tile of an image is a sample of the image's class. `queries` are chunks of
     query images, consumed one at a time (a caller may decode the next chunk while this one is embedded);
     their owners count from 0 within each chunk. Every query tile is scored at once, so transductive
-    inference sees all of them.
+    inference sees all of them. With `settings.open_set`, each image is also flagged unknown or not from its
+    mean feature against the support's own prototypes (`fewshot.open_set`: not refined by the queries, so the
+    flag does not depend on the other images even when the prediction does).
 
     ValueError when the labels do not match the support images or leave a class without an image; ConfigError
     from the fine-tuning engine for settings the model cannot run."""
@@ -121,14 +130,21 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
     task = FewShotTask(SupportSet(support_features, support_labels, way), query_features)
     logits = query_logits(model.classifier, task, settings.inference)
     probabilities = logits.float().softmax(dim=1)
-    nearest = _nearest(model, _mean_by_owner(query_features, owner, count), support_image_features)
+    query_image_features = _mean_by_owner(query_features, owner, count)
+    nearest = _nearest(model, query_image_features, support_image_features)
     means = _mean_by_owner(probabilities, owner, count)
     # One pass over the tiles, not one per image: each image's tile classes in tile order (ties: first voted).
     order = np.argsort(owner, kind="stable")
     tiles = np.bincount(owner, minlength=count)
     per_image = np.split(probabilities.argmax(dim=1).cpu().numpy()[order], np.cumsum(tiles)[:-1]) if count else []
     votes = [dict(Counter(classes.tolist()).most_common()) for classes in per_image]
-    return QueryPredictions(means, means.argmax(dim=1).tolist(), tiles.tolist(), votes, nearest.tolist())
+    found = QueryPredictions(means, means.argmax(dim=1).tolist(), tiles.tolist(), votes, nearest.tolist())
+    if settings.open_set is not None:
+        flags = open_set_flags(support_features, support_labels, query_image_features, way, settings.inference.power,
+                               settings.open_set)
+        found.unknown, found.open_set_scores = flags.unknown.tolist(), flags.scores.tolist()
+        found.separation = flags.separation.tolist()
+    return found
 
 
 def feature_engine(model: ProtoNet, normalizer: ImageNormalizer) -> FinetuneEngine:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from metallo_core import cli, tracking
 from metallo_core.commands.classify_app import ClassifySettings, classify
-from metallo_core.errors import DataError, TrackingError
+from metallo_core.errors import ConfigError, DataError, TrackingError
 from metallo_core.fewshot.tiles import _tile_starts, image_tiles
 from metallo_core.models.backbones import BackboneSpec
 from tests.fewshot_fixtures import register_untrained_protonet
@@ -71,7 +71,7 @@ def test_classify_writes_one_row_per_query_with_probabilities_and_nearest_suppor
     rows = {row["file"]: row for row in read_csv(out)}
     assert set(rows) == {"copy-horizontal.png", "copy-vertical.png", "more/new-vertical.jpg"}
     assert list(read_csv(out)[0]) == ["file", "predicted", "p_horizontal", "p_speckle", "p_vertical",
-                                      "nearest_support", "tiles", "tile_votes", "pixel_size_nm"]
+                                      "nearest_support", "tiles", "tile_votes", "unknown", "pixel_size_nm"]
     for kind in ("horizontal", "vertical"):
         # One shot per class: the prototype is that image, so its exact copy is nearest and of its class.
         row = rows[f"copy-{kind}.png"]
@@ -81,6 +81,32 @@ def test_classify_writes_one_row_per_query_with_probabilities_and_nearest_suppor
         assert sum(float(row[f"p_{k}"]) for k in ("horizontal", "speckle", "vertical")) == pytest.approx(1, abs=1e-4)
         assert row["tiles"] == "1" and row["tile_votes"] == f"{row['predicted']}:1"
         assert row["pixel_size_nm"] == ""  # plain images: no pixel size
+        assert row["unknown"] == ""  # not checked without --unknown: neither true nor false
+
+
+def test_unknown_flags_images_that_resemble_no_support_class(registered_protonet, folders, tmp_path, capsys):
+    """--unknown: the CSV's unknown column says true/false per image, the summary counts them apart from the
+    classes, and the margin used is recorded with the result. A copy of a support image is that class's
+    prototype (1 shot: cosine 1) and is kept at margin 0; at the largest margin every image is flagged."""
+    support, query = folders
+    out = tmp_path / "open.csv"
+    assert cli.main(["classify", "--model", registered_protonet, "--support", str(support), "--query", str(query),
+                     "--out", str(out), "--unknown", "--unknown-margin", "0", "--inference", "plain",
+                     "--precision", "fp32"]) == 0
+    rows = {row["file"]: row for row in read_csv(out)}
+    assert rows["copy-horizontal.png"]["unknown"] == rows["copy-vertical.png"]["unknown"] == "false"
+    assert rows["more/new-vertical.jpg"]["unknown"] in ("true", "false")
+    flagged = sum(row["unknown"] == "true" for row in rows.values())
+    assert f"; unknown: {flagged})" in capsys.readouterr().out
+
+    every = classify(registered_protonet, support, query, tmp_path / "all.csv",
+                     ClassifySettings(unknown=True, unknown_margin=2.0, tile=16))
+    assert all(p.unknown for p in every.predictions) and {row["unknown"] for row in read_csv(tmp_path / "all.csv")} \
+        == {"true"}
+    assert every.open_set is not None and every.open_set["margin"] == 2.0
+    assert set(every.open_set["separation"]) == {"horizontal", "speckle", "vertical"}
+    with pytest.raises(ConfigError, match="--unknown-margin needs --unknown"):
+        classify(registered_protonet, support, query, None, ClassifySettings(unknown_margin=0.1))
 
 
 def test_one_query_image_tiles_and_finetuning(registered_protonet, folders, tmp_path):
