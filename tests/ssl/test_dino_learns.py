@@ -87,7 +87,7 @@ def morphology_textures(images_per_class: int, size: int, seed: int) -> tuple[np
 
 
 # A test-sized network (timm's test_resnet, 0.37 M parameters against a ResNet-18's 11.7 M) at 32 px, so
-# that ~200 DINO steps fit in under a minute of one core; the head has BatchNorm, as in DINO's ResNet recipe.
+# that ~130 DINO steps fit in about a minute of one core; the head has BatchNorm, as in DINO's ResNet recipe.
 # fp32: in CPU bf16 autocast this network's gradients turn NaN within a few steps (ResNet-18's do not).
 LEARNING = {
     "data": {"uri": "in-memory", "base_size": 40},
