@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         build_page(options).queue().launch(
             server_name=args.host, server_port=args.port, auth=auth, max_file_size=f"{args.max_file_mb}mb",
-            allowed_paths=[str(work_dir)], footer_links=[])
+            allowed_paths=[str(work_dir)], footer_links=[], show_error=True)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return 0

@@ -144,18 +144,20 @@ def build_page(options: PageOptions) -> gr.Blocks:
                         names.append(gr.Textbox(value=f"class {index + 1}", label=f"Class {index + 1} name",
                                                 elem_id=f"class-name-{index}", max_lines=1))
                         zones.append(gr.File(file_count="multiple", label="Images", elem_id=f"class-files-{index}",
-                                             file_types=["image", ".tif", ".tiff"]))
+                                             file_types=["image", ".tif", ".tiff"], height=180))
                     groups.append(group)
         support_folder = gr.Textbox(label="Support folder on the server (one sub-folder per class)",
                                     elem_id="support-folder", visible=False)
 
         gr.Markdown("## Queries: the images to classify")
-        query_files = gr.File(file_count="multiple", label="Query images", elem_id="query-files",
-                              file_types=["image", ".tif", ".tiff"])
-        query_folder = gr.Textbox(label="…or a query folder on the server (searched recursively)",
-                                  elem_id="query-folder")
-        labels_file = gr.File(label="Optional labels CSV (file,label) for a confusion matrix", elem_id="labels",
-                              file_types=[".csv"])
+        with gr.Row(equal_height=False):
+            query_files = gr.File(file_count="multiple", label="Query images", elem_id="query-files",
+                                  file_types=["image", ".tif", ".tiff"], height=200, scale=2)
+            with gr.Column(scale=1):
+                query_folder = gr.Textbox(label="…or a query folder on the server (searched recursively)",
+                                          elem_id="query-folder")
+                labels_file = gr.File(label="Optional labels CSV (file,label) for a confusion matrix",
+                                      elem_id="labels", file_types=[".csv"], height=120)
 
         with gr.Accordion("Options (as metallo classify's switches)", open=False):
             with gr.Row():
@@ -203,15 +205,16 @@ def build_page(options: PageOptions) -> gr.Blocks:
         support_mode.change(lambda mode: [gr.Column(visible=mode == "upload"), gr.Textbox(visible=mode != "upload")],
                             support_mode, [upload_box, support_folder])
 
-        def classify_on_page(model_uri, mode, count, support_path, queries, query_path, labels, crop_spec,
-                             tile_px, scale, inference_mode, adapt, steps_given, lr_given, *zones_and_names,
-                             request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's way
+        def classify_on_page(given: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's way
+            """One run: `given` maps each input component to its value (Gradio's set-of-inputs form)."""
+            (model_uri, mode, count, support_path, queries, query_path, labels, crop_spec, tile_px, scale,
+             inference_mode, adapt, steps_given, lr_given) = (given[component] for component in run_inputs)
+            given_names, given_zones = [given[name] for name in names], [given[zone] for zone in zones]
             session = request.session_hash or "anonymous"
             flag = sessions.cancel_flag(session)
             flag.clear()
             run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_mkdir(sessions.folder(session))))
             count = int(count)
-            given_names, given_zones = list(zones_and_names[MAX_CLASSES:]), list(zones_and_names[:MAX_CLASSES])
             try:
                 if not model_uri:
                     raise MetalloError("choose a model first")
@@ -229,7 +232,7 @@ def build_page(options: PageOptions) -> gr.Blocks:
                                             finetune=bool(adapt), steps=int(steps_given) if steps_given else None,
                                             lr=float(lr_given) if lr_given else None, inference=inference_mode,
                                             device=options.device)
-                settings.crop = EdgeCrop.parse(crop_spec.strip() or None)
+                settings.crop = EdgeCrop.parse((crop_spec or "").strip() or None)
                 listener = PageProgress(progress, flag, 0)
                 progress(0, desc="reading the model and images")
                 out = run_dir / CSV_NAME
@@ -253,8 +256,8 @@ def build_page(options: PageOptions) -> gr.Blocks:
                     confusion_html(read), read)
 
         run_inputs = [model, support_mode, class_count, support_folder, query_files, query_folder, labels_file,
-                      crop, tile, query_scale, inference, finetune, steps, lr, *zones, *names]
-        run.click(classify_on_page, run_inputs, [status, download, table, matrix, results_state],
+                      crop, tile, query_scale, inference, finetune, steps, lr]
+        run.click(classify_on_page, {*run_inputs, *zones, *names}, [status, download, table, matrix, results_state],
                   concurrency_limit=1)
 
         def cancel_run(request: gr.Request):
