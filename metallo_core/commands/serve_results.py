@@ -23,6 +23,11 @@ from metallo_core.data.images import decode_rgb
 from metallo_core.errors import DataError
 
 THUMBNAIL_PX = 72
+# Compact cells and a horizontal scroll bar: a row holds a probability per class.
+_STYLE = ("<style>.metallo-scroll{overflow-x:auto}.metallo-results,.metallo-confusion{font-size:0.8em}"
+          ".metallo-results td,.metallo-results th,.metallo-confusion td,.metallo-confusion th"
+          "{padding:2px 6px !important;line-height:1.2 !important;vertical-align:middle}"
+          ".metallo-results img{width:48px;height:48px;max-width:none;margin:0 !important;object-fit:cover}</style>")
 UNKNOWN_COLUMN = "unknown"
 _TRUE = {"1", "true", "yes", "y"}
 
@@ -123,7 +128,7 @@ def table_html(results: Results, rows: list[dict[str, str]]) -> str:
             head.append("image" if column == "file" else "nearest image")
     if "label" not in head and results.labels:
         head.append("label")
-    lines = ["<table class='metallo-results'><thead><tr>",
+    lines = [_STYLE, "<div class='metallo-scroll'><table class='metallo-results'><thead><tr>",
              *(f"<th>{html.escape(name)}</th>" for name in head), "</tr></thead><tbody>"]
     for row in rows:
         cells = []
@@ -137,7 +142,7 @@ def table_html(results: Results, rows: list[dict[str, str]]) -> str:
         if results.labels:
             cells.append(f"<td data-column='label'>{html.escape(results.labels.get(row['file'], ''))}</td>")
         lines.append("<tr>" + "".join(cells) + "</tr>")
-    lines.append("</tbody></table>")
+    lines.append("</tbody></table></div>")
     return "".join(lines)
 
 

@@ -162,3 +162,31 @@ def test_a_listener_cancels_classify_between_steps_and_nothing_is_written(tmp_pa
         classify(model, tmp_path / "support", tmp_path / "query", out, ClassifySettings(batch_size=2), listener)
     assert listener.heard == ["started", "embedded 2"]  # stopped after the first of three chunks
     assert not out.exists() and not list(tmp_path.glob(".p.csv.*"))
+
+
+def test_serve_refuses_another_address_without_a_password(monkeypatch, capsys, restore_console):
+    from metallo_core import cli
+
+    monkeypatch.delenv("METALLO_SERVE_PASSWORD", raising=False)
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "9"]) == 2
+    assert "--host 0.0.0.0 lets other machines reach the page; set a password" in capsys.readouterr().err
+
+
+def test_page_progress_reports_counts_and_cancels_at_the_next_step():
+    import threading
+
+    from metallo_core.commands.serve_page import PageProgress
+
+    shown: list[tuple] = []
+    cancel = threading.Event()
+    listener = PageProgress(lambda progress, desc="", unit="": shown.append((progress, unit)), cancel, queries=5)
+    listener.finetune_started(steps=3, tiles=4)
+    listener.finetune_step(0, 1.5)
+    listener.queries_started()
+    listener.queries_embedded(2)
+    assert shown == [((0, 3), "steps"), ((1, 3), "steps"), ((0, 5), "images"), ((2, 5), "images")]
+    cancel.set()
+    with pytest.raises(Cancelled, match="cancelled on the page"):
+        listener.queries_embedded(2)
+    with pytest.raises(Cancelled):
+        listener.finetune_step(1, 1.0)
