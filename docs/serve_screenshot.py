@@ -95,6 +95,8 @@ def main() -> int:
                 page.wait_for_selector(f"td.filename[aria-label='{Path(path).name}']")
             page.click("#run")
             page.wait_for_selector("#results table tbody tr")
+            page.wait_for_selector("#confusion table tbody tr")
+            page.wait_for_timeout(1000)  # let the page settle to its full height
             shot = home / "page.png"
             page.screenshot(path=str(shot), full_page=True)
             browser.close()

@@ -13,7 +13,9 @@ import argparse
 import ipaddress
 import os
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -98,9 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
     tracking.configure(create=False)
     options = PageOptions(ServerRoots(list(args.root)), UploadLimits(args.max_files, args.max_file_mb), work_dir,
                           args.model, args.device)
+    # `kill` (SIGTERM) ends the server as Ctrl-C does, through the `finally` that deletes the uploads.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         build_page(options).queue().launch(
-            server_name=args.host, server_port=args.port, auth=auth, max_file_size=f"{args.max_file_mb}mb",
+            server_name=args.host, server_port=args.port, auth=auth, max_file_size=options.limits.max_file_bytes,
             allowed_paths=[str(work_dir)], footer_links=[], show_error=True)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
