@@ -1,7 +1,7 @@
 """The `metallo` console script (also `python -m metallo_core`) and the Ray job entrypoints' `run_job`.
 
 Stages come from the one table in `metallo_core.stage_table`; the other subcommands (data, classify, quickstart,
-report, and the non-stage parts of multilabel and tune) from `metallo_core.commands`.
+serve, report, and the non-stage parts of multilabel and tune) from `metallo_core.commands`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from metallo_core.errors import user_error_in
 COMMAND_MODULES = (
     "metallo_core.commands.multilabel",
     "metallo_core.commands.classify",
+    "metallo_core.commands.serve",
     "metallo_core.commands.quickstart",
     "metallo_core.commands.tune",
     "metallo_core.commands.report",

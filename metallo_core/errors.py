@@ -32,6 +32,10 @@ class ClusterError(MetalloError, ConnectionError):
     """The Ray cluster named by a setting or $RAY_ADDRESS cannot be joined."""
 
 
+class Cancelled(MetalloError):
+    """The user stopped the work (a progress listener raises it between steps; nothing is written)."""
+
+
 def user_error_in(error: BaseException) -> MetalloError | None:
     """The MetalloError that `error` is or wraps, raised by metallo's own code in a Ray worker, task or
     controller (Ray Train's TrainingFailedError holds it in worker_failures / controller_failure, a Ray task

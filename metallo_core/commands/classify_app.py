@@ -208,9 +208,14 @@ def classify(
     query: str | os.PathLike,
     out: str | os.PathLike | None = None,
     settings: ClassifySettings | None = None,
+    listener: PredictListener | None = None,
 ) -> ClassifyResult:
     """Classify the query image(s) against the support classes; with `out`, write the CSV (only when
-    everything succeeded: it is written to a temporary file and moved into place at the end)."""
+    everything succeeded: it is written to a temporary file and moved into place at the end).
+
+    `listener` hears `predict`'s progress after the stderr lines are printed (the web page's progress bar);
+    it may raise `errors.Cancelled` from any callback to stop the work between steps, and then nothing is
+    written."""
     settings = settings or ClassifySettings()
     settings.validate()
     support_files = read_support(support_dir)  # input errors before the (slower) model download
@@ -244,7 +249,7 @@ def classify(
               for start in range(0, len(query_files), settings.batch_size)]
     query_factors = plan.query_factors if plan.target_m else [settings.query_scale] * len(query_files)
     query_cropped: list[int] = []
-    reporter = _Reporter(len(query_files))
+    reporter = _Reporter(len(query_files), listener)
     found = predict(model, normalizer, support, image_labels,
                     _prefetched_tiles([([query_files[i] for i in chunk], [query_metadata[i] for i in chunk],
                                         [query_factors[i] for i in chunk]) for chunk in chunks],
@@ -341,15 +346,18 @@ def _prefetched_tiles(chunks: list[tuple[list[Path], list[MicroscopeMetadata], l
 
 
 class _Reporter(PredictListener):
-    """`predict`'s progress as classify's lines on stderr, and the query images' rate."""
+    """`predict`'s progress as classify's lines on stderr, and the query images' rate; every callback is
+    then passed on to `listener` (which may raise to cancel)."""
 
-    def __init__(self, queries: int) -> None:
+    def __init__(self, queries: int, listener: PredictListener | None = None) -> None:
         self.queries = queries
+        self.listener = listener or PredictListener()
 
     def finetune_started(self, steps: int, tiles: int) -> None:
         self.steps, self.tiles = steps, tiles
         self.finetune_progress = Progress("fine-tune on the support set", steps, every_s=2.0)
         self.finetune_start = time.perf_counter()
+        self.listener.finetune_started(steps, tiles)
 
     def finetune_step(self, step: int, loss: float) -> None:
         if step == 0:  # the first step (trunk pass included) times the rest: say it before they run
@@ -357,16 +365,20 @@ class _Reporter(PredictListener):
             print(f"[classify] fine-tuning {self.steps} steps on {self.tiles} support tiles: first step "
                   f"{first:.1f} s, expect about {first * self.steps:.0f} s in all", file=sys.stderr, flush=True)
         self.finetune_progress.advance(1, f"loss {loss:.4f}")
+        self.listener.finetune_step(step, loss)
 
     def finetune_finished(self) -> None:
         self.finetune_progress.finish()
+        self.listener.finetune_finished()
 
     def queries_started(self) -> None:
         self.progress = Progress("classify", self.queries)
         self.started = time.perf_counter()
+        self.listener.queries_started()
 
     def queries_embedded(self, images: int) -> None:
         self.progress.advance(images)
+        self.listener.queries_embedded(images)
 
     def finish_queries(self) -> float:
         """Query images per second since the support was embedded; prints the closing progress line."""
