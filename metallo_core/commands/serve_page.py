@@ -32,6 +32,7 @@ from metallo_core.commands.serve_results import (
 )
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.errors import Cancelled, MetalloError
+from metallo_core.fewshot.open_set import SELECTED_MARGIN
 from metallo_core.fewshot.predict import PredictListener
 from metallo_core.tracking.model_catalog import model_card, model_choices
 
@@ -170,6 +171,11 @@ def build_page(options: PageOptions) -> gr.Blocks:
                                        elem_id="finetune")
                 steps = gr.Number(None, label="--steps (empty: as recorded)", precision=0)
                 lr = gr.Number(None, label="--lr (empty: as recorded)")
+            with gr.Row():
+                unknown = gr.Checkbox(False, label="--unknown (flag images that resemble none of the classes)",
+                                      elem_id="unknown")
+                unknown_margin = gr.Number(SELECTED_MARGIN, label="--unknown-margin (higher flags more)",
+                                           elem_id="unknown-margin")
 
         with gr.Row():
             run = gr.Button("Classify", variant="primary", elem_id="run")
@@ -181,7 +187,7 @@ def build_page(options: PageOptions) -> gr.Blocks:
         with gr.Row():
             below = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Show rows whose top probability is below "
                               "(1: all rows)", elem_id="low-confidence")
-            only_unknown = gr.Checkbox(False, label="Only 'none of these' rows (needs an `unknown` column)",
+            only_unknown = gr.Checkbox(False, label="Only 'none of these' rows (run with --unknown)",
                                        elem_id="only-unknown")
         table = gr.HTML(elem_id="results")
         matrix = gr.HTML(elem_id="confusion")
@@ -208,7 +214,8 @@ def build_page(options: PageOptions) -> gr.Blocks:
         def classify_on_page(given: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's way
             """One run: `given` maps each input component to its value (Gradio's set-of-inputs form)."""
             (model_uri, mode, count, support_path, queries, query_path, labels, crop_spec, tile_px, scale,
-             inference_mode, adapt, steps_given, lr_given) = (given[component] for component in run_inputs)
+             inference_mode, adapt, steps_given, lr_given, flag_unknown, margin_given) = (
+                given[component] for component in run_inputs)
             given_names, given_zones = [given[name] for name in names], [given[zone] for zone in zones]
             session = request.session_hash or "anonymous"
             flag = sessions.cancel_flag(session)
@@ -231,7 +238,9 @@ def build_page(options: PageOptions) -> gr.Blocks:
                 settings = ClassifySettings(tile=int(tile_px or 0), query_scale=float(scale or 1.0),
                                             finetune=bool(adapt), steps=int(steps_given) if steps_given else None,
                                             lr=float(lr_given) if lr_given else None, inference=inference_mode,
-                                            device=options.device)
+                                            unknown=bool(flag_unknown), device=options.device)
+                if flag_unknown and margin_given is not None and float(margin_given) != SELECTED_MARGIN:
+                    settings.unknown_margin = float(margin_given)  # as `--unknown-margin`; the default as without
                 settings.crop = EdgeCrop.parse((crop_spec or "").strip() or None)
                 listener = PageProgress(progress, flag, 0)
                 progress(0, desc="reading the model and images")
@@ -251,12 +260,14 @@ def build_page(options: PageOptions) -> gr.Blocks:
                 raise gr.Error(str(exc), print_exception=False) from exc
             summary = (f"{len(result.predictions)} image(s) classified into {len(result.classes)} classes with "
                        f"{result.model}; crop {result.crop}; inference {result.inference_source}"
-                       + (f"; fine-tuned from {result.finetune_source}" if result.finetuned else ""))
+                       + (f"; fine-tuned from {result.finetune_source}" if result.finetuned else "")
+                       + (f"; {sum(bool(p.unknown) for p in result.predictions)} flagged 'none of these' (margin "
+                          f"{result.open_set['margin']:+g})" if result.open_set else ""))
             return (summary, gr.DownloadButton(value=str(out), visible=True), table_html(read, read.rows),
                     confusion_html(read), read)
 
         run_inputs = [model, support_mode, class_count, support_folder, query_files, query_folder, labels_file,
-                      crop, tile, query_scale, inference, finetune, steps, lr]
+                      crop, tile, query_scale, inference, finetune, steps, lr, unknown, unknown_margin]
         run.click(classify_on_page, {*run_inputs, *zones, *names}, [status, download, table, matrix, results_state],
                   concurrency_limit=1)
 

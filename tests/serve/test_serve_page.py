@@ -63,7 +63,7 @@ def test_page_classifies_uploads_like_the_cli(tmp_path):
     support, query = micrographs(tmp_path)
     cli_csv = tmp_path / "cli.csv"
     assert cli.main(["classify", "--model", model, "--support", str(support), "--query", str(query),
-                     "--out", str(cli_csv)]) == 0
+                     "--out", str(cli_csv), "--unknown"]) == 0
 
     work = tmp_path / "work"
     work.mkdir()
@@ -85,6 +85,8 @@ def test_page_classifies_uploads_like_the_cli(tmp_path):
             page.locator("#query-files input[type=file]").first.set_input_files(sorted(str(p) for p in query.iterdir()))
             for path in [*query.iterdir(), *support.rglob("*.jpg")]:  # every upload arrived
                 page.wait_for_selector(f"td.filename[aria-label='{path.name}']")
+            page.get_by_text("Options (as metallo classify's switches)").click()
+            page.locator("#unknown input").check()
             page.click("#run")
             page.wait_for_selector("#results table tbody tr")
             header = page.locator("#results thead th").all_inner_texts()
@@ -105,6 +107,7 @@ def test_page_classifies_uploads_like_the_cli(tmp_path):
     assert [(row["file"], row["predicted"]) for row in rows] == [
         tuple(line.split(",")[:2]) for line in cli_lines[1:]]
     assert header[:3] == ["file", "image", "predicted"] and "label" in header
+    assert {row["unknown"] for row in rows} <= {"true", "false"}  # checked, as with the CLI's --unknown
     # Closing the tab ends the session: its uploads and results are deleted (the unload event may land late).
     deadline = time.monotonic() + 30
     while any(work.glob("*/run-*")) and time.monotonic() < deadline:
