@@ -21,7 +21,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
+
+from result_files import write_results  # benchmarks/, beside this script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         results["shots"][shot] = {"tasks": args.tasks, "rows": rows}
     table = markdown_table(results)
     print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
+    write_results(results, table, args.out, args.markdown)
     return 0
 
 

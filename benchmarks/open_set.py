@@ -22,9 +22,9 @@ import argparse
 import itertools
 import json
 import time
-from pathlib import Path
 
 import torch
+from result_files import write_results  # benchmarks/, beside this script
 
 from metallo_core.datasets import xsdd_images
 from metallo_core.quickstart import DEFAULTS as QUICKSTART
@@ -76,14 +76,7 @@ def inference_settings(text: str):
 
 def embedded_folder(args: argparse.Namespace):
     """(folder, pools, ProtoNet, (N, D) features of every image): each image embedded once."""
-    from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings
-    from metallo_core.fewshot.folder_benchmark import (
-        folder_cache,
-        pretrained_protonet,
-        read_labelled_folder,
-        split_pools,
-    )
-    from metallo_core.fewshot.protonet import ImageNormalizer
+    from metallo_core.fewshot.folder_benchmark import benchmark_engine, folder_cache, read_labelled_folder, split_pools
     from metallo_core.models.sources import offline_imagenet_backbone
 
     started = time.perf_counter()
@@ -91,7 +84,7 @@ def embedded_folder(args: argparse.Namespace):
     pools = split_pools(folder, tuple(float(value) for value in args.pools.split(",")), args.pool_seed)
     backbone, spec = offline_imagenet_backbone(args.size)
     # The engine `predict` embeds with (fewshot.predict.feature_engine): the features classify scores.
-    engine = FinetuneEngine(pretrained_protonet(backbone), FinetuneSettings(), ImageNormalizer.for_backbone(spec))
+    engine = benchmark_engine(backbone, spec)
     with torch.no_grad():
         features = engine.embed(folder_cache(folder, engine)).float()
     print(f"{len(folder.images)} images of {len(folder.classes)} classes embedded at {args.size} px in "
@@ -252,12 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = tables(report, args)
     print(markdown)
     print(f"wall time {report['wall_s']:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown + "\n")
+    write_results(report, markdown, args.out, args.markdown)
     return 0
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from result_files import write_results  # benchmarks/, beside this script
 
 from metallo_core.datasets import xsdd_images
 from metallo_core.quickstart import DEFAULTS as QUICKSTART
@@ -142,14 +143,7 @@ def accuracy_table(results: list[dict], title: str) -> str:
 
 def load(args: argparse.Namespace, settings):
     """(folder, engine on the benchmark's ProtoNet, cache of every image, selection pools, test pools)."""
-    from metallo_core.fewshot.finetune import FinetuneEngine
-    from metallo_core.fewshot.folder_benchmark import (
-        folder_cache,
-        pretrained_protonet,
-        read_labelled_folder,
-        split_pools,
-    )
-    from metallo_core.fewshot.protonet import ImageNormalizer
+    from metallo_core.fewshot.folder_benchmark import benchmark_engine, folder_cache, read_labelled_folder, split_pools
     from metallo_core.models.sources import offline_imagenet_spec
     from metallo_core.tracking.backbone_store import backbone_from_any_source
 
@@ -160,7 +154,7 @@ def load(args: argparse.Namespace, settings):
     backbone, spec = backbone_from_any_source(args.backbone, offline_imagenet_spec(args.size))
     if args.adapt:
         backbone = domain_adapted(args, folder, pools["train"])
-    engine = FinetuneEngine(pretrained_protonet(backbone), settings, ImageNormalizer.for_backbone(spec))
+    engine = benchmark_engine(backbone, spec, settings)
     cache = folder_cache(folder, engine)
     print(f"{len(folder.images)} images of {len(folder.classes)} classes from {folder.root} at {args.size} px; "
           f"cache ({settings.pseudo_queries}) in {time.perf_counter() - started:.0f} s; selection pool "
@@ -211,13 +205,11 @@ def domain_adapted(args: argparse.Namespace, folder, unlabelled):
 
 def imagenet_features(args: argparse.Namespace, folder, settings):
     """(model, (N, D) features of every image) with the offline ImageNet backbone: the (a) baseline."""
-    from metallo_core.fewshot.finetune import FinetuneEngine
-    from metallo_core.fewshot.folder_benchmark import folder_cache, pretrained_protonet
-    from metallo_core.fewshot.protonet import ImageNormalizer
+    from metallo_core.fewshot.folder_benchmark import benchmark_engine, folder_cache
     from metallo_core.models.sources import offline_imagenet_backbone
 
     backbone, spec = offline_imagenet_backbone(args.size)
-    engine = FinetuneEngine(pretrained_protonet(backbone), settings, ImageNormalizer.for_backbone(spec))
+    engine = benchmark_engine(backbone, spec, settings)
     return engine.model, engine.embed(folder_cache(folder, engine))
 
 
@@ -430,8 +422,8 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
         MethodScores,
         TaskSetResult,
         as_dict,
+        benchmark_engine,
         draw_tasks,
-        pretrained_protonet,
         read_labelled_folder,
         split_pools,
     )
@@ -449,8 +441,7 @@ def run_through_classify(args: argparse.Namespace, overrides: list[str]) -> list
     engine = FinetuneEngine(model.eval(), settings, ImageNormalizer.for_backbone(spec), inference=inference)
     # The frozen ImageNet start at the model's size: what the classifier must beat, on the same tasks.
     imagenet_backbone, imagenet_spec = offline_imagenet_backbone(spec.image_size)
-    imagenet = FinetuneEngine(pretrained_protonet(imagenet_backbone), settings,
-                              ImageNormalizer.for_backbone(imagenet_spec))
+    imagenet = benchmark_engine(imagenet_backbone, imagenet_spec, settings)
     folder = read_labelled_folder(args.data, spec.image_size)  # as classify reads the files: at the model's size
     test = split_pools(folder, pool_fractions(args), args.pool_seed)["test"]
     print(f"through classify: {args.model} at {spec.image_size} px, settings {settings} (from {chosen.source}"
@@ -569,12 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = time.perf_counter() - started
     print("\n\n".join(markdown))
     print(f"wall time {report['wall_s']:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text("\n\n".join(markdown) + "\n")
+    write_results(report, "\n\n".join(markdown), args.out, args.markdown)
     return 0
 
 

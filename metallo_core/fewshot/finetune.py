@@ -213,7 +213,7 @@ class FinetuneEngine:
         support, query = task.support.examples, task.query
         features = self.embed(concat([support, query]))
         support_features, query_features = features.split([len(support), len(query)])
-        return FewShotTask(SupportSet(support_features, task.support.labels, task.way), query_features)
+        return FewShotTask(SupportSet(support_features, task.support.labels, task.support.way), query_features)
 
     def task_logits(self, task: FewShotTask, generator: torch.Generator, lr: float | None = None) -> Tensor:
         """(Q, way) query logits after adapting to the support set (`lr` overrides settings.lr); the model is

@@ -24,10 +24,11 @@ from metallo_core.data.images import decode_rgb, square_resized
 from metallo_core.data.listing import list_folder
 from metallo_core.errors import DataError
 from metallo_core.fewshot.episodes import Episode, fixed_episodes
-from metallo_core.fewshot.finetune import FinetuneEngine, concat, task_generator
+from metallo_core.fewshot.finetune import FinetuneEngine, FinetuneSettings, concat, task_generator
 from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
-from metallo_core.fewshot.protonet import ProtoNet
+from metallo_core.fewshot.protonet import ImageNormalizer, ProtoNet
 from metallo_core.fewshot.task import episode_task
+from metallo_core.models.backbones import BackboneSpec
 
 # The cosine scale of a ProtoNet put on a pretrained backbone without meta-training: ranking prototypes
 # ignores it, so it only shapes the fine-tuning loss. Chosen on X-SDD selection tasks (5-way 1-shot, 8
@@ -119,6 +120,14 @@ def pretrained_protonet(backbone: torch.nn.Module) -> ProtoNet:
     return ProtoNet(backbone.eval(), cosine_scale=PRETRAINED_COSINE_SCALE)
 
 
+def benchmark_engine(backbone: torch.nn.Module, spec: BackboneSpec,
+                     settings: FinetuneSettings | None = None) -> FinetuneEngine:
+    """The engine a folder benchmark scores with: a pretrained ProtoNet on `backbone`, normalised for `spec`
+    (`settings` default: FinetuneSettings(), the features classify embeds with)."""
+    return FinetuneEngine(pretrained_protonet(backbone), settings or FinetuneSettings(),
+                          ImageNormalizer.for_backbone(spec))
+
+
 def folder_cache(folder: LabelledFolder, engine: FinetuneEngine, batch_size: int = 64) -> torch.Tensor:
     """The engine's cache of every image of the folder (float16 trunk maps or [0, 1] pixels), in batches."""
     normalizer = engine.normalizer
@@ -137,7 +146,8 @@ def features_accuracies(model: ProtoNet, features: torch.Tensor, episodes: Seque
     for episode in episodes:
         task = episode_task(episode, features)
         with torch.no_grad():
-            logits = model.logits_from_features(task.support.examples, task.support.labels, task.query, task.way)
+            logits = model.logits_from_features(task.support.examples, task.support.labels, task.query,
+                                               task.support.way)
         accuracies.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
     return accuracies
 

@@ -87,7 +87,7 @@ def soft_kmeans_prototypes(features: FewShotTask, steps: int, temperature: float
     recomputed `steps` times from the support-only prototypes; `features` is a task of (S, D) support and
     (Q, D) query features."""
     support, query = F.normalize(features.support.examples, dim=1), F.normalize(features.query, dim=1)
-    one_hot = F.one_hot(features.support.labels, features.way).to(support.dtype)  # (S, way)
+    one_hot = F.one_hot(features.support.labels, features.support.way).to(support.dtype)  # (S, way)
     support_sums, support_counts = one_hot.t() @ support, one_hot.sum(dim=0).unsqueeze(1)
     refined = support_sums / support_counts.clamp(min=1)
     for _ in range(steps):
@@ -101,7 +101,7 @@ def bd_cspn_prototypes(features: FewShotTask) -> Tensor:
     L2-normalised features of a task's support and queries."""
     from easyfsl.methods import BDCSPN
 
-    support_labels, way = features.support.labels, features.way
+    support_labels, way = features.support.labels, features.support.way
     method = BDCSPN(nn.Identity())
     method.process_support_set(F.normalize(features.support.examples, dim=1), support_labels)
     method.rectify_prototypes(F.normalize(features.query, dim=1))

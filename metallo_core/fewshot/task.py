@@ -48,10 +48,6 @@ class FewShotTask:
     support: SupportSet
     query: Tensor
 
-    @property
-    def way(self) -> int:
-        return self.support.way
-
     def mapped(self, transform: Callable[[Tensor], Tensor]) -> FewShotTask:
         """The same task with support examples and queries transformed alike, each on its own."""
         return FewShotTask(self.support.mapped(transform), transform(self.query))

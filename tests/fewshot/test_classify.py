@@ -15,10 +15,9 @@ from metallo_core import cli, tracking
 from metallo_core.commands.classify_app import ClassifySettings, classify
 from metallo_core.errors import ConfigError, DataError, TrackingError
 from metallo_core.fewshot.tiles import _tile_starts, image_tiles
-from metallo_core.models.backbones import BackboneSpec
-from tests.fewshot_fixtures import register_untrained_protonet
+from tests.fewshot.conftest import CLASSIFY_SPEC
 
-SPEC = BackboneSpec(arch="resnet18", small_input=True, image_size=16)
+SPEC = CLASSIFY_SPEC
 
 
 def texture(kind: str, seed: int, size: int = 40) -> np.ndarray:
@@ -32,11 +31,6 @@ def texture(kind: str, seed: int, size: int = 40) -> np.ndarray:
     else:
         pixels = rng.integers(0, 256, (size, size))
     return pixels.astype(np.uint8)
-
-
-@pytest.fixture
-def registered_protonet() -> str:
-    return register_untrained_protonet(SPEC)
 
 
 @pytest.fixture

@@ -16,13 +16,7 @@ from metallo_core import cli, csv_output, tracking
 from metallo_core.commands import classify_app
 from metallo_core.commands.classify_app import classify
 from metallo_core.errors import StorageError, TrackingError
-from tests.fewshot.test_classify import SPEC, texture
-from tests.fewshot_fixtures import register_untrained_protonet
-
-
-@pytest.fixture
-def registered_protonet() -> str:
-    return register_untrained_protonet(SPEC)
+from tests.fewshot.test_classify import texture
 
 
 @pytest.fixture

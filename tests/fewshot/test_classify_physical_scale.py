@@ -14,16 +14,10 @@ from PIL import Image
 from metallo_core import cli
 from metallo_core.commands.classify_app import ClassifySettings, classify
 from metallo_core.errors import ConfigError, DataError
-from tests.fewshot.test_classify import SPEC, texture
-from tests.fewshot_fixtures import register_untrained_protonet
+from tests.fewshot.test_classify import texture
 from tests.microscope_files import fei_tiff
 
 BAR_ROWS = 10
-
-
-@pytest.fixture
-def registered_protonet() -> str:
-    return register_untrained_protonet(SPEC)
 
 
 def with_bar(pixels: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ def test_an_episode_task_takes_its_rows_in_order_with_episode_local_labels():
     assert task.support.examples[:, 0].tolist() == [7, 3, 0, 5]
     assert task.query[:, 0].tolist() == [2, 6, 1, 8]
     assert task.support.labels.tolist() == [0, 0, 1, 1] and task.support.labels.dtype == torch.int64
-    assert task.way == task.support.way == 2
+    assert task.support.way == 2
 
 
 def test_an_episode_task_from_a_row_function_is_the_one_from_the_tensor():
@@ -49,7 +49,7 @@ def test_mapped_transforms_support_and_query_and_keeps_labels_and_way():
     doubled = task.mapped(lambda rows: rows * 2)
     assert torch.equal(doubled.support.examples, task.support.examples * 2)
     assert torch.equal(doubled.query, task.query * 2)
-    assert doubled.support.labels is task.support.labels and doubled.way == 2
+    assert doubled.support.labels is task.support.labels and doubled.support.way == 2
 
 
 def test_a_support_set_needs_one_label_per_example_and_a_class():

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from metallo_core import tracking
 from metallo_core.cli import main
 from metallo_core.errors import MetalloError
 from metallo_core.report.build import write_report
+from tests.browser import chromium
 from tests.report import tiny_experiment
 from tests.report.tiny_experiment import EXPERIMENT, GRID_EXPERIMENT, SCORES
 
@@ -139,20 +138,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def chromium() -> str:
-    """The Chromium binary; skips when there is none, unless METALLO_REQUIRE_BROWSER=1 (CI) makes that a failure."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path:
-        return path
-    if os.environ.get("METALLO_REQUIRE_BROWSER") == "1":
-        pytest.fail("METALLO_REQUIRE_BROWSER=1 but no chromium on PATH; install it (apt-get install chromium)")
-    pytest.skip("headless Chromium is not installed (apt-get install chromium); the report is not rendered")
-
-
 def test_the_report_renders_in_headless_chromium(report, tmp_path):
     from PIL import Image
 
-    browser = chromium()
+    browser = chromium("the report is not rendered")
     _, out = report
     url = (out / "report.html").as_uri()
     common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]

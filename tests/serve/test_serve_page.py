@@ -4,32 +4,20 @@ images (same code path, so the same bytes); closing the tab deletes what the ses
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import time
 from pathlib import Path
 
-import pytest
-
 from metallo_core import cli
 from metallo_core.models.backbones import BackboneSpec
+from tests.browser import chromium
 from tests.conftest import REPO_ROOT
 from tests.fewshot_fixtures import register_untrained_protonet
 
 X_SDD = REPO_ROOT / "metallo_core" / "datasets" / "x_sdd" / "images"
 CLASSES = ("red_iron", "slag_inclusion", "surface_scratch")
 SPEC = BackboneSpec(arch="resnet18", small_input=True, image_size=16)
-
-
-def chromium() -> str:
-    """The Chromium binary; skips when there is none, unless METALLO_REQUIRE_BROWSER=1 (CI) makes that a failure."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path:
-        return path
-    if os.environ.get("METALLO_REQUIRE_BROWSER") == "1":
-        pytest.fail("METALLO_REQUIRE_BROWSER=1 but no chromium on PATH; install it (apt-get install chromium)")
-    pytest.skip("headless Chromium is not installed (apt-get install chromium); the page is not tested")
 
 
 def micrographs(tmp_path: Path) -> tuple[Path, Path]:
@@ -54,7 +42,7 @@ def free_port() -> int:
 
 
 def test_page_classifies_uploads_like_the_cli(tmp_path):
-    browser_path = chromium()
+    browser_path = chromium("the page is not tested")
     from playwright.sync_api import sync_playwright
 
     from metallo_core.commands.serve_page import PageOptions, build_page
