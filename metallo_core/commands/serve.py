@@ -50,6 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_serve)
 
 
+def _stop_on_first_sigterm(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (a name or an address) only ever resolves to this machine."""
     if host == "localhost":
@@ -100,8 +105,10 @@ def _serve(args: argparse.Namespace) -> int:
     tracking.configure(create=False)
     options = PageOptions(ServerRoots(list(args.root)), UploadLimits(args.max_files, args.max_file_mb), work_dir,
                           args.model, args.device)
-    # `kill` (SIGTERM) ends the server as Ctrl-C does, through the `finally` that deletes the uploads.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # `kill` (SIGTERM) ends the server as Ctrl-C does, through the `finally` that deletes the uploads. A second
+    # SIGTERM (`uv run` forwards the one it gets to this process, which `pkill` may have signalled too) must not
+    # interrupt that clean-up.
+    signal.signal(signal.SIGTERM, _stop_on_first_sigterm)
     try:
         build_page(options).queue().launch(
             server_name=args.host, server_port=args.port, auth=auth, max_file_size=options.limits.max_file_bytes,
