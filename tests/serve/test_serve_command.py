@@ -10,6 +10,8 @@ import sys
 import time
 import urllib.request
 
+import psutil
+
 from metallo_core import tracking
 from tests.conftest import REPO_ROOT
 from tests.serve.test_serve_page import free_port
@@ -33,8 +35,9 @@ def test_the_server_listens_on_loopback_and_kill_removes_its_work_folder(tmp_pat
                 assert time.monotonic() < deadline, "the page never answered"
                 time.sleep(1)
         [work] = list(tmp_path.glob("metallo-serve-*"))
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
-        assert listening and all(" 127.0.0.1:" in line for line in listening.splitlines()), listening
+        listening = [c.laddr.ip for c in psutil.Process(server.pid).net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening == ["127.0.0.1"], listening
         server.send_signal(signal.SIGTERM)
         time.sleep(0.05)
         server.send_signal(signal.SIGTERM)
