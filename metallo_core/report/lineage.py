@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from metallo_core.models.sources import is_offline_source, offline_network
 from metallo_core.report.collect import EvaluationRecord, ModelRecord, ReportData, RunRecord
 from metallo_core.tracking.registry import parse_model_uri
 
@@ -95,8 +96,8 @@ def describe_source(data: ReportData, source: str) -> str:
         return UNKNOWN
     if source == "scratch":
         return "none (scratch)"
-    if source == "imagenet-offline":
-        return "ImageNet (EfficientNet-Lite0, offline)"
+    if is_offline_source(source):
+        return f"ImageNet (EfficientNet-{offline_network(source).variant.title()}, offline)"
     if source == "download" or source.startswith("download:"):
         return f"downloaded weights ({source.partition(':')[2] or 'default'})"
     if source.startswith(("models:/", "runs:/")):

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from metallo_core.config import Renamed, require
 from metallo_core.models.backbone_choice import BackboneChoice
-from metallo_core.models.sources import OFFLINE_IMAGENET, offline_imagenet_spec
+from metallo_core.models.sources import is_offline_source, offline_imagenet_spec
 from metallo_core.settings import ComputeSettings, GateSettings, RegistrySettings, RunSettings
 from metallo_core.ssl.multicrop import MultiCropConfig
 from metallo_core.user_paths import PathSetting
@@ -174,11 +174,11 @@ class DinoConfig:
                 tuple(self.multicrop.std) == tuple(self.backbone.std),
                 f"multicrop.mean/std ({self.multicrop.mean}, {self.multicrop.std}) must equal backbone.mean/std "
                 f"({self.backbone.mean}, {self.backbone.std}): views are normalised the way the backbone expects")
-        if self.backbone.source == OFFLINE_IMAGENET:
-            offline = offline_imagenet_spec(self.backbone.image_size)
+        if is_offline_source(self.backbone.source):
+            offline = offline_imagenet_spec(self.backbone.image_size, self.backbone.source)
             require((self.backbone.library, self.backbone.arch, tuple(self.backbone.mean), tuple(self.backbone.std))
                     == (offline.library, offline.arch, offline.mean, offline.std),
-                    f"backbone.source {OFFLINE_IMAGENET} is a {offline.library} {offline.arch} with mean/std "
+                    f"backbone.source {self.backbone.source} is a {offline.library} {offline.arch} with mean/std "
                     f"{offline.mean}/{offline.std}: set backbone.library, backbone.arch, backbone.mean, backbone.std "
                     "(and multicrop.mean/std) to those")
         require(self.optim.freeze_last_layer_epochs < self.epochs or self.epochs == 1,

