@@ -72,8 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--query-scale", type=float, default=1.0,
                         help="resample queries by this factor first, when imaged at another pixel size "
                              "than the support. Not needed when every file carries its pixel size (SEM/TEM TIFF "
-                             "metadata): then all images are brought to one physical scale, and a data bar the "
-                             "metadata measures is cut exactly")
+                             "metadata, Gatan DM3/DM4 calibration): then all images are brought to one physical "
+                             "scale, and a data bar the metadata measures is cut exactly")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",

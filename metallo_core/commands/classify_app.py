@@ -7,7 +7,7 @@ reads the folders, loads the model and the settings chosen for it from the regis
 stderr and writes the CSV; the prediction itself is `metallo_core.fewshot.predict`.
 
 Image policy. Micrographs arrive at any size, bit depth and colour mode (8/16/32-bit or float, grey or
-RGB, TIFF, PNG, JPEG, BMP); they are decoded to 8-bit RGB by the one decode policy of
+RGB, TIFF, PNG, JPEG, BMP, Gatan DM3/DM4); they are decoded to 8-bit RGB by the one decode policy of
 `metallo_core/data/decode.py` (deeper data mapped from its own 0.1-99.9 percentile range, non-finite
 pixels left out, every change warned per file). Folders are listed by `metallo_core/data/listing.py`
 (OS/NAS metadata such as `._*` and `@eaDir/` and hidden files skipped and counted). `crop` then cuts
@@ -16,8 +16,8 @@ support and query images alike. Then each image is resized whole (`tile = 0`) or
 (`tile = PX`) as `metallo_core/fewshot/tiles.py` describes. Support tiles all become samples of their
 class; a query's class probabilities are the mean over its tiles, and the CSV reports how many tiles
 voted for each class.
-Magnification: when every support and query file carries its pixel size (SEM/TEM TIFF metadata, read by
-`metallo_core/data/microscope.py`), all are resampled to one common pixel size first
+Magnification: when every support and query file carries its pixel size (SEM/TEM TIFF metadata or a DM3/DM4
+calibration, read by `metallo_core/data/microscope.py`), all are resampled to one common pixel size first
 (`metallo_core/fewshot/physical_scale.py`), and a data bar the metadata measures is cut exactly. Otherwise
 support and query images are assumed to be taken at the same magnification (the support defines what each
 class looks like); when the queries were imaged at another pixel size, `query_scale` resamples them first

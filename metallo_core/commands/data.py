@@ -58,9 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                     "training reads the cropped images")
     ingest_parser.add_argument("--pixel-size-nm", type=float, default=None, metavar="NM",
                                help="imagefolder: resample every image to NM nanometres per pixel from its "
-                                    "microscope metadata (SEM/TEM TIFF: FEI/Thermo, Zeiss, ...), so one texture "
-                                    "has one scale whatever the magnification; an image without a pixel size, or "
-                                    "one it would enlarge over 2x, is a bad input (--on-error). Not with --size. "
+                                    "microscope metadata (SEM/TEM TIFF: FEI/Thermo, Zeiss, ...; Gatan DM3/DM4), so "
+                                    "one texture has one scale whatever the magnification; an image without a "
+                                    "pixel size, or one it would enlarge over 2x, is a bad input (--on-error). "
+                                    "Not with --size. "
                                     "Without it images keep their pixels; either way a data bar the metadata "
                                     "measures is cut exactly and the pixel sizes found are in the manifest")
     ingest_parser.add_argument("--split-classes", default=None,

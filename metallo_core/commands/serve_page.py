@@ -31,6 +31,7 @@ from metallo_core.commands.serve_results import (
     table_html,
 )
 from metallo_core.data.crop import EdgeCrop
+from metallo_core.data.images import IMAGE_SUFFIXES
 from metallo_core.errors import Cancelled, MetalloError
 from metallo_core.fewshot.open_set import SELECTED_MARGIN
 from metallo_core.fewshot.predict import PredictListener
@@ -38,6 +39,9 @@ from metallo_core.tracking.model_catalog import model_card, model_choices
 
 MAX_CLASSES = 10  # drop zones on the page; more classes: a support folder on the server
 CSV_NAME = "predictions.csv"
+# What the drop zones offer in the file chooser: every suffix classify's listing takes (TIFF and DM3/DM4 are
+# not in the browser's "image" category).
+IMAGE_FILE_TYPES = ["image", *IMAGE_SUFFIXES]
 
 
 @dataclass
@@ -145,7 +149,7 @@ def build_page(options: PageOptions) -> gr.Blocks:
                         names.append(gr.Textbox(value=f"class {index + 1}", label=f"Class {index + 1} name",
                                                 elem_id=f"class-name-{index}", max_lines=1))
                         zones.append(gr.File(file_count="multiple", label="Images", elem_id=f"class-files-{index}",
-                                             file_types=["image", ".tif", ".tiff"], height=180))
+                                             file_types=IMAGE_FILE_TYPES, height=180))
                     groups.append(group)
         support_folder = gr.Textbox(label="Support folder on the server (one sub-folder per class)",
                                     elem_id="support-folder", visible=False)
@@ -153,7 +157,7 @@ def build_page(options: PageOptions) -> gr.Blocks:
         gr.Markdown("## Queries: the images to classify")
         with gr.Row(equal_height=False):
             query_files = gr.File(file_count="multiple", label="Query images", elem_id="query-files",
-                                  file_types=["image", ".tif", ".tiff"], height=200, scale=2)
+                                  file_types=IMAGE_FILE_TYPES, height=200, scale=2)
             with gr.Column(scale=1):
                 query_folder = gr.Textbox(label="…or a query folder on the server (searched recursively)",
                                           elem_id="query-folder")

@@ -31,6 +31,9 @@ is reported once per file, as an `ImageDecodeWarning` naming it (never silently)
   micrograph decodes in bounded memory; over MAX_DECODE_PIXELS (2^30) the file is refused, naming its
   size. Any failure of a decoder, whatever its kind, is a DataError naming the file.
 - Multi-frame files (multi-page TIFF): the first frame is used (reported).
+- Gatan DigitalMicrograph DM3/DM4 (recognised by their header, read by `digitalmicrograph.py` through
+  rosettasciio): the one 2-D image they hold takes the rules above for its type, so it decodes to what the
+  same values give in a TIFF; a stack or spectrum is refused, naming the file.
 - EXIF/TIFF orientation: applied, as viewers do (reported).
 - Colour deeper than 8 bits per channel is read from TIFF with `tifffile` when it is installed; without
   it, and for 16-bit colour PNG (Pillow keeps only the high bytes), the file is refused. 16-bit grey+alpha
@@ -48,6 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from metallo_core.data.digitalmicrograph import is_dm_file, read_dm
 from metallo_core.errors import DataError
 
 # Micrographs from SEMs are often large; PIL's bomb check would refuse legitimate 16k x 16k images.
@@ -66,7 +70,8 @@ DECODE_HELP = ("Decoding: 8-bit images as stored; 16/32-bit and float data mappe
                "0.1-99.9 percentile range (at least 16 pixels clipped per end; non-finite pixels left out and "
                "replaced); orientation tags applied; min-is-white TIFFs inverted; transparency composited on "
                "white (an alpha channel that is 0 everywhere counts as opaque); images over 8192 x 8192 reduced "
-               "by a whole factor, over 2^30 pixels refused; multi-page files use the first page; each such "
+               "by a whole factor, over 2^30 pixels refused; multi-page files use the first page; DM3/DM4 files "
+               "give their one 2-D image (stacks and spectra refused); each such "
                "change is warned once per file, and an unreadable or all-NaN file is an error naming it.")
 
 
@@ -86,7 +91,7 @@ class RawPixels:
 
     values: np.ndarray
     alpha: np.ndarray | None
-    encoding: str  # png | jpeg | tiff | bmp
+    encoding: str  # png | jpeg | tiff | bmp | dm (DM3/DM4)
     notes: list[str] = field(default_factory=list)
 
 
@@ -94,6 +99,8 @@ def read_pixels(data: bytes, source: str, draft_size: int | None = None) -> RawP
     """Decode `data` faithfully (bit depth kept); `draft_size` lets a large JPEG decode at a reduced scale."""
     if not data:
         raise DataError(f"{source}: the file is empty")
+    if is_dm_file(data):
+        return _read_dm(data, source)
     try:
         # No warnings.catch_warnings here: it is not thread-safe, and changing the filters resets Python's
         # once-per-message memory, so every epoch would repeat every file's report.
@@ -218,7 +225,8 @@ def _constant_level(dtype: np.dtype, value: float) -> float:
 def _read_with_pillow(image: Image.Image, data: bytes, source: str, draft_size: int | None) -> RawPixels:
     encoding = FORMAT_NAMES.get(image.format or "")
     if encoding is None:
-        raise DataError(f"{source}: unsupported image format {image.format!r}; use PNG, JPEG, TIFF or BMP")
+        raise DataError(f"{source}: unsupported image format {image.format!r}; use PNG, JPEG, TIFF, BMP "
+                        "or DM3/DM4")
     notes: list[str] = []
     if encoding == "tiff" and _tiff_needs_tifffile(image):
         return _read_tiff_with_tifffile(data, source, "Pillow keeps only 8 bits of each colour channel")
@@ -341,15 +349,17 @@ def _alpha_or_none(alpha: np.ndarray, notes: list[str]) -> np.ndarray | None:
 
 
 def _tiff_needs_tifffile(image: Image.Image) -> bool:
-    """True when Pillow would misread the TIFF: more than 8 bits in several channels, float colour, or
-    32-bit unsigned grey (Pillow's mode I is signed: 2^32-1 would show black)."""
+    """True when Pillow would misread the TIFF: more than 8 bits in several channels, float colour,
+    32-bit unsigned grey (Pillow's mode I is signed: 2^32-1 would show black), or signed 8-bit data (Pillow
+    reads its bytes as unsigned: -1 would show white)."""
     tags = getattr(image, "tag_v2", {})
     bits = tags.get(258, (8,))
     bits = bits if isinstance(bits, tuple) else (bits,)
     samples = tags.get(277, 1)
     sample_format = tags.get(339, 1)
     sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
-    return (samples > 1 and max(bits) > 8) or (max(bits) == 32 and sample_format == 1)
+    return ((samples > 1 and max(bits) > 8) or (max(bits) == 32 and sample_format == 1)
+            or (max(bits) == 8 and sample_format == 2))
 
 
 def _is_deep_colour_png(data: bytes) -> bool:
@@ -411,6 +421,18 @@ def _png_relabelled_as_rgba8(data: bytes, source: str) -> bytes:
     if not chunks or not chunks[0][4:8] == b"IHDR":
         raise DataError(f"{source}: not a readable PNG (no IHDR chunk)")
     return data[:8] + b"".join(chunks)
+
+
+# --- Gatan DigitalMicrograph (DM3, DM4) -------------------------------------------------------------------
+
+def _read_dm(data: bytes, source: str) -> RawPixels:
+    """The image of a DM3/DM4 file (`digitalmicrograph.read_dm`) as stored; it then renders as the same
+    values in a TIFF do, and is reduced like the tifffile path's images when over DOWNSCALE_ABOVE_PIXELS."""
+    image = read_dm(data, source)
+    notes = list(image.notes)
+    _refuse_too_large((image.pixels.shape[1], image.pixels.shape[0]), source)
+    values, _ = _block_reduced(image.pixels, None, notes)
+    return RawPixels(np.ascontiguousarray(values), None, "dm", notes)
 
 
 # --- tifffile (deep colour, float colour, float64) ------------------------------------------------------

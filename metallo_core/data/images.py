@@ -1,7 +1,8 @@
 """Image bytes in, pixels out: validation at ingest, decoding for models, re-encoding on request.
 
-Micrographs arrive as 8- to 32-bit, grey or colour TIFF/PNG/JPEG/BMP. We keep the bytes as ingested
-and convert to 8-bit RGB only when decoding for a model, always under the policy of `decode.py`.
+Micrographs arrive as 8- to 32-bit, grey or colour TIFF/PNG/JPEG/BMP, or as DM3/DM4 files. We keep the bytes
+as ingested (a DM file's image is stored as PNG: the shards' readers decode image formats) and convert to
+8-bit RGB only when decoding for a model, always under the policy of `decode.py`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from metallo_core.data.decode import (
     report_notes,
     stretch_to_8bit,
 )
+from metallo_core.data.digitalmicrograph import DM_SUFFIXES
 
 __all__ = ["IMAGE_SUFFIXES", "ImageDecodeWarning", "ImageInfo", "PreparedBytes", "decode_resized", "decode_rgb",
            "encode_png", "prepare_bytes", "probe_image", "resize_encoded", "square_resized", "to_rgb8"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DM_SUFFIXES)
 _FORMAT_NAMES = FORMAT_NAMES
 
 
@@ -35,7 +37,7 @@ _FORMAT_NAMES = FORMAT_NAMES
 class ImageInfo:
     height: int
     width: int
-    encoding: str  # png | jpeg | tiff | bmp
+    encoding: str  # png | jpeg | tiff | bmp | dm (a DM3/DM4 file: re-encoded before it is stored)
 
 
 @dataclass
@@ -60,15 +62,16 @@ def prepare_bytes(data: bytes, source: str, size: int | None = None, crop: EdgeC
     """Validate (a full decode) and, only when a `size`, a `crop` or a `scale` changes the pixels, re-encode.
 
     Without them, or with a `size` the shorter side already has, the bytes stay as given (a JPEG is not
-    compressed twice for nothing). Otherwise the image is cropped, resampled by `scale` (a physical-scale
-    factor: > 1 enlarges), then resized so its shorter side is `size` px (aspect kept), and stored lossless
-    (PNG, 8-bit, or 16-bit for deeper grey data) unless it came as JPEG (then JPEG q95)."""
+    compressed twice for nothing), except a DM3/DM4 file's, whose image is always stored as below. Otherwise
+    the image is cropped, resampled by `scale` (a physical-scale factor: > 1 enlarges), then resized so its
+    shorter side is `size` px (aspect kept), and stored lossless (PNG, 8-bit, or 16-bit for deeper grey data)
+    unless it came as JPEG (then JPEG q95)."""
     raw = read_pixels(data, source)
     rgb8 = render_rgb8(raw, source)  # proves the file renders (e.g. not all-NaN) and records the notes
     notes = list(raw.notes)
     report_notes(source, notes)
     crop = crop or EdgeCrop()
-    if crop.is_identity and scale == 1.0 and (size is None or size == min(rgb8.shape[:2])):
+    if raw.encoding != "dm" and crop.is_identity and scale == 1.0 and (size is None or size == min(rgb8.shape[:2])):
         height, width = rgb8.shape[:2]
         return PreparedBytes(data, ImageInfo(height, width, raw.encoding), notes)
     return _reencode(raw, rgb8, source, size, crop, notes, scale)

@@ -28,7 +28,7 @@ from metallo_core.errors import DataError
 
 # The policy in one paragraph, for the --help of every command that lists folders.
 LISTING_HELP = ("Folders are listed by one policy (data ingest, classify, multilabel predict): images are .png .jpg "
-                ".jpeg .tif .tiff .bmp in any case; OS/NAS metadata (._* AppleDouble, .DS_Store, Thumbs.db, "
+                ".jpeg .tif .tiff .bmp .dm3 .dm4 in any case; OS/NAS metadata (._* AppleDouble, .DS_Store, Thumbs.db, "
                 "desktop.ini, @eaDir, #recycle, __MACOSX, ...) and hidden files are skipped and counted; "
                 "symbolic links are followed (a folder reached twice is read once); other files are skipped and "
                 "counted (ingest: bad inputs under --on-error).")

@@ -3,21 +3,25 @@
 SEM/TEM/optical software writes the calibration into TIFF tags that plain image readers ignore. The tags
 are read by rosettasciio (HyperSpy's maintained readers, `rsciio.tiff`): FEI/Thermo Fisher (tag 34682 or
 34680), Zeiss SEM (CZ_SEM, tag 34118), TVIPS, Olympus SIS, JEOL SightX, Gatan DigitalMicrograph TIFF
-exports and ImageJ calibrations. The pixels themselves are still decoded by `decode.py`, under the one
-decode policy; this module only adds the metadata.
+exports and ImageJ calibrations. Gatan DigitalMicrograph DM3/DM4 files give theirs from the image's
+`Calibrations/Dimension` (scale and units per axis, read by `digitalmicrograph.py` through
+`rsciio.digitalmicrograph`). The pixels themselves are still decoded by `decode.py`, under the one decode
+policy; this module only adds the metadata.
 
 - Pixel size: metres per pixel along the image's width (the height's is checked against it: a file whose
   two sizes differ by more than 1% is reported, and the width's is used).
 - Data bar: FEI/Thermo files carry `[PrivateFei] DatabarHeight` (rows appended below the image), or a
   stored height larger than `[Image] ResolutionY` by the bar's rows.
+- Units: m, mm, µm, nm, pm and Å (1e-10 m), as UNIT_METRES spells them.
 - Plain images (PNG, JPEG, BMP, TIFF without microscope tags) have no pixel size here. The TIFF
   resolution tags (dots per inch/cm) are not used: every image editor writes 72 or 96 dpi into them.
+- A DM3/DM4 image whose axes are not calibrated in a length (DigitalMicrograph's default, scale 1 with no
+  unit, or a diffraction pattern in 1/nm) has no pixel size; that is common, so it is not an error.
 - A file that carries microscope tags from which no length calibration can be read (garbled, or missing
   the pixel-size fields) is refused with a `DataError` naming the file and the tag: a calibrated
   instrument's file without its calibration is more likely damaged than plain, and reading it as plain
   would silently mix scales.
-- DM3/DM4 files are not read: the listing policy takes PNG/JPEG/TIFF/BMP; export them as TIFF from
-  DigitalMicrograph (the calibration travels in its tags).
+- Tescan TIFFs (tag 50431) are read as plain: rosettasciio 0.15's TIFF reader does not parse that tag.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import tifffile
 
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.decode import ImageDecodeWarning
+from metallo_core.data.digitalmicrograph import is_dm_file, read_dm
 from metallo_core.errors import DataError
 
 # TIFF tags whose presence says an instrument wrote a calibration (tag code: whose metadata it is).
@@ -76,11 +81,12 @@ class MicroscopeMetadata:
 
 
 def read_microscope_metadata_of(path: Path) -> MicroscopeMetadata:
-    """`read_microscope_metadata` of a local file, reading only its first bytes when it is no TIFF (so a
-    folder of PNGs is not read twice); DataError naming the file when it cannot be read."""
+    """`read_microscope_metadata` of a local file, reading only its first bytes when it is no TIFF or DM
+    file (so a folder of PNGs is not read twice); DataError naming the file when it cannot be read."""
     try:
         with open(path, "rb") as stream:
-            if stream.read(4) not in TIFF_MAGIC:
+            head = stream.read(16)
+            if head[:4] not in TIFF_MAGIC and not is_dm_file(head):
                 return MicroscopeMetadata()
             stream.seek(0)
             data = stream.read()
@@ -92,8 +98,11 @@ def read_microscope_metadata_of(path: Path) -> MicroscopeMetadata:
 def read_microscope_metadata(data: bytes, source: str) -> MicroscopeMetadata:
     """The scale metadata of one file's bytes (see the module docstring); `source` names it in errors.
 
-    Raises DataError when the file carries microscope tags without a readable length calibration.
-    Files that are not TIFF, or TIFF without microscope tags, give an empty MicroscopeMetadata."""
+    Raises DataError when the file carries microscope tags without a readable length calibration, and for
+    a DM3/DM4 file that holds no single image or cannot be read. Files that are not TIFF or DM, or TIFF
+    without microscope tags, give an empty MicroscopeMetadata."""
+    if is_dm_file(data):
+        return _dm_metadata(data, source)
     if data[:4] not in TIFF_MAGIC:
         return MicroscopeMetadata()
     try:
@@ -121,6 +130,15 @@ def read_microscope_metadata(data: bytes, source: str) -> MicroscopeMetadata:
     return MicroscopeMetadata(pixel_size, _fei_data_bar_rows(fei, stored_height) if fei else None)
 
 
+def _dm_metadata(data: bytes, source: str) -> MicroscopeMetadata:
+    """A DM3/DM4 file's pixel size from its image's calibration (None when that is no length)."""
+    image = read_dm(data, source)
+    metres = _width_metres(image.width_axis, image.height_axis, source)
+    if metres is None:
+        return MicroscopeMetadata()
+    return MicroscopeMetadata(PixelSize(metres, "DigitalMicrograph calibration (ImageData.Calibrations)"))
+
+
 def _pixel_size_metres(data: bytes, source: str, where: str, required: bool) -> float | None:
     """Metres per pixel from rosettasciio's axes; when the tags give no length calibration, a DataError if
     `required`, else None."""
@@ -146,17 +164,24 @@ def _pixel_size_metres(data: bytes, source: str, where: str, required: bool) -> 
         os.unlink(path)
     axes = {axis.get("name"): axis for axis in signals[0]["axes"]}
     width, height = axes.get("width"), axes.get("height")
-    metres = [_axis_metres(axis) for axis in (width, height)]
-    if metres[0] is None:
-        if not required:
-            return None
+    metres = _width_metres(width, height, source)
+    if metres is None and required:
         found = f"scale {width.get('scale')!r} in units {width.get('units')!r}" if width else "no image axes"
         raise DataError(f"{source}: carries {where} but no readable pixel size ({found}); the metadata is "
                         "garbled or incomplete: export it again from the microscope software, or save it as a "
                         "plain PNG/TIFF to use it without a pixel size")
+    return metres
+
+
+def _width_metres(width: dict | None, height: dict | None, source: str) -> float | None:
+    """Metres per pixel along the width (None: no length calibration); a warning naming the file when the
+    height's differs by more than _ANISOTROPY_TOLERANCE."""
+    metres = [_axis_metres(axis) for axis in (width, height)]
+    if metres[0] is None:
+        return None
     if metres[1] is not None and abs(metres[1] / metres[0] - 1) > _ANISOTROPY_TOLERANCE:
         warnings.warn(f"{source}: pixels are {metres[0] * 1e9:g} nm wide but {metres[1] * 1e9:g} nm high "
-                      "(non-square); the width's size is used", ImageDecodeWarning, stacklevel=3)
+                      "(non-square); the width's size is used", ImageDecodeWarning, stacklevel=4)
     return metres[0]
 
 

@@ -1,6 +1,7 @@
 """`metallo data ingest` on microscope files (metallo_core/data/microscope.py): the data bar the metadata
 measures is cut exactly, the pixel sizes found are recorded, `--pixel-size-nm` resamples every image to one
-physical scale, and files without a pixel size or with garbled metadata are bad inputs naming the file."""
+physical scale, files without a pixel size or with garbled metadata are bad inputs naming the file, and
+DM3/DM4 files are stored as PNG with their calibration (a truncated one a bad input under --on-error)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from metallo_core import cli
 from metallo_core.data.ingest import IngestOptions, ingest
 from metallo_core.data.shards import read_split_table
 from metallo_core.errors import DataError
+from tests.dm_files import dm_file
 from tests.microscope_files import fei_tiff, zeiss_tiff
 
 BAR_ROWS = 12
@@ -77,3 +79,20 @@ def test_garbled_metadata_is_a_bad_input_naming_the_file(src, tmp_path):
 def test_pixel_size_nm_with_size_is_refused():
     with pytest.raises(DataError, match="--pixel-size-nm and --size cannot be combined"):
         IngestOptions(size=64, pixel_size_nm=10.0)
+
+
+def test_dm_files_are_stored_as_png_with_their_pixel_size_and_a_truncated_one_is_skipped(src, tmp_path):
+    tem = (speckle(4, 48, 40).astype(np.uint16) * 16 + 1000).astype(np.int16)  # a 12-bit camera in int16
+    (src / "b" / "tem.dm4").write_bytes(dm_file(tem, 0.04, "µm", version=4))  # 40 nm
+    (src / "b" / "cut.dm3").write_bytes(dm_file(tem, 40.0, "nm")[:300])
+    with pytest.raises(DataError, match=r"cut\.dm3: not a readable DigitalMicrograph file.*--on-error skip"):
+        ingest("imagefolder", str(src), str(tmp_path / "ds"), IngestOptions())
+    manifest = ingest("imagefolder", str(src), str(tmp_path / "ds2"), IngestOptions(pixel_size_nm=20.0,
+                                                                                      on_error="skip"))
+    assert [entry["source"] for entry in manifest.skipped] == ["b/cut.dm3"]
+    # 48 x 40 at 40 nm -> 96 x 80 at 20 nm, stored as an image the shards' readers decode.
+    assert stored_sizes(str(tmp_path / "ds2"))["b/tem.dm4"] == (96, 80)
+    table = read_split_table(str(tmp_path / "ds2"), "train", ["source", "image"])
+    stored = dict(zip(table.column("source").to_pylist(), table.column("image").to_pylist()))
+    assert stored["b/tem.dm4"].startswith(b"\x89PNG\r\n\x1a\n")
+    assert manifest.source["pixel_sizes"]["max_nm"] == pytest.approx(40.0, rel=1e-6)

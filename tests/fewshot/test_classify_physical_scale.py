@@ -1,6 +1,6 @@
 """`metallo classify` on microscope files: support and queries brought to one physical scale from their
-metadata, the data bar cut exactly, the pixel size used written per image, a plain fallback when some files
-lack a pixel size, and a clear error for garbled metadata."""
+metadata (FEI TIFF and Gatan DM3 alike), the data bar cut exactly, the pixel size used written per image, a
+plain fallback when some files lack a pixel size, and a clear error for garbled metadata."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from PIL import Image
 from metallo_core import cli
 from metallo_core.commands.classify_app import ClassifySettings, classify
 from metallo_core.errors import ConfigError, DataError
+from tests.dm_files import dm_file
 from tests.fewshot.test_classify import texture
 from tests.microscope_files import fei_tiff
 
@@ -28,11 +29,15 @@ def with_bar(pixels: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def folders(tmp_path) -> tuple[Path, Path]:
-    """Support at 10 nm per pixel, queries at 20 nm (half the magnification), all FEI TIFFs with a data bar."""
+    """Support at 10 nm per pixel: an FEI TIFF with a data bar and a 16-bit Gatan DM3 calibrated in µm (DM
+    images carry no bar); queries at 20 nm (half the magnification), FEI TIFFs with a data bar."""
     support, query = tmp_path / "support", tmp_path / "query"
     for kind in ("horizontal", "vertical"):
         (support / kind).mkdir(parents=True)
-        (support / kind / f"{kind}.tif").write_bytes(fei_tiff(with_bar(texture(kind, 0, 48)), 10e-9, BAR_ROWS))
+    (support / "horizontal" / "horizontal.tif").write_bytes(
+        fei_tiff(with_bar(texture("horizontal", 0, 48)), 10e-9, BAR_ROWS))
+    (support / "vertical" / "vertical.dm3").write_bytes(
+        dm_file(texture("vertical", 0, 48).astype(np.uint16) * 257, 0.01, "µm"))
     query.mkdir()
     for kind in ("horizontal", "vertical"):
         (query / f"{kind}.tif").write_bytes(fei_tiff(with_bar(texture(kind, 1, 32)), 20e-9, BAR_ROWS))
@@ -51,10 +56,10 @@ def test_microscope_files_are_brought_to_one_scale_and_their_bar_cut(registered_
     assert cli.main(["classify", "--model", registered_protonet, "--support", str(support), "--query", str(query),
                      "--out", str(out)]) == 0
     rows = read_rows(out)
-    assert {row["pixel_size_nm"] for row in rows.values()} == {"10"}  # the support's median
+    assert {row["pixel_size_nm"] for row in rows.values()} == {"10"}  # the support's median: 20 nm queries doubled
     printed = capsys.readouterr()
     assert "physical scale: every image resampled to 10 nm per pixel" in printed.err
-    assert f"data bar of {BAR_ROWS}-{BAR_ROWS} rows, measured by the files' metadata, cut from 4 of 4" in printed.out
+    assert f"data bar of {BAR_ROWS}-{BAR_ROWS} rows, measured by the files' metadata, cut from 3 of 4" in printed.out
 
 
 def test_some_files_without_a_pixel_size_fall_back_and_say_which(registered_protonet, folders, tmp_path, capsys):
