@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.errors import ConfigError
+from metallo_core.models.backbones import BackboneSpec, build_backbone
 from metallo_core.models.sources import (
     OFFLINE_NETWORKS,
     backbone_from_source,
