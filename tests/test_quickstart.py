@@ -90,11 +90,13 @@ def test_summary_shows_what_each_stage_saw_the_stage_table_and_the_paired_test_f
     text = describe(result)
     assert "finished in 7.5 min, on /x/x_sdd/images" in text
     assert "test: 816 images of 7 classes, seen by no training stage" in text
-    assert "| frozen ImageNet EfficientNet-Lite0, plain ProtoNet | 60.00% ± " in text
+    assert "| frozen ImageNet EfficientNet-Lite0 (offline), plain ProtoNet | 60.00% ± " in text
     assert "| registered model, plain ProtoNet | 60.00% ± " in text
     assert "| registered model as classify runs it: fine-tuning lr 0.003, inductive | 70.00% ± " in text
     assert "as classify runs it - frozen ImageNet ProtoNet, paired: +10.00 ± 0.00 points" in text
     assert "metallo classify --model models:/metallo-protonet@quickstart" in text and "--finetune" in text
+    result.start = "imagenet-offline:lite2"  # where the selection tasks chose a larger start, its row says so
+    assert "| frozen ImageNet EfficientNet-Lite2 (offline), plain ProtoNet | 60.00% ± " in describe(result)
 
 
 def test_summary_with_levers_chosen_and_no_finetuning_names_what_classify_runs():

@@ -48,7 +48,11 @@ def test_quickstart_runs_the_gated_chain_and_registers_what_classify_uses(ray_cl
 
     result = run_quickstart(TOY, images=str(toy_xsdd), tag="toy")
 
-    assert [stage["stage"] for stage in result.stages][:2] == ["pretrain", "metatrain"]
+    assert [stage["stage"] for stage in result.stages][:3] == ["start", "pretrain", "metatrain"]
+    # The chain started from the network the selection tasks chose: the registered start is that network.
+    from metallo_core.models.sources import offline_imagenet_spec
+
+    assert resolve_version(result.models["start"]).tags["metallo.arch"] == offline_imagenet_spec(64, result.start).arch
     assert all(isinstance(stage["kept"], bool) and stage["reason"] for stage in result.stages)
     assert "| stage |" in result.stage_table
     version = resolve_version("models:/metallo-protonet@quickstart")
