@@ -8,6 +8,8 @@ tasks and FT - PN paired per task; plus the cost of a fine-tuning step (--cost).
     uv run --frozen python benchmarks/real_fewshot.py --cost --cost-backbones efficientnet_lite0,resnet50
     uv run --frozen python benchmarks/real_fewshot.py --levers --tasks 600 --shots 1,5 \
         --out results/levers.json --markdown results/levers.md   # each inference lever, PN and PN+FT
+    uv run --frozen python benchmarks/real_fewshot.py --networks --tasks 600 --shots 1,5 \
+        --out results/networks.json --markdown results/networks.md   # Lite0 / Lite1 / Lite2, frozen
     uv run --frozen python benchmarks/real_fewshot.py --adapt --adapt-epochs 10 \
         --adapt-out results/xsdd_adapted.pth --tasks 600 --methods pn   # row (d), paired vs row (a)
     uv run --frozen python benchmarks/real_fewshot.py --through-classify \
@@ -97,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=["power=0.5", "transductive=soft_kmeans", "transductive=soft_kmeans,power=0.5",
                                  "transductive=bd_cspn", "transductive=bd_cspn,power=0.5"],
                         help="inference settings to score beside plain, each as comma-separated key=value")
+    parser.add_argument("--networks", action="store_true",
+                        help="score each offline ImageNet network of --network-set, frozen, with plain inference and "
+                             "each --lever-set entry, on the same selection-pool and test-pool tasks, paired against "
+                             "the first network (what the quickstart's start choice weighs, and what it would give)")
+    parser.add_argument("--network-set", default="imagenet-offline,imagenet-offline:lite1,imagenet-offline:lite2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--markdown", help="write the tables as markdown here")
@@ -295,6 +302,65 @@ def run_levers(args: argparse.Namespace, settings) -> list[dict]:
                          "seconds_per_task": seconds[mode]})
         print(levers_table([row for row in rows if row["shot"] == shot]), flush=True)
     return rows
+
+
+def run_networks(args: argparse.Namespace, settings) -> list[dict]:
+    """Per pool (selection, test), shot, network and inference: per-task accuracy of the frozen network's
+    ProtoNet through `evaluation.engine_predictions_by_inference` (what `metallo evaluate` and classify run),
+    paired against the first network with the same inference; and each network's embedding cost."""
+    from metallo_core.config import from_dict
+    from metallo_core.fewshot.evaluation import PreparedImages, engine_predictions_by_inference, task_accuracy
+    from metallo_core.fewshot.folder_benchmark import benchmark_engine, draw_tasks, read_labelled_folder, split_pools
+    from metallo_core.fewshot.inference import InferenceSettings
+    from metallo_core.fewshot.metrics import mean_and_ci95, paired_gain
+    from metallo_core.models.sources import offline_imagenet_backbone
+
+    folder = read_labelled_folder(args.data, args.size)
+    pools = split_pools(folder, pool_fractions(args), args.pool_seed)
+    candidates = lever_settings(args.lever_set)
+    inferences = [from_dict(InferenceSettings, c, "inference") for c in candidates]
+    networks = args.network_set.split(",")
+    # The selection pool's smallest class bounds its queries (as the quickstart's selection tasks are bounded).
+    task_sets = {(pool, shot): draw_tasks(pools[pool], args.way, shot,
+                                          min(args.query, min(map(len, pools[pool])) - shot) if pool == "val"
+                                          else args.query, args.tasks, args.seed, folder.classes)
+                 for pool in ("val", "test") for shot in [int(s) for s in args.shots.split(",")]}
+    per_task: dict[tuple, list[float]] = {}
+    embed_seconds = {}
+    for network in networks:
+        backbone, spec = offline_imagenet_backbone(args.size, network)
+        engine = benchmark_engine(backbone, spec, settings)
+        started = time.perf_counter()
+        prepared = PreparedImages(engine, folder.images, precision="fp32")
+        prepared.features(engine, precision="fp32")
+        embed_seconds[network] = (time.perf_counter() - started) / len(folder.images)
+        for (pool, shot), episodes in task_sets.items():
+            predictions = engine_predictions_by_inference(engine, prepared, episodes, "protonet", inferences,
+                                                          seed=args.seed, precision="fp32")
+            for index, predicted in enumerate(predictions):
+                per_task[(pool, shot, network, index)] = [task_accuracy(p, e) for p, e in zip(predicted, episodes)]
+        print(f"{network}: {1000 * embed_seconds[network]:.1f} ms per image at {args.size} px", flush=True)
+    rows = []
+    for (pool, shot, network, index), accuracies in per_task.items():
+        mean, ci95 = mean_and_ci95(accuracies)
+        gain, gain_ci95 = paired_gain(per_task[(pool, shot, networks[0], index)], accuracies)
+        rows.append({"pool": pool, "shot": shot, "tasks": len(accuracies), "network": network,
+                     "inference": candidates[index], "inference_words": inferences[index].describe(),
+                     "mean": mean, "ci95": ci95, "gain_over_first": {"mean": gain, "ci95": gain_ci95},
+                     "ms_per_image": 1000 * embed_seconds[network], "size": args.size})
+    return rows
+
+
+def networks_table(rows: list[dict]) -> str:
+    lines = ["| pool | task | network | inference | accuracy (95% interval) | - first network, same inference, "
+             "paired | ms per image |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        gain = row["gain_over_first"]
+        lines.append(f"| {'selection' if row['pool'] == 'val' else 'test'} | 5-way {row['shot']}-shot, "
+                     f"{row['tasks']} tasks | {row['network']} at {row['size']} px | {row['inference_words']} | "
+                     f"{percent(row)} | {100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f} | "
+                     f"{row['ms_per_image']:.1f} |")
+    return "\n".join(lines)
 
 
 def levers_table(rows: list[dict]) -> str:
@@ -548,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.levers:
         report["levers"] = run_levers(args, settings)
         markdown.append(levers_table(report["levers"]))
+    elif args.networks:
+        report["networks"] = run_networks(args, settings)
+        markdown.append(networks_table(report["networks"]))
     elif args.cost:
         report["cost"] = run_cost(args, settings)
         markdown.append(cost_table(report["cost"]))

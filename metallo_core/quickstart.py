@@ -158,6 +158,8 @@ def run_quickstart(overrides: Sequence[str] = (), *, images: str | None = None,
         _step(2, "starting network", f"{', '.join(candidates)} at {size} px, frozen, on the selection tasks")
         start = choose_start(SelectionTasks(real_uri, "val", **settings["gate"]), size, candidates)
         start_source = result.start = start.source
+        if start.verdict is not None:
+            logger.info("  %s", start.verdict.line())
         start_uri = register_start(parent.run_id, size, start_source)
         result.models["start"] = start_uri
         start_spec = offline_imagenet_spec(size, start_source)
