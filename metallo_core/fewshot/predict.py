@@ -99,22 +99,17 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
         raise ValueError(f"support labels must give each class 0..{way - 1} an image, "
                          f"got {sorted(set(labels.tolist()))}")
     device = normalizer.device
-    support_labels = torch.as_tensor(labels[support.owner], device=device)
     if settings.finetune is not None:
+        support_labels = torch.as_tensor(labels[support.owner], device=device)
         unit_tiles = SupportSet(normalizer.to_unit(support.tiles), support_labels, way)
         engine = _finetune(model, normalizer, unit_tiles, settings, listener)
     else:
         engine = feature_engine(model, normalizer)
 
     def embed(tiles: np.ndarray) -> torch.Tensor:
-        """(N, D) float32 features with the model as it is now (adapted, with fine-tuning)."""
-        with autocast(device, settings.precision):
-            return torch.cat([
-                engine.embed(engine.prepare(normalizer.to_unit(tiles[start:start + settings.batch_size])))
-                for start in range(0, len(tiles), settings.batch_size)]).float()
+        return embed_tiles(engine, tiles, settings)
 
     support_features = embed(support.tiles)
-    support_image_features = _mean_by_owner(support_features, support.owner, support.images)
 
     listener.queries_started()
     features, owners, count = [], [], 0
@@ -125,9 +120,41 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
         listener.queries_embedded(chunk.images)
     query_features = torch.cat(features) if features else support_features[:0]
     owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
-    # Every query tile is scored at once: transductive inference uses all of them (plain inference gives
-    # each tile the same logits whether scored alone or with the others).
-    task = FewShotTask(SupportSet(support_features, support_labels, way), query_features)
+    return predict_from_features(model, TiledFeatures(support_features, support.owner, support.images), labels,
+                                 TiledFeatures(query_features, owner, count), settings)
+
+
+def embed_tiles(engine: FinetuneEngine, tiles: np.ndarray, settings: PredictSettings) -> torch.Tensor:
+    """(N, D) float32 features of (N, S, S, 3) uint8 tiles with the engine's model as it is now (adapted, with
+    fine-tuning), in batches of `settings.batch_size`, at the settings' precision."""
+    normalizer = engine.normalizer
+    with autocast(normalizer.device, settings.precision):
+        return torch.cat([engine.embed(engine.prepare(normalizer.to_unit(tiles[start:start + settings.batch_size])))
+                          for start in range(0, len(tiles), settings.batch_size)]).float()
+
+
+@dataclass
+class TiledFeatures:
+    """(T, D) features of the tiles of `images` images: tile i belongs to image owner[i] (see `tiles.TiledImages`)."""
+
+    features: torch.Tensor
+    owner: np.ndarray
+    images: int
+
+
+def predict_from_features(model: ProtoNet, support: TiledFeatures, labels: np.ndarray, queries: TiledFeatures,
+                          settings: PredictSettings) -> QueryPredictions:
+    """`predict` after embedding: the support's and queries' tile features (embedded with the model as `predict`
+    leaves it) to per-image probabilities, classes, tile votes, nearest support images and open-set flags.
+    Every query tile is scored at once, so transductive inference sees all of them. `labels` as in `predict`
+    (checked there)."""
+    labels = np.asarray(labels)
+    way = int(labels.max()) + 1
+    support_labels = torch.as_tensor(labels[support.owner], device=support.features.device)
+    query_features, owner, count = queries.features, queries.owner, queries.images
+    support_image_features = _mean_by_owner(support.features, support.owner, support.images)
+    # Plain inference gives each tile the same logits whether scored alone or with the others.
+    task = FewShotTask(SupportSet(support.features, support_labels, way), query_features)
     logits = query_logits(model.classifier, task, settings.inference)
     probabilities = logits.float().softmax(dim=1)
     query_image_features = _mean_by_owner(query_features, owner, count)
@@ -140,7 +167,7 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
     votes = [dict(Counter(classes.tolist()).most_common()) for classes in per_image]
     found = QueryPredictions(means, means.argmax(dim=1).tolist(), tiles.tolist(), votes, nearest.tolist())
     if settings.open_set is not None:
-        flags = open_set_flags(support_features, support_labels, query_image_features, way, settings.inference.power,
+        flags = open_set_flags(support.features, support_labels, query_image_features, way, settings.inference.power,
                                settings.open_set)
         found.unknown, found.open_set_scores = flags.unknown.tolist(), flags.scores.tolist()
         found.separation = flags.separation.tolist()

@@ -138,11 +138,16 @@ def _scaled_split_sizes(num_classes: int, sizes: Sequence[int]) -> tuple[int, in
 
 
 def render_images(
-    spec: FewShotClass, class_index: int, count: int, size: int = 84, seed: int = 0, start: int = 0
+    spec: FewShotClass, class_index: int, count: int, size: int = 84, seed: int = 0, start: int = 0,
+    length_scale: float | None = None,
 ) -> np.ndarray:
     """Images start .. start + count - 1 of a class, uint8 (count, size, size).
 
-    Image i depends only on (seed, class_index, i) and size, so chunks rendered anywhere agree.
+    Lengths (feature sizes, blur) are the class's at REFERENCE_SIZE times `length_scale`, by default
+    size / REFERENCE_SIZE (the same micrograph at any size); a fixed `length_scale` keeps the features as many
+    pixels wide at any size, as a larger field of view at one magnification does (1.0 on a 640-px image: the
+    features of an 84-px render, a few pixels wide, over a frame of SEM size).
+    Image i depends only on (seed, class_index, i), size and length_scale, so chunks rendered anywhere agree.
     """
     if spec.family not in _RENDERERS:
         raise DataError(f"class {spec.name!r} has unknown family {spec.family!r}; known: {sorted(_RENDERERS)}")
@@ -156,12 +161,11 @@ def render_images(
     chunks = [np.zeros((0, size, size), np.uint8)]
     for first in range(start, stop, _CHUNK):
         rngs = [np.random.default_rng([seed, class_index, index]) for index in range(first, min(first + _CHUNK, stop))]
-        chunks.append(_render_chunk(spec, rngs, size))
+        chunks.append(_render_chunk(spec, rngs, size, size / REFERENCE_SIZE if length_scale is None else length_scale))
     return np.concatenate(chunks)
 
 
-def _render_chunk(spec: FewShotClass, rngs: Rngs, size: int) -> np.ndarray:
-    scale = size / REFERENCE_SIZE
+def _render_chunk(spec: FewShotClass, rngs: Rngs, size: int, scale: float) -> np.ndarray:
     # Render on a canvas big enough for the strongest zoom-out, then resample to `size`.
     canvas = math.ceil((size - 1) / MAGNIFICATION_RANGE[0]) + 2
     clean = _RENDERERS[spec.family](spec.params, rngs, canvas, scale)
