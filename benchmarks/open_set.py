@@ -24,7 +24,7 @@ import json
 import time
 
 import torch
-from result_files import write_results  # benchmarks/, beside this script
+from result_files import print_and_write  # benchmarks/, beside this script
 
 from metallo_core.datasets import xsdd_images
 from metallo_core.quickstart import DEFAULTS as QUICKSTART
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     report["args"] = vars(args)
     report["wall_s"] = time.perf_counter() - started
     markdown = tables(report, args)
-    print(markdown)
-    print(f"wall time {report['wall_s']:.0f} s")
-    write_results(report, markdown, args.out, args.markdown)
+    print_and_write(report, markdown, args.out, args.markdown)
     return 0
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from result_files import write_results  # benchmarks/, beside this script
+from result_files import print_and_write  # benchmarks/, beside this script
 
 from metallo_core.datasets import xsdd_images
 from metallo_core.quickstart import DEFAULTS as QUICKSTART
@@ -627,9 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         report["results"] = run_tasks(args, settings)
         markdown.append(accuracy_table(report["results"], "X-SDD test pool"))
     report["wall_s"] = time.perf_counter() - started
-    print("\n\n".join(markdown))
-    print(f"wall time {report['wall_s']:.0f} s")
-    write_results(report, "\n\n".join(markdown), args.out, args.markdown)
+    print_and_write(report, "\n\n".join(markdown), args.out, args.markdown)
     return 0
 
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from result_files import write_results  # benchmarks/, beside this script
+from result_files import print_and_write  # benchmarks/, beside this script
 
 from metallo_core.config import from_dict
 from metallo_core.data.synthetic.fewshot import fewshot_classes, render_images
@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * gain['mean']:+.2f} ± {100 * gain['ci95']:.2f} | {row['ms_per_image']:.0f} |")
     markdown = "\n".join(lines)
     report = {"args": vars(args), "rows": rows, "wall_s": time.perf_counter() - started}
-    print(markdown)
-    print(f"wall time {report['wall_s']:.0f} s")
-    write_results(report, markdown, args.out, args.markdown)
+    print_and_write(report, markdown, args.out, args.markdown)
     return 0
 
 

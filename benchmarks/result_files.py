@@ -15,3 +15,10 @@ def write_results(report: dict[str, Any], markdown: str, out: str | None, markdo
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
+
+
+def print_and_write(report: dict[str, Any], markdown: str, out: str | None, markdown_out: str | None) -> None:
+    """Print the tables and the report's wall time (`wall_s`), then `write_results`."""
+    print(markdown)
+    print(f"wall time {report['wall_s']:.0f} s")
+    write_results(report, markdown, out, markdown_out)
