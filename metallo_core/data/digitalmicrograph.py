@@ -14,13 +14,11 @@ the calibration `microscope.py`'s pixel size.
 
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from metallo_core.data.rsciio_files import read_signals
 from metallo_core.errors import DataError
 
 DM_SUFFIXES = (".dm3", ".dm4")
@@ -78,21 +76,11 @@ def read_dm(data: bytes, source: str) -> DMImage:
 def _rsciio_signals(data: bytes, source: str) -> list[dict]:
     from rsciio.digitalmicrograph import file_reader  # imported here: it loads dask and friends
 
-    # rosettasciio reads from a path (its image data with numpy.fromfile), so the bytes go to a temporary file.
-    handle, path = tempfile.mkstemp(suffix=".dm4", prefix="metallo-dm-")
-    logger = logging.getLogger("rsciio")
-    level = logger.level
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        logger.setLevel(logging.ERROR)  # its notices about unmapped metadata are not ours to show
-        return file_reader(path)
+        return read_signals(file_reader, data, ".dm4")
     except Exception as exc:  # the reader raises many kinds on a damaged file (struct.error, ValueError, ...)
         raise DataError(f"{source}: not a readable DigitalMicrograph file ({type(exc).__name__}: {exc}); save "
                         "it again from DigitalMicrograph, or export it as TIFF") from exc
-    finally:
-        logger.setLevel(level)
-        os.unlink(path)
 
 
 def _what_it_holds(values: np.ndarray, axes: list[dict], signal: dict) -> str:

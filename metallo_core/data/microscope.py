@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ import tifffile
 from metallo_core.data.crop import EdgeCrop
 from metallo_core.data.decode import ImageDecodeWarning
 from metallo_core.data.digitalmicrograph import is_dm_file, read_dm
+from metallo_core.data.rsciio_files import read_signals
 from metallo_core.errors import DataError
 
 # TIFF tags whose presence says an instrument wrote a calibration (tag code: whose metadata it is).
@@ -144,24 +142,12 @@ def _pixel_size_metres(data: bytes, source: str, where: str, required: bool) -> 
     `required`, else None."""
     from rsciio.tiff import file_reader  # imported here: it loads dask and friends
 
-    # rosettasciio reads from a path (it names the file in its metadata), so the bytes go to a temporary file.
-    handle, path = tempfile.mkstemp(suffix=".tif", prefix="metallo-scale-")
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        logger = logging.getLogger("rsciio")
-        level = logger.level
-        logger.setLevel(logging.ERROR)  # its "could not be imported" notice becomes our DataError below
-        try:
-            signals = file_reader(path)
-        finally:
-            logger.setLevel(level)
-    except Exception as exc:
+        signals = read_signals(file_reader, data, ".tif")
+    except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on damaged tags
         raise DataError(f"{source}: its {where} cannot be read ({type(exc).__name__}: {exc}); export it again "
                         "from the microscope software, or save it as a plain PNG/TIFF to use it without a "
                         "pixel size") from exc
-    finally:
-        os.unlink(path)
     axes = {axis.get("name"): axis for axis in signals[0]["axes"]}
     width, height = axes.get("width"), axes.get("height")
     metres = _width_metres(width, height, source)

@@ -106,15 +106,12 @@ def predict(model: ProtoNet, normalizer: ImageNormalizer, support: TiledImages, 
     else:
         engine = feature_engine(model, normalizer)
 
-    def embed(tiles: np.ndarray) -> torch.Tensor:
-        return embed_tiles(engine, tiles, settings)
-
-    support_features = embed(support.tiles)
+    support_features = embed_tiles(engine, support.tiles, settings)
 
     listener.queries_started()
     features, owners, count = [], [], 0
     for chunk in queries:
-        features.append(embed(chunk.tiles))
+        features.append(embed_tiles(engine, chunk.tiles, settings))
         owners.append(chunk.owner + count)
         count += chunk.images
         listener.queries_embedded(chunk.images)
